@@ -1,0 +1,1 @@
+"""The namespace lab: etcd, hosts and pods as network namespaces on one machine."""

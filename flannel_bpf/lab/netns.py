@@ -1,0 +1,71 @@
+"""Network namespaces and the links between them, driven through iproute2.
+
+The lab and the tests create everything inside namespaces they name themselves, and remove it
+again; nothing here touches the root namespace's addresses or routes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+
+
+class CommandError(RuntimeError):
+    pass
+
+
+def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise CommandError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def in_netns(netns: str | None, cmd: Sequence[str]) -> list[str]:
+    """The argv that runs cmd inside netns (or as is, for None)."""
+    return ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def add_netns(name: str) -> None:
+    run(["ip", "netns", "add", name])
+    run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+
+def delete_netns(name: str) -> None:
+    """Remove a namespace; every link inside it goes with it. Missing is fine."""
+    if netns_exists(name):
+        run(["ip", "netns", "delete", name], check=False)
+
+
+def list_netns(prefix: str) -> list[str]:
+    if not NETNS_DIR.exists():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def add_veth(
+    netns_a: str, name_a: str, netns_b: str, name_b: str, *, mtu: int | None = None
+) -> None:
+    """A veth pair created directly inside the two namespaces (never visible in the root one)."""
+    cmd = ["ip", "-n", netns_a, "link", "add", name_a]
+    if mtu:
+        cmd += ["mtu", str(mtu)]
+    cmd += ["type", "veth", "peer", "name", name_b, "netns", netns_b]
+    if mtu:
+        cmd += ["mtu", str(mtu)]
+    run(cmd)
+
+
+def add_address(netns: str, dev: str, cidr: str) -> None:
+    run(["ip", "-n", netns, "addr", "add", cidr, "dev", dev])
+
+
+def link_up(netns: str, dev: str) -> None:
+    run(["ip", "-n", netns, "link", "set", dev, "up"])

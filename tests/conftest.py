@@ -1,0 +1,82 @@
+"""Shared fixtures: real etcd servers, etcd stores, network namespaces. All cleaned up always."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember, make_cluster
+from flannel_bpf.lab.netns import add_netns, delete_netns
+from flannel_bpf.store import EtcdSettings, EtcdStore
+
+RUN_ID = uuid.uuid4().hex[:6]
+
+
+def unique(tag: str) -> str:
+    """A name unique to this test run and call, short enough for an interface name."""
+    return f"fb{RUN_ID[:3]}{tag}{uuid.uuid4().hex[:4]}"
+
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
+    """One etcd for the whole session; tests keep apart by using their own prefix."""
+    cluster = make_cluster(tmp_path_factory.mktemp("etcd"), 1, name_prefix="session")
+    try:
+        cluster.start()
+        yield cluster.members[0]
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd_factory(tmp_path: Path) -> Iterator[Callable[..., EtcdCluster]]:
+    """Private etcd clusters for tests that stop, compact or reconfigure their server."""
+    clusters: list[EtcdCluster] = []
+
+    def factory(size: int = 1, **kwargs: object) -> EtcdCluster:
+        cluster = make_cluster(tmp_path / f"c{len(clusters)}", size, **kwargs)  # type: ignore[arg-type]
+        clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/test-{uuid.uuid4().hex[:8]}/network"
+
+
+@pytest.fixture
+async def store(etcd: EtcdMember) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore(EtcdSettings(endpoints=[etcd.endpoint])) as s:
+        yield s
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[str], str]]:
+    """Creates uniquely named namespaces on demand; deletes them all afterwards."""
+    made: list[str] = []
+
+    def create(tag: str = "ns") -> str:
+        name = unique(tag)
+        add_netns(name)
+        made.append(name)
+        return name
+
+    try:
+        yield create
+    finally:
+        for name in made:
+            delete_netns(name)
