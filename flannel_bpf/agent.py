@@ -1,0 +1,153 @@
+"""The agent: flanneld's start-up order (flannel-compat.md section 6, end) and its run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .backends import BackendError, ExternalContext, Network, make_backend
+from .flags import AgentOptions
+from .iface import InterfaceError, find_external_interface
+from .lease import Lease
+from .lease_manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
+from .store import EtcdSettings, EtcdStore, StoreAuthError, StoreError, StoreUnavailable
+from .subnet_file import (
+    PreviousSubnets,
+    SubnetFile,
+    read_previous_subnets,
+    write_subnet_file,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AgentError(Exception):
+    """A start-up failure that ends the agent with exit status 1 and this one message."""
+
+
+@dataclass
+class Agent:
+    options: AgentOptions
+
+    async def run(self) -> int:
+        """Run until SIGTERM (returns 0), lease revocation (0) or a fatal error (AgentError)."""
+        opts = self.options
+        previous = read_previous_subnets(opts.subnet_file)
+        if previous.subnet is not None:
+            log.info("previous subnet %s read from %s", previous.subnet, opts.subnet_file)
+        settings = EtcdSettings(
+            endpoints=opts.etcd_endpoints,
+            cafile=opts.etcd_cafile,
+            certfile=opts.etcd_certfile,
+            keyfile=opts.etcd_keyfile,
+            username=opts.etcd_username,
+            password=opts.etcd_password,
+        )
+        try:
+            store = EtcdStore(settings)
+            await store.connect()
+        except StoreError as exc:
+            raise AgentError(str(exc)) from None
+        try:
+            return await self._run(store, previous)
+        finally:
+            await store.close()
+
+    async def _run(self, store: EtcdStore, previous: PreviousSubnets) -> int:
+        opts = self.options
+        manager = LeaseManager(store, opts.etcd_prefix)
+        log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
+        config = await manager.wait_for_network_config()
+        if config.enable_ipv6:
+            raise AgentError("EnableIPv6 is set in the network config: IPv6 is not supported yet")
+
+        try:
+            iface = await find_external_interface(opts)
+        except InterfaceError as exc:
+            raise AgentError(str(exc)) from None
+        log.info(
+            "using interface %s (index %d, mtu %d), address %s, public ip %s",
+            iface.name, iface.index, iface.mtu, iface.iface_addr, iface.ext_addr,
+        )
+
+        ctx = ExternalContext(iface, opts, manager, config, previous)
+        try:
+            backend = make_backend(config.backend.type, ctx)
+        except BackendError as exc:
+            raise AgentError(str(exc)) from None
+        log.info("backend %s selected", backend.type)
+
+        try:
+            network = await _retry_unavailable("acquire lease", backend.register_network)
+        except OutOfSubnets as exc:
+            raise AgentError(f"failed to acquire lease: {exc}") from None
+        except (BackendError, StoreAuthError, StoreError) as exc:
+            raise AgentError(f"Error registering network: {exc}") from None
+
+        contents = SubnetFile(
+            network=config.network,
+            subnet=network.lease.subnet,
+            ipv6_network=None,
+            ipv6_subnet=None,
+            mtu=network.mtu,
+            ip_masq=opts.ip_masq,
+        )
+        try:
+            write_subnet_file(opts.subnet_file, contents)
+            log.info("Wrote subnet file to %s", opts.subnet_file)
+        except OSError as exc:
+            # flanneld carries on without readiness; so do we, loudly.
+            log.error("failed to write subnet file %s: %s", opts.subnet_file, exc)
+        log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
+
+        try:
+            await self._serve(manager, network)
+        except LeaseRevoked:
+            log.info("Lease has been revoked. Shutting down daemon.")
+        finally:
+            await network.close()
+        return 0
+
+    async def _serve(self, manager: LeaseManager, network: Network) -> None:
+        margin = self.options.subnet_lease_renew_margin * 60.0
+
+        def on_lease_change(lease: Lease) -> None:
+            network.lease = lease
+
+        keeper = asyncio.create_task(
+            manager.keep_lease(network.lease, margin, on_lease_change), name="keep-lease"
+        )
+        tasks = {keeper}
+        if network.wants_peers:
+            tasks.add(asyncio.create_task(self._follow_peers(manager, network), name="peers"))
+        log.info("Running backend.")
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow_peers(self, manager: LeaseManager, network: Network) -> None:
+        async for events in manager.watch_leases(network.lease.subnet, network.accepts):
+            if events:
+                await network.apply(events)
+
+
+async def _retry_unavailable(what: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """Retry while etcd is unreachable: an outage at start-up is waited out, not fatal."""
+    backoff = Backoff(initial=0.5, maximum=10.0)
+    while True:
+        try:
+            return await operation()
+        except StoreUnavailable as exc:
+            delay = backoff.next_delay()
+            log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)

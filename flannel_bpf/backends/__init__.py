@@ -1,0 +1,30 @@
+"""Backends: one module each, behind the small interface in base.py (flannel's pkg/backend)."""
+
+from __future__ import annotations
+
+from .alloc import AllocBackend
+from .base import Backend, BackendError, ExternalContext, Network
+
+# Types flanneld knows; those not built here fail with a clear message rather than "unknown".
+FLANNELD_BACKEND_TYPES = (
+    "vxlan", "udp", "host-gw", "ipip", "ipsec", "wireguard", "alloc", "extension", "tencent-vpc",
+)
+
+BACKENDS: dict[str, type[Backend]] = {
+    AllocBackend.type: AllocBackend,
+}
+
+
+def make_backend(backend_type: str, ctx: ExternalContext) -> Backend:
+    cls = BACKENDS.get(backend_type)
+    if cls is None:
+        if backend_type in FLANNELD_BACKEND_TYPES:
+            raise BackendError(
+                f"backend type {backend_type!r} is not available in this flannel-bpf build "
+                f"(available: {', '.join(sorted(BACKENDS))})"
+            )
+        raise BackendError(f"unknown backend type: {backend_type}")
+    return cls(ctx)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "ExternalContext", "Network", "make_backend"]

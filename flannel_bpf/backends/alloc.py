@@ -1,0 +1,25 @@
+"""alloc: acquire a subnet and nothing else (flanneld's pkg/backend/alloc)."""
+
+from __future__ import annotations
+
+from ..lease import Lease, LeaseAttrs
+from .base import Backend, Network
+
+
+class AllocNetwork(Network):
+    def __init__(self, lease: Lease, mtu: int) -> None:
+        self.lease = lease
+        self.mtu = mtu
+
+    @property
+    def wants_peers(self) -> bool:
+        return False
+
+
+class AllocBackend(Backend):
+    type = "alloc"
+
+    async def register_network(self) -> Network:
+        # flanneld's alloc writes PublicIP only: no BackendType, no BackendData.
+        lease = await self.acquire(LeaseAttrs(public_ip=self.ctx.iface.ext_addr))
+        return AllocNetwork(lease, self.ctx.iface.mtu)

@@ -1,0 +1,68 @@
+"""The interface every backend implements, modelled on flannel's Backend and Network."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import NetworkConfig
+from ..flags import AgentOptions
+from ..iface import ExternalInterface
+from ..lease import Lease, LeaseAttrs, LeaseEvent
+from ..lease_manager import LeaseManager
+from ..subnet_file import PreviousSubnets
+
+
+class BackendError(Exception):
+    """A backend cannot be built or set up; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class ExternalContext:
+    """What every backend gets: the uplink, the flags, and the lease manager."""
+
+    iface: ExternalInterface
+    options: AgentOptions
+    manager: LeaseManager
+    config: NetworkConfig
+    previous: PreviousSubnets
+
+
+class Network(abc.ABC):
+    """A registered network: our lease plus the data path that serves it."""
+
+    lease: Lease
+    mtu: int
+
+    def accepts(self, lease: Lease) -> bool:
+        """Whether a peer's lease is one this data path can reach (flanneld: same type)."""
+        return True
+
+    @property
+    def wants_peers(self) -> bool:
+        """False for backends with no per-peer state (alloc): no lease watch is run."""
+        return True
+
+    async def apply(self, events: list[LeaseEvent]) -> None:  # noqa: B027 - optional hook
+        """Program a batch of peer changes; must be idempotent (renewals re-send Added)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work. The data path itself stays in place (flanneld leaves it)."""
+
+
+class Backend(abc.ABC):
+    type: ClassVar[str]
+
+    def __init__(self, ctx: ExternalContext) -> None:
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    async def register_network(self) -> Network:
+        """Acquire the lease and build the data path for it."""
+
+    async def acquire(self, attrs: LeaseAttrs) -> Lease:
+        ctx = self.ctx
+        return await ctx.manager.acquire_lease(
+            ctx.config, attrs, ctx.previous.subnet, ctx.previous.ipv6_subnet
+        )

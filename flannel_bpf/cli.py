@@ -1,0 +1,111 @@
+"""`flannel-bpf`: the command line. `run` is the agent; other commands inspect and manage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .agent import Agent, AgentError
+from .flags import FlagError, HelpRequested, parse_run_args, run_usage
+from .logs import setup_logging
+
+log = logging.getLogger("flannel_bpf")
+
+USAGE = """\
+usage: flannel-bpf COMMAND [ARGS]
+
+commands:
+  run [FLAGS]     run the agent (flanneld's flags and FLANNELD_* environment; run -h lists them)
+  version         print the version
+
+flannel-bpf run --iface eth1 --etcd-endpoints http://10.0.0.1:2379
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return EXIT_OK if args else EXIT_USAGE
+    command, rest = args[0], args[1:]
+    commands: dict[str, Callable[[list[str]], int]] = {
+        "run": cmd_run,
+        "version": cmd_version,
+    }
+    if command in ("-version", "--version"):
+        return cmd_version(rest)
+    handler = commands.get(command)
+    if handler is None:
+        print(f"flannel-bpf: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return EXIT_USAGE
+    return handler(rest)
+
+
+def cmd_version(_: list[str]) -> int:
+    print(__version__)
+    return EXIT_OK
+
+
+def cmd_run(args: list[str]) -> int:
+    try:
+        options = parse_run_args(args, os.environ)
+    except HelpRequested:
+        print(run_usage(), end="")
+        return EXIT_OK
+    except FlagError as exc:
+        print(f"flannel-bpf run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if options.version:
+        print(__version__, file=sys.stderr)
+        return EXIT_OK
+    setup_logging(options.verbosity, options.log_format)
+    log.info("flannel-bpf %s starting (pid %d)", __version__, os.getpid())
+    try:
+        status = asyncio.run(_run_until_signalled(Agent(options)))
+    except AgentError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    log.info("Exiting cleanly...")
+    return status
+
+
+async def _run_until_signalled(agent: Agent) -> int:
+    """SIGTERM and SIGINT end the agent cleanly with status 0, the lease left in place."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    run = asyncio.create_task(agent.run(), name="agent")
+
+    def stop(signum: int) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        run.cancel()
+        # A second signal gets the default action, as with flanneld.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if main_task.cancelling():
+            raise
+        return EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The external interface and PublicIP, chosen the way flanneld chooses them (section 6).
+
+Mirrors flanneld's main.go loop over ipmatch.LookupExtIface and pkg/ip's netlink helpers for an
+IPv4 stack:
+
+1. No --iface, --iface-regex or --iface-can-reach: the interface owning --public-ip if that is
+   set, otherwise the interface of the first default route in the main table. Failure is
+   "Failed to find any valid interface to use".
+2. Otherwise each --iface in order (an IP: the interface owning it, with that IP; anything else:
+   an interface name), then each --iface-regex (first the addresses of every interface in
+   ifindex order, then the names), then --iface-can-reach (the route lookup's interface and
+   preferred source). A candidate that fails, including for lack of a usable address, is logged
+   and the next one is tried. Nothing left is "Failed to find interface to use that matches the
+   interfaces and/or regexes provided".
+
+The address of an interface found by name is the first of its IPv4 addresses that is global
+unicast or link-local and not deprecated, after a stable sort preferring global over link-local,
+permanent over dynamic and non-temporary over temporary. ExtAddr (the lease's PublicIP) is
+--public-ip when given, else that address. --public-ip therefore has to be a local address only
+when no interface option is given, as in flanneld.
+
+flanneld quirks kept on purpose: an empty --iface or --iface-regex value means "the default route
+interface"; an --iface IP may be any IPv4 address on the interface (even loopback or
+deprecated); regexes are searched, not anchored.
+
+IPv6 (--public-ipv6, v6 default routes, dual stack) is not implemented: asking for it raises
+InterfaceError rather than silently running IPv4 only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flannel_bpf.flags import AgentOptions
+
+log = logging.getLogger(__name__)
+
+# linux/if_addr.h. IFA_F_TEMPORARY has the same value as IFA_F_SECONDARY, so, like flanneld
+# (which tests the bit on every family), IPv4 secondary addresses sort after primary ones.
+IFA_F_TEMPORARY = 0x01
+IFA_F_DEPRECATED = 0x20
+IFA_F_PERMANENT = 0x80
+# linux/rtnetlink.h
+RT_TABLE_MAIN = 254
+RTM_F_CLONED = 0x200
+
+NO_DEFAULT_MATCH = "Failed to find any valid interface to use"
+NO_OPTION_MATCH = (
+    "Failed to find interface to use that matches the interfaces and/or regexes provided"
+)
+
+
+class InterfaceError(RuntimeError):
+    """No usable external interface; the message is one operator-facing line."""
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    name: str
+    index: int
+    mtu: int
+    iface_addr: ipaddress.IPv4Address  # the interface's own IPv4 address in use
+    ext_addr: ipaddress.IPv4Address  # --public-ip or iface_addr: the lease's PublicIP
+
+
+class _NotFound(Exception):
+    """One lookup failed; the message says why (flanneld logs it and tries the next)."""
+
+
+@dataclass(frozen=True)
+class _Link:
+    index: int
+    name: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class _Addr:
+    index: int
+    ip: ipaddress.IPv4Address
+    flags: int
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Links (ifindex order) and IPv4 addresses (kernel order) read once, so that every rule
+    sees the same state even if addresses change while we look."""
+
+    links: tuple[_Link, ...]
+    addrs: tuple[_Addr, ...]
+
+    def by_name(self, name: str) -> _Link:
+        for link in self.links:
+            if link.name == name:
+                return link
+        raise _NotFound(f"no interface named {name}")
+
+    def by_index(self, index: int) -> _Link:
+        for link in self.links:
+            if link.index == index:
+                return link
+        raise _NotFound(f"no interface with index {index}")
+
+    def owner_of(self, ip: ipaddress.IPv4Address) -> _Link:
+        """GetInterfaceByIP: any IPv4 address counts, whatever its scope or flags."""
+        for link in self.links:
+            if any(a.index == link.index and a.ip == ip for a in self.addrs):
+                return link
+        raise _NotFound(f"no interface with IP {ip} found")
+
+    def usable_addrs(self, link: _Link) -> list[ipaddress.IPv4Address]:
+        """GetInterfaceIP4Addrs: usable addresses, most preferred first."""
+        own = [a for a in self.addrs if a.index == link.index]
+        own.sort(key=_preference)  # stable, like flanneld's insertion sort on short lists
+        return [
+            a.ip
+            for a in own
+            if (_is_global_unicast(a.ip) or a.ip.is_link_local) and not a.flags & IFA_F_DEPRECATED
+        ]
+
+
+def _is_global_unicast(ip: ipaddress.IPv4Address) -> bool:
+    # Go's net.IP.IsGlobalUnicast, which (unlike Python's is_global) includes private ranges.
+    return not (
+        ip == ipaddress.IPv4Address("255.255.255.255")
+        or ip.is_unspecified
+        or ip.is_loopback
+        or ip.is_multicast
+        or ip.is_link_local
+    )
+
+
+def _preference(addr: _Addr) -> tuple[bool, bool, bool]:
+    # flanneld's compareAddrs; False sorts first.
+    return (
+        addr.ip.is_link_local,
+        not addr.flags & IFA_F_PERMANENT,
+        bool(addr.flags & IFA_F_TEMPORARY),
+    )
+
+
+def _as_ipv4(value: str) -> ipaddress.IPv4Address | None:
+    """net.ParseIP(value).To4() in a v4 stack: IPv4, or IPv4-mapped IPv6; None otherwise."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped
+    return ip
+
+
+async def _read_snapshot(ipr: Any) -> _Snapshot:
+    links: list[_Link] = []
+    async for msg in await ipr.link("dump"):
+        links.append(
+            _Link(
+                index=int(msg["index"]),
+                name=str(msg.get_attr("IFLA_IFNAME") or ""),
+                mtu=int(msg.get_attr("IFLA_MTU") or 0),
+            )
+        )
+    addrs: list[_Addr] = []
+    async for msg in await ipr.addr("dump", family=socket.AF_INET):
+        # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on point-to-point links.
+        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if not text:
+            continue
+        # IFA_FLAGS carries the full 32-bit flags; the header byte only the low eight.
+        flags = msg.get_attr("IFA_FLAGS")
+        addrs.append(
+            _Addr(
+                index=int(msg["index"]),
+                ip=ipaddress.IPv4Address(str(text)),
+                flags=int(flags if flags is not None else msg["flags"]),
+            )
+        )
+    links.sort(key=lambda link: link.index)
+    return _Snapshot(tuple(links), tuple(addrs))
+
+
+async def _default_route_link(ipr: Any, snap: _Snapshot) -> _Link:
+    """GetDefaultGatewayInterface: the first IPv4 default route of the main table."""
+    log.info("Determining IP address of default interface")
+    async for route in await ipr.route("dump", family=socket.AF_INET):
+        table = route.get_attr("RTA_TABLE") or route["table"]
+        if int(table) != RT_TABLE_MAIN or int(route["flags"]) & RTM_F_CLONED:
+            continue
+        if int(route["dst_len"]) != 0:
+            continue
+        oif = route.get_attr("RTA_OIF")
+        if not oif:
+            # Multipath and blackhole defaults have no single interface; flanneld gives up too.
+            raise _NotFound(
+                "failed to get default interface: "
+                "found default route but could not determine interface"
+            )
+        try:
+            return snap.by_index(int(oif))
+        except _NotFound as exc:
+            raise _NotFound(f"failed to get default interface: {exc}") from None
+    raise _NotFound("failed to get default interface: unable to find default route")
+
+
+async def _route_get(
+    ipr: Any, snap: _Snapshot, target: str
+) -> tuple[_Link, ipaddress.IPv4Address | None]:
+    """GetInterfaceBySpecificIPRouting: `ip route get <target>`'s device and source."""
+    ip = _as_ipv4(target)
+    if ip is None:
+        raise _NotFound(
+            f"failed to get ifcanreach based interface: {target!r} is not an IPv4 address"
+        )
+    try:
+        routes = await ipr.route("get", dst=str(ip))
+    except NetlinkError as exc:
+        raise _NotFound(
+            f"failed to get ifcanreach based interface: couldn't lookup route to {ip}: "
+            f"{exc.args[-1] if exc.args else exc}"
+        ) from None
+    for route in routes:
+        try:
+            link = snap.by_index(int(route.get_attr("RTA_OIF") or 0))
+        except _NotFound as exc:
+            raise _NotFound(f"failed to get ifcanreach based interface: {exc}") from None
+        src = route.get_attr("RTA_PREFSRC")
+        return link, ipaddress.IPv4Address(str(src)) if src else None
+    raise _NotFound("failed to get ifcanreach based interface: no route found")
+
+
+def _regex_match(snap: _Snapshot, pattern: str) -> tuple[_Link, ipaddress.IPv4Address | None]:
+    regex = re.compile(pattern)
+    for link in snap.links:
+        for ip in snap.usable_addrs(link):
+            if regex.search(str(ip)):
+                return link, ip
+    for link in snap.links:
+        if regex.search(link.name):
+            return link, None
+    available = ", ".join(
+        f"{link.name}:[{' '.join(str(ip) for ip in snap.usable_addrs(link))}]"
+        for link in snap.links
+    )
+    raise _NotFound(
+        f"Could not match pattern {pattern} to any of the available network interfaces "
+        f"({available})"
+    )
+
+
+async def _lookup(
+    ipr: Any,
+    snap: _Snapshot,
+    public_ip: ipaddress.IPv4Address | None,
+    *,
+    name: str = "",
+    regex: str = "",
+    can_reach: str = "",
+) -> ExternalInterface:
+    """ipmatch.LookupExtIface for an IPv4 stack: exactly one selector, or none for the default."""
+    addr: ipaddress.IPv4Address | None = None
+    if name:
+        ip = _as_ipv4(name)
+        if ip is not None:
+            log.info("Searching for interface using %s", ip)
+            link = snap.owner_of(ip)
+            addr = ip
+        elif _looks_like_ip(name):
+            raise _NotFound(f"no interface with IP {name} found (only IPv4 is supported)")
+        else:
+            link = snap.by_name(name)
+    elif regex:
+        link, addr = _regex_match(snap, regex)
+    elif can_reach:
+        log.info("Determining interface to use based on given ifcanreach: %s", can_reach)
+        link, addr = await _route_get(ipr, snap, can_reach)
+    else:
+        link = await _default_route_link(ipr, snap)
+
+    if addr is None:
+        usable = snap.usable_addrs(link)
+        if not usable:
+            raise _NotFound(f"failed to find IPv4 address for interface {link.name}")
+        addr = usable[0]
+    log.info("Using interface with name %s and address %s", link.name, addr)
+
+    if link.mtu == 0:
+        raise _NotFound(f"failed to determine MTU for {addr} interface")
+
+    if public_ip is not None:
+        log.info("Using %s as external address", public_ip)
+        ext = public_ip
+    else:
+        log.info("Defaulting external address to interface address (%s)", addr)
+        ext = addr
+    return ExternalInterface(
+        name=link.name, index=link.index, mtu=link.mtu, iface_addr=addr, ext_addr=ext
+    )
+
+
+def _looks_like_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_public_ip(opts: AgentOptions) -> ipaddress.IPv4Address | None:
+    if opts.public_ipv6:
+        raise InterfaceError(
+            f"--public-ipv6 {opts.public_ipv6}: IPv6 is not supported by flannel-bpf yet"
+        )
+    if not opts.public_ip:
+        return None
+    try:
+        return ipaddress.IPv4Address(opts.public_ip)
+    except ValueError:
+        raise InterfaceError(f"invalid public IP address: {opts.public_ip}") from None
+
+
+async def _select(
+    ipr: Any, opts: AgentOptions, public_ip: ipaddress.IPv4Address | None
+) -> ExternalInterface:
+    snap = await _read_snapshot(ipr)
+
+    if not (opts.iface or opts.iface_regex or opts.iface_can_reach):
+        try:
+            # With --public-ip, flanneld looks the IP up exactly like an --iface IP value.
+            return await _lookup(ipr, snap, public_ip, name=str(public_ip or ""))
+        except _NotFound as exc:
+            raise InterfaceError(f"{NO_DEFAULT_MATCH}: {exc}") from None
+
+    tried: list[str] = []
+    attempts: Sequence[tuple[str, dict[str, str]]] = [
+        *((f"--iface={v}", {"name": v}) for v in opts.iface),
+        *((f"--iface-regex={v}", {"regex": v}) for v in opts.iface_regex),
+        *(
+            [(f"--iface-can-reach={opts.iface_can_reach}", {"can_reach": opts.iface_can_reach})]
+            if opts.iface_can_reach
+            else []
+        ),
+    ]
+    for label, selector in attempts:
+        try:
+            return await _lookup(ipr, snap, public_ip, **selector)
+        except (_NotFound, re.error) as exc:
+            log.info("Could not find valid interface matching %s: %s", label, exc)
+            tried.append(f"{label}: {exc}")
+    raise InterfaceError(f"{NO_OPTION_MATCH} (tried {'; '.join(tried)})")
+
+
+async def find_external_interface(opts: AgentOptions) -> ExternalInterface:
+    """Pick the interface and addresses flanneld would pick; raises InterfaceError."""
+    public_ip = _parse_public_ip(opts)
+    try:
+        async with AsyncIPRoute() as ipr:
+            found = await _select(ipr, opts, public_ip)
+    except (NetlinkError, OSError) as exc:
+        raise InterfaceError(f"reading interfaces and routes over netlink failed: {exc}") from exc
+    log.info(
+        "Using interface %s (index %d, mtu %d), address %s, public IP %s",
+        found.name,
+        found.index,
+        found.mtu,
+        found.iface_addr,
+        found.ext_addr,
+    )
+    return found
