@@ -72,7 +72,11 @@ class Agent:
             raise AgentError(str(exc)) from None
         log.info(
             "using interface %s (index %d, mtu %d), address %s, public ip %s",
-            iface.name, iface.index, iface.mtu, iface.iface_addr, iface.ext_addr,
+            iface.name,
+            iface.index,
+            iface.mtu,
+            iface.iface_addr,
+            iface.ext_addr,
         )
 
         ctx = ExternalContext(iface, opts, manager, config, previous)

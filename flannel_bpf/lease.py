@@ -204,7 +204,9 @@ class LeaseAttrs:
             try:
                 address_v6 = IPv6Address(public_ipv6)
             except ValueError:
-                raise LeaseFormatError(f"PublicIPv6 is not an IPv6 address: {public_ipv6!r}") from None
+                raise LeaseFormatError(
+                    f"PublicIPv6 is not an IPv6 address: {public_ipv6!r}"
+                ) from None
 
         found, backend_type = _go_field(decoded, "BackendType")
         if found and backend_type is not None and not isinstance(backend_type, str):

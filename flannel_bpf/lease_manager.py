@@ -207,7 +207,9 @@ class LeaseManager:
                 if _is_compatible(config, mine.subnet, mine.ipv6_subnet):
                     log.info(
                         "Found lease (ip: %s ipv6: %s) for current IP (%s), reusing",
-                        mine.subnet, mine.ipv6_subnet, attrs.public_ip,
+                        mine.subnet,
+                        mine.ipv6_subnet,
+                        attrs.public_ip,
                     )
                     # A reservation keeps having no TTL; anything else gets a fresh 24 h.
                     return await self._put_lease(
@@ -216,7 +218,9 @@ class LeaseManager:
                 log.info(
                     "Found lease (ip: %s ipv6: %s) for current IP (%s) but not compatible with "
                     "current config, deleting",
-                    mine.subnet, mine.ipv6_subnet, attrs.public_ip,
+                    mine.subnet,
+                    mine.ipv6_subnet,
+                    attrs.public_ip,
                 )
                 await self.store.delete(self.lease_key(mine.subnet, mine.ipv6_subnet))
                 leases.remove(mine)
@@ -235,12 +239,17 @@ class LeaseManager:
             if lease is not None:
                 log.info(
                     "Allocated lease (ip: %s ipv6: %s) to current node (%s)",
-                    subnet, ipv6_subnet, attrs.public_ip,
+                    subnet,
+                    ipv6_subnet,
+                    attrs.public_ip,
                 )
                 return lease
             log.warning(
                 "subnet %s was taken by another host at the same moment; picking again "
-                "(attempt %d of %d)", subnet, attempt, CREATE_RACE_RETRIES,
+                "(attempt %d of %d)",
+                subnet,
+                attempt,
+                CREATE_RACE_RETRIES,
             )
             await asyncio.sleep(self.rng.uniform(0.01, 0.1) * attempt)
         raise StoreError(f"lost the race for a free subnet {CREATE_RACE_RETRIES} times in a row")
@@ -258,7 +267,8 @@ class LeaseManager:
         if not _is_compatible(config, subnet, ipv6_subnet):
             log.error(
                 "Found previously leased subnet (%s) in subnet file, but it is not compatible "
-                "with the current config; ignoring it", subnet,
+                "with the current config; ignoring it",
+                subnet,
             )
             return None
         if any(x.subnet == subnet for x in leases):
@@ -438,7 +448,11 @@ class LeaseManager:
                 ttl = int((state.lease.expiration or self.clock()) - self.clock())
             expiration = self.clock() + ttl if ttl >= 0 else self.clock() - 1
         state.lease = Lease(
-            lease.subnet, lease.attrs, lease.ipv6_subnet, expiration, kv.lease_id,
+            lease.subnet,
+            lease.attrs,
+            lease.ipv6_subnet,
+            expiration,
+            kv.lease_id,
             kv.mod_revision,
         )
         state.changed.set()
@@ -465,9 +479,7 @@ class LeaseManager:
                     events = watcher.reset(leases)
                     self._count(events)
                     yield events
-                async for batch in self.store.watch(
-                    self.subnets_prefix, revision + 1, prefix=True
-                ):
+                async for batch in self.store.watch(self.subnets_prefix, revision + 1, prefix=True):
                     backoff.reset()
                     events = []
                     for event in batch.events:
@@ -548,7 +560,11 @@ def _is_compatible(
 
 def _replace_expiration(lease: Lease, expiration: float | None) -> Lease:
     return Lease(
-        lease.subnet, lease.attrs, lease.ipv6_subnet, expiration, lease.lease_id,
+        lease.subnet,
+        lease.attrs,
+        lease.ipv6_subnet,
+        expiration,
+        lease.lease_id,
         lease.mod_revision,
     )
 

@@ -39,9 +39,9 @@ class LeaseWatcher:
         """A full listing: Added for new or changed leases, Removed for those gone."""
         fresh = {lease.subnet: lease for lease in snapshot if lease.subnet != self.own_subnet}
         events: list[LeaseEvent] = []
-        for subnet, old in self.known.items():
+        for subnet, gone in self.known.items():
             if subnet not in fresh:
-                events.extend(self._removed(old))
+                events.extend(self._removed(gone))
         for subnet, lease in fresh.items():
             old = self.known.get(subnet)
             if old is None or old.attrs != lease.attrs or old.ipv6_subnet != lease.ipv6_subnet:

@@ -181,7 +181,9 @@ class EtcdStore:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
         s = self.settings
-        wants_tls = bool(s.certfile and s.keyfile) or any(e.scheme == "https" for e in self.endpoints)
+        wants_tls = bool(s.certfile and s.keyfile) or any(
+            e.scheme == "https" for e in self.endpoints
+        )
         if wants_tls:
             # flanneld turns TLS on only with both a certificate and a key; an https:// endpoint
             # without them still gets server-verified TLS here instead of a plain-text attempt.
@@ -259,7 +261,11 @@ class EtcdStore:
 
     def _unavailable_message(self, what: str, exc: BaseException) -> str:
         detail = str(exc) or "timed out"
-        if "handshake" in detail.lower() or "ssl" in detail.lower() or "certificate" in detail.lower():
+        if (
+            "handshake" in detail.lower()
+            or "ssl" in detail.lower()
+            or "certificate" in detail.lower()
+        ):
             return f"etcd {what} at {self.endpoint_list}: TLS failed: {detail}"
         return f"etcd {what} at {self.endpoint_list} unavailable: {detail}"
 
@@ -304,7 +310,9 @@ class EtcdStore:
 
     async def get(self, key: str) -> tuple[KeyValue | None, int]:
         """The key (or None) and the store revision it was read at."""
-        resp = await self._call("get " + key, lambda: self._kv_svc().get(key, timeout=self._timeout))
+        resp = await self._call(
+            "get " + key, lambda: self._kv_svc().get(key, timeout=self._timeout)
+        )
         value = _key_value(resp.kvs[0]) if resp.kvs else None
         return value, resp.header.revision
 
@@ -312,9 +320,7 @@ class EtcdStore:
         """Every key under prefix, in key order, and the revision of that snapshot."""
         resp = await self._call(
             "list " + prefix,
-            lambda: self._kv_svc().get(
-                prefix, prefix_range_end(prefix), timeout=self._timeout * 4
-            ),
+            lambda: self._kv_svc().get(prefix, prefix_range_end(prefix), timeout=self._timeout * 4),
         )
         return [_key_value(kv) for kv in resp.kvs], resp.header.revision
 

@@ -30,7 +30,9 @@ class SubnetFile:
         lines = []
         if self.network is not None and self.subnet is not None:
             lines.append(f"FLANNEL_NETWORK={self.network}")
-            lines.append(f"FLANNEL_SUBNET={self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+            lines.append(
+                f"FLANNEL_SUBNET={self.subnet.network_address + 1}/{self.subnet.prefixlen}"
+            )
         if self.ipv6_network is not None and self.ipv6_subnet is not None:
             lines.append(f"FLANNEL_IPV6_NETWORK={self.ipv6_network}")
             first = self.ipv6_subnet.network_address + 1
@@ -47,7 +49,7 @@ def write_subnet_file(path: str | os.PathLike[str], contents: SubnetFile) -> Non
     the old file or the complete new one.
     """
     target = Path(path)
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _make_dirs(target.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -59,6 +61,17 @@ def write_subnet_file(path: str | os.PathLike[str], contents: SubnetFile) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_dirs(directory: Path) -> None:
+    """mkdir -p with 0755 on what we create, whatever the umask: CNI and Docker read the file."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        os.chmod(path, 0o755)
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,7 @@ def _parse_env(text: str) -> dict[str, str]:
     return values
 
 
-def _single_cidr(
-    values: dict[str, str], key: str, kind: type[T]
-) -> T | None:
+def _single_cidr(values: dict[str, str], key: str, kind: type[T]) -> T | None:
     """flanneld accepts a comma-separated list, skips invalid entries and wants exactly one."""
     if key not in values:
         return None

@@ -37,11 +37,16 @@ class TwoHosts:
         agent = AgentProcess(
             self.host_ns,
             [
-                "--iface", "eth1",
-                "--etcd-endpoints", self.etcd.endpoint,
-                "--etcd-prefix", self.prefix,
-                "--subnet-file", str(self.subnet_file),
-                "-v", "2",
+                "--iface",
+                "eth1",
+                "--etcd-endpoints",
+                self.etcd.endpoint,
+                "--etcd-prefix",
+                self.prefix,
+                "--subnet-file",
+                str(self.subnet_file),
+                "-v",
+                "2",
                 *extra,
             ],
             self.tmp / f"{name}{len(self.agents)}.log",
@@ -101,7 +106,10 @@ def test_agent_in_a_namespace_writes_its_lease_and_subnet_env(hosts: TwoHosts) -
     env = hosts.subnet_file.read_text()
     lines = env.splitlines()
     assert [line.split("=")[0] for line in lines] == [
-        "FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ",
+        "FLANNEL_NETWORK",
+        "FLANNEL_SUBNET",
+        "FLANNEL_MTU",
+        "FLANNEL_IPMASQ",
     ]
     assert lines[0] == "FLANNEL_NETWORK=10.244.0.0/16"
     assert lines[2] == "FLANNEL_MTU=1500" and lines[3] == "FLANNEL_IPMASQ=false"
@@ -179,7 +187,9 @@ def test_unknown_backend_is_one_clear_line_and_exit_1(hosts: TwoHosts) -> None:
 )
 def test_bad_flags_are_one_line_and_non_zero(args: list[str], message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "flannel_bpf", "run", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "flannel_bpf", "run", *args],
+        capture_output=True,
+        text=True,
         timeout=30,
     )
     assert proc.returncode == 2

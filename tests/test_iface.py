@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,21 +95,11 @@ class NetNS:
         return answer
 
 
-def _namespaces() -> str:
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-
-
 @pytest.fixture
-def netns() -> Iterator[NetNS]:
-    name = f"fbt-{secrets.token_hex(4)}"
-    try:
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-        ns = NetNS(name)
-        ns.ip("link", "set", "lo", "up")
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        assert name not in _namespaces().split(), f"namespace {name} survived its test"
+def ns(netns: Callable[[str], str]) -> NetNS:
+    """A fresh namespace from the shared factory (deleted by it, also on failure)."""
+    made = NetNS(netns("if"))
+    return made
 
 
 def _ok(answer: dict[str, Any]) -> dict[str, Any]:
@@ -129,57 +118,57 @@ def _err(answer: dict[str, Any]) -> str:
 # --- rule 1: no interface option ------------------------------------------------------------
 
 
-def test_default_route_interface(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24", mtu=1400)
-    netns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
+def test_default_route_interface(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24", mtu=1400)
+    ns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
 
-    found = _ok(netns.find())
+    found = _ok(ns.find())
 
     assert found == {
         "name": "b0",
-        "index": netns.link("b0")["ifindex"],
+        "index": ns.link("b0")["ifindex"],
         "mtu": 1400,
         "iface_addr": "10.30.0.5",
         "ext_addr": "10.30.0.5",
     }
 
 
-def test_first_default_route_of_main_table_wins(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24")
-    netns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0", "table", "100")
-    netns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0", "metric", "200")
-    netns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0", "metric", "300")
+def test_first_default_route_of_main_table_wins(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0", "table", "100")
+    ns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0", "metric", "200")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0", "metric", "300")
 
-    assert _ok(netns.find())["name"] == "b0"
+    assert _ok(ns.find())["name"] == "b0"
 
 
-def test_no_default_route_is_an_error(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
+def test_no_default_route_is_an_error(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
 
-    message = _err(netns.find())
+    message = _err(ns.find())
 
     assert message.startswith(NO_DEFAULT_MATCH)
     assert "unable to find default route" in message
 
 
-def test_default_route_interface_without_address_is_an_error(netns: NetNS) -> None:
-    netns.veth("a0")
-    netns.ip("route", "add", "default", "dev", "a0")
+def test_default_route_interface_without_address_is_an_error(ns: NetNS) -> None:
+    ns.veth("a0")
+    ns.ip("route", "add", "default", "dev", "a0")
 
-    message = _err(netns.find())
+    message = _err(ns.find())
 
     assert message.startswith(NO_DEFAULT_MATCH)
     assert "failed to find IPv4 address for interface a0" in message
 
 
-def test_public_ip_owned_picks_its_interface_not_the_default_route(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24", "198.18.0.7/24")
-    netns.veth("b0", "10.30.0.5/24")
-    netns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
+def test_public_ip_owned_picks_its_interface_not_the_default_route(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24", "198.18.0.7/24")
+    ns.veth("b0", "10.30.0.5/24")
+    ns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
 
-    found = _ok(netns.find("--public-ip=198.18.0.7"))
+    found = _ok(ns.find("--public-ip=198.18.0.7"))
 
     assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
         "a0",
@@ -188,47 +177,47 @@ def test_public_ip_owned_picks_its_interface_not_the_default_route(netns: NetNS)
     )
 
 
-def test_public_ip_not_owned_without_iface_is_an_error(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+def test_public_ip_not_owned_without_iface_is_an_error(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
 
-    message = _err(netns.find("-public-ip", "198.18.9.9"))
+    message = _err(ns.find("-public-ip", "198.18.9.9"))
 
     assert message.startswith(NO_DEFAULT_MATCH)
     assert "198.18.9.9" in message
 
 
-def test_public_ipv6_is_refused(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+def test_public_ipv6_is_refused(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
 
-    assert "IPv6" in _err(netns.find("--public-ipv6=fd00::1"))
+    assert "IPv6" in _err(ns.find("--public-ipv6=fd00::1"))
 
 
 # --- rule 2: --iface --------------------------------------------------------------------------
 
 
-def test_iface_by_name(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24", mtu=1450)
-    netns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+def test_iface_by_name(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24", mtu=1450)
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
 
-    found = _ok(netns.find("--iface", "b0"))
+    found = _ok(ns.find("--iface", "b0"))
 
     assert found == {
         "name": "b0",
-        "index": netns.link("b0")["ifindex"],
+        "index": ns.link("b0")["ifindex"],
         "mtu": 1450,
         "iface_addr": "10.30.0.5",
         "ext_addr": "10.30.0.5",
     }
 
 
-def test_iface_by_ip_uses_that_ip(netns: NetNS) -> None:
+def test_iface_by_ip_uses_that_ip(ns: NetNS) -> None:
     # 10.20.0.6 is a secondary address: found by name, 10.20.0.5 would be used.
-    netns.veth("a0", "10.20.0.5/24", "10.20.0.6/24")
+    ns.veth("a0", "10.20.0.5/24", "10.20.0.6/24")
 
-    found = _ok(netns.find("-iface=10.20.0.6"))
+    found = _ok(ns.find("-iface=10.20.0.6"))
 
     assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
         "a0",
@@ -237,22 +226,22 @@ def test_iface_by_ip_uses_that_ip(netns: NetNS) -> None:
     )
 
 
-def test_iface_values_tried_in_order_first_success_wins(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24")
-    netns.veth("c0")  # exists but has no IPv4 address, so it fails too
+def test_iface_values_tried_in_order_first_success_wins(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
+    ns.veth("c0")  # exists but has no IPv4 address, so it fails too
 
     found = _ok(
-        netns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0", "--iface=b0", "-iface=a0")
+        ns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0", "--iface=b0", "-iface=a0")
     )
 
     assert (found["name"], found["iface_addr"]) == ("b0", "10.30.0.5")
 
 
-def test_iface_all_failing_names_what_was_tried(netns: NetNS) -> None:
-    netns.veth("c0")
+def test_iface_all_failing_names_what_was_tried(ns: NetNS) -> None:
+    ns.veth("c0")
 
-    message = _err(netns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0"))
+    message = _err(ns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0"))
 
     assert message.startswith(NO_OPTION_MATCH)
     for tried in ("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0"):
@@ -260,18 +249,18 @@ def test_iface_all_failing_names_what_was_tried(netns: NetNS) -> None:
     assert "failed to find IPv4 address for interface c0" in message
 
 
-def test_empty_iface_value_means_default_route_like_flanneld(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24")
-    netns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
+def test_empty_iface_value_means_default_route_like_flanneld(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
+    ns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
 
-    assert _ok(netns.find("--iface="))["name"] == "b0"
+    assert _ok(ns.find("--iface="))["name"] == "b0"
 
 
-def test_public_ip_not_owned_is_fine_with_iface(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
+def test_public_ip_not_owned_is_fine_with_iface(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
 
-    found = _ok(netns.find("--iface=a0", "--public-ip=198.18.5.5"))
+    found = _ok(ns.find("--iface=a0", "--public-ip=198.18.5.5"))
 
     assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
         "a0",
@@ -284,11 +273,11 @@ def test_public_ip_not_owned_is_fine_with_iface(netns: NetNS) -> None:
 
 
 @pytest.fixture
-def two_links(netns: NetNS) -> NetNS:
+def two_links(ns: NetNS) -> NetNS:
     # b0 is created first, so it has the lower ifindex.
-    netns.veth("b0", "10.30.0.5/24")
-    netns.veth("a0", "10.20.0.5/24")
-    return netns
+    ns.veth("b0", "10.30.0.5/24")
+    ns.veth("a0", "10.20.0.5/24")
+    return ns
 
 
 def test_iface_regex_matches_addresses_before_names(two_links: NetNS) -> None:
@@ -330,35 +319,35 @@ def test_iface_regex_without_match_is_an_error(two_links: NetNS) -> None:
 # --- rule 4: --iface-can-reach ----------------------------------------------------------------
 
 
-def test_iface_can_reach_uses_route_interface_and_source(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24", "10.30.0.9/24")
-    netns.ip("route", "add", "10.40.0.0/16", "via", "10.30.0.1", "dev", "b0", "src", "10.30.0.9")
+def test_iface_can_reach_uses_route_interface_and_source(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24", "10.30.0.9/24")
+    ns.ip("route", "add", "10.40.0.0/16", "via", "10.30.0.1", "dev", "b0", "src", "10.30.0.9")
 
-    found = _ok(netns.find("--iface-can-reach=10.40.1.1"))
+    found = _ok(ns.find("--iface-can-reach=10.40.1.1"))
 
     assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
         "b0",
         "10.30.0.9",
         "10.30.0.9",
     )
-    found = _ok(netns.find("--iface-can-reach", "10.20.0.77"))
+    found = _ok(ns.find("--iface-can-reach", "10.20.0.77"))
     assert (found["name"], found["iface_addr"]) == ("a0", "10.20.0.5")
 
 
-def test_iface_can_reach_is_tried_last(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
-    netns.veth("b0", "10.30.0.5/24")
+def test_iface_can_reach_is_tried_last(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
 
-    found = _ok(netns.find("--iface-can-reach=10.20.0.77", "--iface-regex=^b0$"))
+    found = _ok(ns.find("--iface-can-reach=10.20.0.77", "--iface-regex=^b0$"))
 
     assert found["name"] == "b0"
 
 
-def test_iface_can_reach_without_route_is_an_error(netns: NetNS) -> None:
-    netns.veth("a0", "10.20.0.5/24")
+def test_iface_can_reach_without_route_is_an_error(ns: NetNS) -> None:
+    ns.veth("a0", "10.20.0.5/24")
 
-    message = _err(netns.find("--iface-can-reach=10.77.0.1"))
+    message = _err(ns.find("--iface-can-reach=10.77.0.1"))
 
     assert message.startswith(NO_OPTION_MATCH)
     assert "--iface-can-reach=10.77.0.1" in message
@@ -368,44 +357,42 @@ def test_iface_can_reach_without_route_is_an_error(netns: NetNS) -> None:
 # --- address choice ---------------------------------------------------------------------------
 
 
-def test_global_address_preferred_over_link_local(netns: NetNS) -> None:
-    netns.veth("a0", "169.254.7.7/16", "10.20.0.5/24")
+def test_global_address_preferred_over_link_local(ns: NetNS) -> None:
+    ns.veth("a0", "169.254.7.7/16", "10.20.0.5/24")
 
-    assert _ok(netns.find("--iface=a0"))["iface_addr"] == "10.20.0.5"
-
-
-def test_link_local_used_when_nothing_else(netns: NetNS) -> None:
-    netns.veth("a0", "169.254.7.7/16")
-
-    assert _ok(netns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
+    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "10.20.0.5"
 
 
-def test_permanent_address_preferred_over_dynamic(netns: NetNS) -> None:
-    netns.veth("a0")
-    netns.ip(
-        "addr", "add", "10.20.0.5/24", "dev", "a0", "valid_lft", "3600", "preferred_lft", "3600"
-    )
-    netns.ip("addr", "add", "10.21.0.5/24", "dev", "a0")
+def test_link_local_used_when_nothing_else(ns: NetNS) -> None:
+    ns.veth("a0", "169.254.7.7/16")
 
-    assert _ok(netns.find("--iface=a0"))["iface_addr"] == "10.21.0.5"
+    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
 
 
-def test_deprecated_address_is_never_used(netns: NetNS) -> None:
-    netns.veth("a0")
-    netns.ip("addr", "add", "10.20.0.5/24", "dev", "a0", "preferred_lft", "0")
-    netns.ip("addr", "add", "169.254.7.7/16", "dev", "a0")
+def test_permanent_address_preferred_over_dynamic(ns: NetNS) -> None:
+    ns.veth("a0")
+    ns.ip("addr", "add", "10.20.0.5/24", "dev", "a0", "valid_lft", "3600", "preferred_lft", "3600")
+    ns.ip("addr", "add", "10.21.0.5/24", "dev", "a0")
 
-    assert _ok(netns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
+    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "10.21.0.5"
 
-    netns.ip("addr", "del", "169.254.7.7/16", "dev", "a0")
-    message = _err(netns.find("--iface=a0"))
+
+def test_deprecated_address_is_never_used(ns: NetNS) -> None:
+    ns.veth("a0")
+    ns.ip("addr", "add", "10.20.0.5/24", "dev", "a0", "preferred_lft", "0")
+    ns.ip("addr", "add", "169.254.7.7/16", "dev", "a0")
+
+    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
+
+    ns.ip("addr", "del", "169.254.7.7/16", "dev", "a0")
+    message = _err(ns.find("--iface=a0"))
     assert "failed to find IPv4 address for interface a0" in message
 
 
-def test_interface_without_address_is_an_error(netns: NetNS) -> None:
-    netns.veth("a0")
+def test_interface_without_address_is_an_error(ns: NetNS) -> None:
+    ns.veth("a0")
 
-    message = _err(netns.find("--iface=a0"))
+    message = _err(ns.find("--iface=a0"))
 
     assert message.startswith(NO_OPTION_MATCH)
     assert "failed to find IPv4 address for interface a0" in message

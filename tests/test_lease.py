@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
@@ -37,10 +38,22 @@ def test_subnet_key_round_trip(name: str, v4: str, v6: str | None) -> None:
     "name",
     # flanneld's pkg/subnet/subnet_test.go rejections, plus what its 5-bit length parse rejects
     [
-        "10", "10.12.13.0", "10.12.13-24", "10.12.13.300-24", "10.12.13.0-24hi", "&2001::-56",
-        "10.12.13.0-24&:12:13:-56", "10.12.13.0-24&20011::-56", "10.12.13.0-24&2001-56",
-        "10.12.13.0-24&2001::", "10.12.13.0-24&2001::-56hi", "10.12.13.0-32",
-        "10.12.13.0-24&FD00::-56", "x10.12.13.0-24", "", "10.12.13.1-24",
+        "10",
+        "10.12.13.0",
+        "10.12.13-24",
+        "10.12.13.300-24",
+        "10.12.13.0-24hi",
+        "&2001::-56",
+        "10.12.13.0-24&:12:13:-56",
+        "10.12.13.0-24&20011::-56",
+        "10.12.13.0-24&2001-56",
+        "10.12.13.0-24&2001::",
+        "10.12.13.0-24&2001::-56hi",
+        "10.12.13.0-32",
+        "10.12.13.0-24&FD00::-56",
+        "x10.12.13.0-24",
+        "",
+        "10.12.13.1-24",
     ],
 )
 def test_bad_subnet_keys_are_rejected(name: str) -> None:
@@ -102,9 +115,19 @@ def test_reader_is_as_lenient_as_go() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"", b"not json", b"[]", b'"x"', b"null", b'{"PublicIP":null}', b'{"PublicIP":""}',
-        b'{"PublicIP":"fd00::1"}', b'{"PublicIP":7}', b'{"PublicIP":"1.2.3.4","PublicIPv6":"x"}',
-        b'{"PublicIP":"1.2.3.4","BackendType":5}', b"\xff\xfe", b'{"PublicIP":"1.2.3.4"',
+        b"",
+        b"not json",
+        b"[]",
+        b'"x"',
+        b"null",
+        b'{"PublicIP":null}',
+        b'{"PublicIP":""}',
+        b'{"PublicIP":"fd00::1"}',
+        b'{"PublicIP":7}',
+        b'{"PublicIP":"1.2.3.4","PublicIPv6":"x"}',
+        b'{"PublicIP":"1.2.3.4","BackendType":5}',
+        b"\xff\xfe",
+        b'{"PublicIP":"1.2.3.4"',
     ],
 )
 def test_bad_values_are_rejected(raw: bytes) -> None:
@@ -118,10 +141,8 @@ def test_compact_json_keeps_strings_intact() -> None:
 
 @given(st.binary(max_size=200))
 def test_any_bytes_either_parse_or_raise_format_error(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(LeaseFormatError):
         LeaseAttrs.from_json(raw)
-    except LeaseFormatError:
-        pass
 
 
 @given(st.text(max_size=60))

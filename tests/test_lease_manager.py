@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -30,8 +30,9 @@ def attrs(ip: str, backend: str = "", data: bytes = b"") -> LeaseAttrs:
     return LeaseAttrs(public_ip=IPv4Address(ip), backend_type=backend, backend_data=data)
 
 
-async def put_lease(store: EtcdStore, mgr: LeaseManager, subnet: str, value: LeaseAttrs,
-                    ttl: int | None = LEASE_TTL) -> None:
+async def put_lease(
+    store: EtcdStore, mgr: LeaseManager, subnet: str, value: LeaseAttrs, ttl: int | None = LEASE_TTL
+) -> None:
     lease_id = (await store.grant(ttl))[0] if ttl else 0
     await store.put(mgr.lease_key(IPv4Network(subnet)), value.to_json(), lease_id)
 
@@ -112,7 +113,9 @@ async def test_reuse_rewrites_attrs_and_config_change_gives_new_subnet(
     mgr: LeaseManager, store: EtcdStore
 ) -> None:
     old_config = parse_network_config(CONFIG_10_3)
-    first = await mgr.acquire_lease(old_config, attrs("1.2.3.4", "vxlan", b'{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:aa"}'))
+    first = await mgr.acquire_lease(
+        old_config, attrs("1.2.3.4", "vxlan", b'{"VNI":1,"VtepMAC":"aa:aa:aa:aa:aa:aa"}')
+    )
     new_attrs = attrs("1.2.3.4", "vxlan", b'{"VNI":1,"VtepMAC":"bb:bb:bb:bb:bb:bb"}')
     second = await mgr.acquire_lease(old_config, new_attrs)
     assert second.subnet == first.subnet
@@ -141,9 +144,12 @@ def test_free_subnets_are_the_first_hundred_free_and_skip_overlaps() -> None:
     assert thirds[:4] == [1, 3, 6, 7]
     assert not set(thirds) & {2, 4, 5}
     many = [IPv4Network((int(IPv4Address("10.0.0.0")) + (i << 8), 24)) for i in range(1, 200)]
-    assert [IPv4Address(x).packed[2] for x in free_subnets(
-        int(IPv4Address("10.0.1.0")), int(IPv4Address("10.0.255.0")), 24, 32, many)] == list(
-        range(200, 256))
+    assert [
+        IPv4Address(x).packed[2]
+        for x in free_subnets(
+            int(IPv4Address("10.0.1.0")), int(IPv4Address("10.0.255.0")), 24, 32, many
+        )
+    ] == list(range(200, 256))
 
 
 async def test_twenty_agents_racing_get_twenty_distinct_subnets(
@@ -207,8 +213,8 @@ async def test_keep_lease_renews_before_expiry_and_stops_on_deletion(
         await asyncio.wait_for(keeper, 10)
 
 
-async def _next(gen: object, timeout: float = 10) -> list[LeaseEvent]:
-    return await asyncio.wait_for(gen.__anext__(), timeout)  # type: ignore[attr-defined]
+async def _next(gen: AsyncIterator[list[LeaseEvent]], within: float = 10) -> list[LeaseEvent]:
+    return await asyncio.wait_for(anext(gen), within)
 
 
 def summary(events: list[LeaseEvent]) -> list[tuple[str, str]]:
@@ -307,6 +313,33 @@ async def test_reservation_stays_a_reservation_for_its_owner(
     kv, _ = await store.get(mgr.lease_key(lease.subnet))
     assert kv is not None and kv.lease_id == 0 and b"host-gw" in kv.value
     # and a reserved subnet is never handed to anybody else
-    others = {(await LeaseManager(store, mgr.prefix, rng=random.Random(i)).acquire_lease(
-        config, attrs(f"1.2.4.{i}"))).subnet for i in range(24)}
+    others = {
+        (
+            await LeaseManager(store, mgr.prefix, rng=random.Random(i)).acquire_lease(
+                config, attrs(f"1.2.4.{i}")
+            )
+        ).subnet
+        for i in range(24)
+    }
     assert IPv4Network("10.3.20.0/24") not in others
+
+
+async def test_watch_survives_an_etcd_restart(
+    etcd_factory: Callable[..., EtcdCluster], prefix: str
+) -> None:
+    member = etcd_factory().members[0]
+    async with EtcdStore(EtcdSettings(endpoints=[member.endpoint])) as store:
+        mgr = LeaseManager(store, prefix)
+        gen = mgr.watch_leases(IPv4Network("10.3.9.0/24"))
+        assert await _next(gen) == []
+        # Park the watch inside etcd, then take etcd away under it and bring it back.
+        pending = asyncio.ensure_future(_next(gen, 60))
+        await asyncio.sleep(0.5)
+        member.stop()
+        await asyncio.sleep(2)
+        member.start()
+        member.wait_ready()
+        await put_lease(store, mgr, "10.3.5.0/24", attrs("1.1.1.5"))
+        assert summary(await pending) == [("added", "10.3.5.0/24")]
+        assert mgr.stats.watch_restarts >= 1
+        await gen.aclose()

@@ -157,15 +157,14 @@ async def test_mutual_tls(etcd_factory: Callable[..., EtcdCluster], tmp_path: Pa
     with pytest.raises(StoreError, match="cannot read etcd key file /nonexistent"):
         await EtcdStore(
             EtcdSettings(
-                endpoints=[member.endpoint], certfile=str(pki / "client.pem"),
+                endpoints=[member.endpoint],
+                certfile=str(pki / "client.pem"),
                 keyfile="/nonexistent",
             )
         ).connect()
 
 
-async def test_username_and_password(
-    etcd_factory: Callable[..., EtcdCluster], prefix: str
-) -> None:
+async def test_username_and_password(etcd_factory: Callable[..., EtcdCluster], prefix: str) -> None:
     member = etcd_factory().members[0]
     member.etcdctl("user", "add", "root:rootpw")
     member.etcdctl("user", "add", "flannel:secret")

@@ -7,7 +7,15 @@ from .base import Backend, BackendError, ExternalContext, Network
 
 # Types flanneld knows; those not built here fail with a clear message rather than "unknown".
 FLANNELD_BACKEND_TYPES = (
-    "vxlan", "udp", "host-gw", "ipip", "ipsec", "wireguard", "alloc", "extension", "tencent-vpc",
+    "vxlan",
+    "udp",
+    "host-gw",
+    "ipip",
+    "ipsec",
+    "wireguard",
+    "alloc",
+    "extension",
+    "tencent-vpc",
 )
 
 BACKENDS: dict[str, type[Backend]] = {

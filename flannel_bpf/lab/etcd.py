@@ -67,25 +67,41 @@ class EtcdMember:
     def command(self) -> list[str]:
         cmd = [
             ETCD_BINARY,
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.endpoint,
-            "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
-            "--initial-cluster-state", "new",
-            "--initial-cluster-token", self.cluster_token,
-            "--heartbeat-interval", "50",
-            "--election-timeout", "500",
-            "--logger", "zap",
-            "--log-level", "warn",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self.initial_cluster or f"{self.name}={self.peer_url}",
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            self.cluster_token,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
         ]
         if self.tls:
             cmd += [
-                "--cert-file", str(self.tls.cert),
-                "--key-file", str(self.tls.key),
-                "--trusted-ca-file", str(self.tls.ca),
+                "--cert-file",
+                str(self.tls.cert),
+                "--key-file",
+                str(self.tls.key),
+                "--trusted-ca-file",
+                str(self.tls.ca),
             ]
             if self.tls.client_cert_auth:
                 cmd.append("--client-cert-auth")
@@ -114,7 +130,8 @@ class EtcdMember:
         try:
             proc = subprocess.run(
                 self.ctl("endpoint", "health", "--command-timeout=1s"),
-                capture_output=True, timeout=5,
+                capture_output=True,
+                timeout=5,
             )
         except subprocess.TimeoutExpired:
             return False
@@ -127,12 +144,20 @@ class EtcdMember:
             cmd += ["--cacert", str(self.tls.ca)]
             client = self.tls.cert.parent
             if (client / "client.pem").exists():
-                cmd += ["--cert", str(client / "client.pem"), "--key", str(client / "client-key.pem")]
+                cmd += [
+                    "--cert",
+                    str(client / "client.pem"),
+                    "--key",
+                    str(client / "client-key.pem"),
+                ]
         return in_netns(self.netns, [*cmd, *args])
 
     def etcdctl(self, *args: str, input: bytes | None = None) -> str:
         proc = subprocess.run(
-            self.ctl(*args), capture_output=True, input=input, timeout=30,
+            self.ctl(*args),
+            capture_output=True,
+            input=input,
+            timeout=30,
             env={**os.environ, "ETCDCTL_API": "3"},
         )
         if proc.returncode != 0:
