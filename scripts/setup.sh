@@ -61,21 +61,20 @@ link_kernel_headers() {
 }
 
 mount_bpffs() {
-  if mount -t bpf | grep -q ' /sys/fs/bpf '; then
-    say "bpffs: mounted at /sys/fs/bpf"
+  # /sys/fs/bpf for the root namespace; /run/flannel-bpf/bpffs because `ip netns exec` remounts
+  # /sys and would hide the first from agents in the lab's namespaces.
+  local dir made=()
+  for dir in /sys/fs/bpf /run/flannel-bpf/bpffs; do
+    if ! mount -t bpf | grep -q " $dir "; then
+      mkdir -p "$dir"
+      mount -t bpf bpffs "$dir"
+      made+=("$dir")
+    fi
+  done
+  if [ ${#made[@]} -eq 0 ]; then
+    say "bpffs: already mounted at /sys/fs/bpf and /run/flannel-bpf/bpffs"
   else
-    mkdir -p /sys/fs/bpf
-    mount -t bpf bpffs /sys/fs/bpf
-    say "bpffs: mounted at /sys/fs/bpf"
-  fi
-  # `ip netns exec` remounts /sys, hiding /sys/fs/bpf from agents in namespaces: give pins a
-  # bpffs outside /sys that every namespace sees.
-  if mount -t bpf | grep -q ' /run/flannel-bpf/bpffs '; then
-    say "bpffs: mounted at /run/flannel-bpf/bpffs"
-  else
-    mkdir -p /run/flannel-bpf/bpffs
-    mount -t bpf bpffs /run/flannel-bpf/bpffs
-    say "bpffs: mounted at /run/flannel-bpf/bpffs (visible inside ip netns exec)"
+    say "bpffs: mounted ${made[*]}"
   fi
 }
 

@@ -143,6 +143,14 @@ def test_missing_and_invalid_config_is_waited_for(hosts: TwoHosts) -> None:
     assert "Traceback" not in agent.log()
 
 
+def test_sigterm_while_waiting_for_config_is_a_clean_exit(hosts: TwoHosts) -> None:
+    agent = hosts.agent()
+    agent.wait_for_log("flannel config not found in etcd store")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    assert "Exiting cleanly" in agent.log() and "Traceback" not in agent.log()
+
+
 def test_deleting_our_lease_is_a_clean_shutdown(hosts: TwoHosts) -> None:
     hosts.put_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}}')
     agent = hosts.agent()
