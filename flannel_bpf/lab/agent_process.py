@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .netns import in_netns
+from .proc import stop_process
 
 
 @dataclass
@@ -57,18 +58,7 @@ class AgentProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL for the whole session if it does not go."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            self.signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        return proc.returncode
+        return stop_process(self.process, signal.SIGTERM, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
