@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,6 +24,8 @@ usage: flannel-bpf COMMAND [ARGS]
 
 commands:
   run [FLAGS]     run the agent (flanneld's flags and FLANNELD_* environment; run -h lists them)
+  lab up|status|exec|down
+                  a multi-node lab on network namespaces (lab -h for its options)
   version         print the version
 
 flannel-bpf run --iface eth1 --etcd-endpoints http://10.0.0.1:2379
@@ -40,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     commands: dict[str, Callable[[list[str]], int]] = {
         "run": cmd_run,
+        "lab": cmd_lab,
         "version": cmd_version,
     }
     if command in ("-version", "--version"):
@@ -77,6 +82,56 @@ def cmd_run(args: list[str]) -> int:
         return EXIT_FAILURE
     log.info("Exiting cleanly...")
     return status
+
+
+def cmd_lab(args: list[str]) -> int:
+    from .lab import lab
+
+    parser = argparse.ArgumentParser(prog="flannel-bpf lab", description="namespace lab")
+    parser.add_argument("--name", default="fblab", help="lab name, prefix of its namespaces")
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_up = sub.add_parser("up", help="build the lab (tears down an earlier one of that name)")
+    p_up.add_argument("--nodes", type=int, default=3)
+    p_up.add_argument("--pods-per-node", type=int, default=1)
+    p_up.add_argument("--backend", default="vxlan")
+    p_up.add_argument("--network", default="10.244.0.0/16")
+    p_up.add_argument("--underlay-mtu", type=int, default=1500)
+    p_status = sub.add_parser("status", help="nodes and pods")
+    p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
+    p_exec.add_argument("pod")
+    p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("down", help="remove everything the lab made")
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if opts.action == "up":
+            if not 1 <= opts.nodes <= 50 or not 0 <= opts.pods_per_node <= 20:
+                raise lab.LabError("--nodes must be 1..50 and --pods-per-node 0..20")
+            spec = lab.LabSpec(
+                opts.name,
+                opts.nodes,
+                opts.pods_per_node,
+                opts.backend,
+                opts.network,
+                opts.underlay_mtu,
+            )
+            lab.up(spec)
+            print(lab.format_status(lab.status(opts.name)))
+        elif opts.action == "status":
+            info = lab.status(opts.name)
+            print(json.dumps(info, indent=2) if opts.output == "json" else lab.format_status(info))
+        elif opts.action == "exec":
+            command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+            return lab.exec_in_pod(opts.name, opts.pod, command)
+        else:
+            lab.down(opts.name)
+    except lab.LabError as exc:
+        print(f"flannel-bpf lab: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 async def _run_until_signalled(agent: Agent) -> int:

@@ -12,7 +12,7 @@ APT_PACKAGES=(
   # data path: bcc and the kernel headers it compiles against
   bpfcc-tools python3-bpfcc linux-headers-amd64 bpftool
   # the kernel plumbing the backends and the lab drive
-  iproute2 iptables nftables ethtool kmod tcpdump
+  iproute2 iputils-ping iptables nftables ethtool kmod tcpdump procps
   # lab pods, benchmarks and observability
   containernetworking-plugins iperf3 qperf prometheus
 )
@@ -32,7 +32,7 @@ install_apt_packages() {
     return
   fi
   say "system packages: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
+  export DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes
   apt-get update -qq
   # etcd-server and prometheus ship units that would start services on install; the project
   # starts its own instances on private ports and data dirs instead.

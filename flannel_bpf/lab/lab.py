@@ -1,0 +1,360 @@
+"""The multi-node lab on network namespaces: an underlay bridge, etcd, hosts running agents, pods.
+
+Layout for a lab named NAME (default "fblab"):
+- NAME-ul: the underlay, a bridge br0 that every host's eth1 plugs into (198.18.0.0/24);
+- NAME-etcd: etcd at 198.18.0.2;
+- NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`;
+- NAME-nIpJ: pod J of host I, attached by the real CNI bridge + host-local plugins with the
+  configuration the flannel CNI plugin derives from the host's subnet.env.
+Everything the lab starts runs inside those namespaces; `down` kills what runs in them and
+deletes them, so it also cleans up after a crashed `up`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from .agent_process import AgentProcess
+from .etcd import make_cluster
+from .netns import (
+    CommandError,
+    add_address,
+    add_netns,
+    add_veth,
+    delete_netns,
+    in_netns,
+    link_up,
+    list_netns,
+    run,
+)
+
+STATE_ROOT = Path("/run/flannel-bpf/lab")
+CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
+UNDERLAY = IPv4Network("198.18.0.0/24")
+ETCD_IP = "198.18.0.2"
+PREFIX = "/coreos.com/network"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class PodState:
+    name: str  # also its namespace
+    node: str
+    ip: str = ""
+
+
+@dataclass
+class NodeState:
+    name: str  # also its namespace
+    underlay_ip: str
+    agent_pid: int = 0
+    subnet: str = ""
+    mtu: int = 0
+    backend: str = ""
+    datapath: str = ""
+    pods: list[PodState] = field(default_factory=list)
+
+
+@dataclass
+class LabState:
+    name: str
+    network: str
+    backend: str
+    etcd_endpoint: str
+    etcd_pid: int = 0
+    nodes: list[NodeState] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return STATE_ROOT / self.name
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(self.dir / "state.json")
+
+    @classmethod
+    def load(cls, name: str) -> LabState:
+        path = STATE_ROOT / name / "state.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab named {name!r} is up (no {path})") from None
+        nodes = [
+            NodeState(**{**n, "pods": [PodState(**p) for p in n.get("pods", [])]})
+            for n in raw.pop("nodes", [])
+        ]
+        return cls(**raw, nodes=nodes)
+
+    def pods(self) -> list[PodState]:
+        return [pod for node in self.nodes for pod in node.pods]
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    name: str = "fblab"
+    nodes: int = 3
+    pods_per_node: int = 1
+    backend: str = "vxlan"
+    network: str = "10.244.0.0/16"
+    underlay_mtu: int = 1500
+    agent_args: tuple[str, ...] = ()
+
+
+def node_ns(lab: str, index: int) -> str:
+    return f"{lab}-n{index}"
+
+
+def cni_plugin(name: str) -> str:
+    for directory in CNI_PATHS:
+        if Path(directory, name).is_file():
+            return str(Path(directory, name))
+    raise LabError(f"CNI plugin {name!r} not found in {', '.join(CNI_PATHS)}; run make setup")
+
+
+def read_env(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value
+    return values
+
+
+def flannel_cni_config(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
+    """What the flannel CNI plugin hands its bridge delegate (flannel-io/cni-plugin)."""
+    return {
+        "cniVersion": "0.3.1",
+        "name": "cbr0",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": True,
+        "hairpinMode": True,
+        # flannel masquerades itself when FLANNEL_IPMASQ is true, so the bridge must not.
+        "ipMasq": env.get("FLANNEL_IPMASQ") != "true",
+        "mtu": int(env["FLANNEL_MTU"]),
+        "ipam": {
+            "type": "host-local",
+            "dataDir": str(data_dir),
+            "ranges": [[{"subnet": str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))}]],
+            "routes": [{"dst": net} for net in env["FLANNEL_NETWORK"].split(",")],
+        },
+    }
+
+
+def cni(command: str, node: str, pod: str, config: dict[str, Any]) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": pod,
+        "CNI_NETNS": f"/run/netns/{pod}",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": ":".join(CNI_PATHS),
+    }
+    proc = subprocess.run(
+        in_netns(node, [cni_plugin("bridge")]),
+        input=json.dumps(config).encode(),
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"CNI {command} for {pod}: {proc.stdout.decode()} {proc.stderr.decode()}")
+    result: dict[str, Any] = json.loads(proc.stdout or b"{}")
+    return result
+
+
+def up(spec: LabSpec) -> LabState:
+    down(spec.name, quiet=True)
+    state = LabState(spec.name, spec.network, spec.backend, f"http://{ETCD_IP}:2379")
+    try:
+        _build(spec, state)
+    except BaseException:
+        down(spec.name, quiet=True)
+        raise
+    return state
+
+
+def _build(spec: LabSpec, state: LabState) -> None:
+    lab = spec.name
+    underlay = f"{lab}-ul"
+    add_netns(underlay)
+    run(["ip", "-n", underlay, "link", "add", "br0", "type", "bridge"])
+    link_up(underlay, "br0")
+
+    def plug(ns: str, port: str, address: str) -> None:
+        add_veth(ns, "eth1", underlay, port, mtu=spec.underlay_mtu)
+        run(["ip", "-n", underlay, "link", "set", port, "master", "br0"])
+        link_up(underlay, port)
+        add_address(ns, "eth1", f"{address}/{UNDERLAY.prefixlen}")
+        link_up(ns, "eth1")
+
+    etcd_ns = f"{lab}-etcd"
+    add_netns(etcd_ns)
+    plug(etcd_ns, "etcd", ETCD_IP)
+    member = make_cluster(state.dir / "etcd", 1, host=ETCD_IP, netns=etcd_ns).members[0]
+    member.start()
+    assert member.process is not None
+    state.etcd_pid = member.process.pid
+    state.save()
+    member.wait_ready()
+    config = {"Network": spec.network, "Backend": {"Type": spec.backend}}
+    member.etcdctl("put", f"{PREFIX}/config", json.dumps(config))
+
+    for i in range(1, spec.nodes + 1):
+        ns = node_ns(lab, i)
+        add_netns(ns)
+        plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i))
+        run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        node = NodeState(ns, str(UNDERLAY.network_address + 10 + i), backend=spec.backend)
+        agent = AgentProcess(
+            ns,
+            [
+                "--iface",
+                "eth1",
+                "--etcd-endpoints",
+                state.etcd_endpoint,
+                "--subnet-file",
+                str(state.dir / ns / "subnet.env"),
+                *spec.agent_args,
+            ],
+            state.dir / ns / "agent.log",
+        )
+        agent.start()
+        node.agent_pid = agent.pid or 0
+        state.nodes.append(node)
+        state.save()
+
+    deadline = time.monotonic() + 60
+    for node in state.nodes:
+        subnet_file = state.dir / node.name / "subnet.env"
+        while not subnet_file.exists():
+            if not _alive(node.agent_pid):
+                log = (state.dir / node.name / "agent.log").read_text(errors="replace")
+                raise LabError(f"agent on {node.name} exited:\n{log[-3000:]}")
+            if time.monotonic() > deadline:
+                raise LabError(f"agent on {node.name} wrote no subnet file within 60 s")
+            time.sleep(0.1)
+        env = read_env(subnet_file)
+        node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
+        node.mtu = int(env["FLANNEL_MTU"])
+        node.datapath = _datapath(state.dir / node.name / "agent.log", spec.backend)
+        cni_config = flannel_cni_config(env, state.dir / node.name / "ipam")
+        for j in range(1, spec.pods_per_node + 1):
+            pod = PodState(f"{node.name}p{j}", node.name)
+            add_netns(pod.name)
+            node.pods.append(pod)
+            state.save()
+            result = cni("ADD", node.name, pod.name, cni_config)
+            pod.ip = result["ips"][0]["address"].split("/")[0]
+    state.save()
+
+
+def _datapath(log_path: Path, backend: str) -> str:
+    """What the agent said it runs; the BPF data path will report itself in its log."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    for line in reversed(text.splitlines()):
+        if "datapath=" in line:
+            return line.split("datapath=", 1)[1].split()[0]
+    return {"vxlan": "kernel", "host-gw": "kernel", "udp": "userspace"}.get(backend, "none")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def status(name: str) -> dict[str, Any]:
+    state = LabState.load(name)
+    return {
+        "name": state.name,
+        "network": state.network,
+        "backend": state.backend,
+        "etcd": {
+            "endpoint": state.etcd_endpoint,
+            "pid": state.etcd_pid,
+            "running": _alive(state.etcd_pid),
+        },
+        "nodes": [
+            {
+                "namespace": n.name,
+                "underlay_ip": n.underlay_ip,
+                "subnet": n.subnet,
+                "backend": n.backend,
+                "datapath": n.datapath,
+                "mtu": n.mtu,
+                "agent_pid": n.agent_pid,
+                "agent_running": _alive(n.agent_pid),
+            }
+            for n in state.nodes
+        ],
+        "pods": [{"namespace": p.name, "node": p.node, "ip": p.ip} for p in state.pods()],
+    }
+
+
+def format_status(info: dict[str, Any]) -> str:
+    lines = [
+        f"lab {info['name']}: network {info['network']}, backend {info['backend']}, "
+        f"etcd {info['etcd']['endpoint']} ({'up' if info['etcd']['running'] else 'DOWN'})",
+        "",
+        f"{'NODE':<14}{'UNDERLAY':<15}{'SUBNET':<17}{'BACKEND':<9}{'DATAPATH':<10}{'MTU':<6}AGENT",
+    ]
+    for n in info["nodes"]:
+        agent = f"{n['agent_pid']}" + ("" if n["agent_running"] else " (exited)")
+        lines.append(
+            f"{n['namespace']:<14}{n['underlay_ip']:<15}{n['subnet']:<17}"
+            f"{n['backend']:<9}{n['datapath']:<10}{n['mtu']:<6}{agent}"
+        )
+    lines += ["", f"{'POD':<16}{'NODE':<14}IP"]
+    lines += [f"{p['namespace']:<16}{p['node']:<14}{p['ip']}" for p in info["pods"]]
+    return "\n".join(lines)
+
+
+def exec_in_pod(name: str, pod: str, command: list[str]) -> int:
+    state = LabState.load(name)
+    if pod not in {p.name for p in state.pods()} | {n.name for n in state.nodes}:
+        known = ", ".join(p.name for p in state.pods())
+        raise LabError(f"no pod or node {pod!r} in lab {name!r} (pods: {known})")
+    if not command:
+        raise LabError("no command given: flannel-bpf lab exec POD -- CMD")
+    return subprocess.call(in_netns(pod, command))
+
+
+def down(name: str, quiet: bool = False) -> list[str]:
+    """Kill whatever runs in the lab's namespaces, delete them and the state. Always safe."""
+    removed = list_netns(f"{name}-")
+    for ns in removed:
+        try:
+            pids = run(["ip", "netns", "pids", ns], check=False).split()
+        except CommandError:
+            pids = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    for ns in removed:
+        delete_netns(ns)
+    shutil.rmtree(STATE_ROOT / name, ignore_errors=True)
+    if not quiet:
+        print(f"lab {name} removed ({len(removed)} namespaces)")
+    return removed

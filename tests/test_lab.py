@@ -1,0 +1,105 @@
+"""The namespace lab: real namespaces, etcd, agent processes and CNI-attached pods."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from flannel_bpf.lab import lab
+from flannel_bpf.lab.netns import list_netns
+
+from .conftest import requires_root, unique
+
+pytestmark = [pytest.mark.root, requires_root]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flannel_bpf", *args], capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    name = unique("l")
+    try:
+        yield name
+    finally:
+        lab.down(name, quiet=True)
+        assert list_netns(f"{name}-") == []
+
+
+@pytest.fixture
+def lab_up(lab_name: str) -> Callable[..., dict[str, Any]]:
+    def build(*args: str) -> dict[str, Any]:
+        proc = cli("lab", "--name", lab_name, "up", *args)
+        assert proc.returncode == 0, proc.stderr
+        status = cli("lab", "--name", lab_name, "status", "-o", "json")
+        assert status.returncode == 0, status.stderr
+        info: dict[str, Any] = json.loads(status.stdout)
+        return info
+
+    return build
+
+
+def pod_exec(name: str, pod: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return cli("lab", "--name", name, "exec", pod, "--", *cmd)
+
+
+def test_lab_up_status_exec_down(lab_name: str, lab_up: Callable[..., dict[str, Any]]) -> None:
+    info = lab_up("--nodes", "2", "--pods-per-node", "2", "--backend", "alloc")
+    assert [n["namespace"] for n in info["nodes"]] == [f"{lab_name}-n1", f"{lab_name}-n2"]
+    assert all(
+        n["agent_running"] and n["underlay_ip"].startswith("198.18.0.") for n in info["nodes"]
+    )
+    subnets = {n["namespace"]: IPv4Network(n["subnet"]) for n in info["nodes"]}
+    assert len(set(subnets.values())) == 2
+    assert len(info["pods"]) == 4
+    for pod in info["pods"]:
+        assert IPv4Address(pod["ip"]) in subnets[pod["node"]]
+
+    # pods are attached as the flannel CNI plugin does: cni0 gateway .1, route to the Network
+    first = info["pods"][0]
+    routes = pod_exec(lab_name, first["namespace"], "ip", "route").stdout
+    gateway = subnets[first["node"]].network_address + 1
+    assert f"10.244.0.0/16 via {gateway} dev eth0" in routes
+    mtu = pod_exec(lab_name, first["namespace"], "cat", "/sys/class/net/eth0/mtu").stdout
+    assert int(mtu) == 1500  # alloc: the uplink MTU, from subnet.env
+    same_node = [p for p in info["pods"] if p["node"] == first["node"]][1]
+    ping = pod_exec(lab_name, first["namespace"], "ping", "-c1", "-W2", same_node["ip"])
+    assert ping.returncode == 0, ping.stdout
+
+    text = cli("lab", "--name", lab_name, "status")
+    assert "DATAPATH" in text.stdout and first["ip"] in text.stdout
+
+    down = cli("lab", "--name", lab_name, "down")
+    assert down.returncode == 0
+    assert list_netns(f"{lab_name}-") == []
+    assert cli("lab", "--name", lab_name, "status").returncode == 1
+
+
+def test_down_cleans_up_after_a_crashed_up(lab_name: str) -> None:
+    # What a crash leaves: namespaces with processes in them and no state file.
+    from flannel_bpf.lab.netns import add_netns
+
+    add_netns(f"{lab_name}-n1")
+    sleeper = subprocess.Popen(["ip", "netns", "exec", f"{lab_name}-n1", "sleep", "600"])
+    try:
+        assert cli("lab", "--name", lab_name, "down").returncode == 0
+        assert sleeper.wait(10) != 0
+        assert list_netns(f"{lab_name}-") == []
+    finally:
+        sleeper.kill()
+
+
+def test_bad_lab_commands_are_clear(lab_name: str) -> None:
+    proc = cli("lab", "--name", lab_name, "exec", "nope", "--", "true")
+    assert proc.returncode == 1 and "no lab named" in proc.stderr
+    proc = cli("lab", "--name", lab_name, "up", "--nodes", "0")
+    assert proc.returncode == 1 and "--nodes" in proc.stderr
