@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .backends import BackendError, ExternalContext, Network, make_backend
+from .config import NetworkConfig
 from .flags import AgentOptions
 from .iface import InterfaceError, find_external_interface
 from .lease import Lease
@@ -19,6 +20,16 @@ from .subnet_file import (
     SubnetFile,
     read_previous_subnets,
     write_subnet_file,
+)
+from .traffic_rules import (
+    IptablesRules,
+    RulesError,
+    apply_nftables,
+    forward_rules,
+    masquerade_rules,
+    nftables_ruleset,
+    remove_nftables,
+    supports_random_fully,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +104,11 @@ class Agent:
         except (BackendError, StoreAuthError, StoreError) as exc:
             raise AgentError(f"Error registering network: {exc}") from None
 
+        try:
+            keepers = await asyncio.to_thread(self._install_rules, config, network, previous)
+        except RulesError as exc:
+            raise AgentError(f"failed to install traffic rules: {exc}") from None
+
         contents = SubnetFile(
             network=config.network,
             subnet=network.lease.subnet,
@@ -110,14 +126,53 @@ class Agent:
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
 
         try:
-            await self._serve(manager, network)
+            await self._serve(manager, network, keepers)
         except LeaseRevoked:
             log.info("Lease has been revoked. Shutting down daemon.")
         finally:
             await network.close()
         return 0
 
-    async def _serve(self, manager: LeaseManager, network: Network) -> None:
+    def _install_rules(
+        self, config: NetworkConfig, network: Network, previous: PreviousSubnets
+    ) -> list[IptablesRules]:
+        """flanneld's traffic manager: masquerade (--ip-masq) and forward rules."""
+        opts = self.options
+        assert config.network is not None
+        subnet = network.lease.subnet
+        fully_random = not opts.ip_masq_fully_random_disable
+        if config.enable_nftables:
+            ruleset = nftables_ruleset(
+                config.network,
+                subnet,
+                opts.ip_masq,
+                opts.iptables_forward_rules,
+                fully_random,
+            )
+            if opts.ip_masq or opts.iptables_forward_rules:
+                apply_nftables(ruleset)
+            return []
+        remove_nftables()  # the unused mode's leftovers, as flanneld does
+        keepers = []
+        if opts.ip_masq:
+            fully_random = fully_random and supports_random_fully()
+            old_net, old_sub = previous.network, previous.subnet
+            if old_net and old_sub and (old_net, old_sub) != (config.network, subnet):
+                log.info("removing masquerade rules of the old network %s/%s", old_net, old_sub)
+                for random in (True, False):
+                    IptablesRules(masquerade_rules(old_net, old_sub, random), "old masq").delete()
+            keepers.append(
+                IptablesRules(masquerade_rules(config.network, subnet, fully_random), "masq")
+            )
+        if opts.iptables_forward_rules:
+            keepers.append(IptablesRules(forward_rules(config.network), "forward"))
+        for rules in keepers:
+            rules.apply()
+        return keepers
+
+    async def _serve(
+        self, manager: LeaseManager, network: Network, keepers: list[IptablesRules]
+    ) -> None:
         margin = self.options.subnet_lease_renew_margin * 60.0
 
         def on_lease_change(lease: Lease) -> None:
@@ -127,6 +182,8 @@ class Agent:
             manager.keep_lease(network.lease, margin, on_lease_change), name="keep-lease"
         )
         tasks = {keeper}
+        for rules in keepers:
+            tasks.add(asyncio.create_task(rules.keep(float(self.options.iptables_resync))))
         if network.wants_peers:
             tasks.add(asyncio.create_task(self._follow_peers(manager, network), name="peers"))
         log.info("Running backend.")

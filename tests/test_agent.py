@@ -203,3 +203,29 @@ def test_bad_flags_are_one_line_and_non_zero(args: list[str], message: str) -> N
     assert proc.returncode == 2
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ip_masq_rules_installed_and_resynced(hosts: TwoHosts) -> None:
+    hosts.put_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}}')
+    agent = hosts.agent("--ip-masq", "--iptables-resync=1")
+    wait_for(hosts.subnet_file.exists, 20, "subnet.env")
+    assert "FLANNEL_IPMASQ=true" in hosts.subnet_file.read_text()
+    subnet = hosts.subnet_file.read_text().split("FLANNEL_SUBNET=")[1].split()[0]
+    subnet = subnet.replace(".1/", ".0/")
+
+    def nat() -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", hosts.host_ns, "iptables", "-t", "nat", "-S"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    assert f"-A FLANNEL-POSTRTG -s {subnet} -d 10.244.0.0/16" in nat()
+    assert nat().count("flanneld masq") == 7
+    subprocess.run(
+        ["ip", "netns", "exec", hosts.host_ns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG"],
+        check=True,
+    )
+    wait_for(lambda: nat().count("flanneld masq") == 7, 5, "masquerade rules re-added")
+    assert agent.running()

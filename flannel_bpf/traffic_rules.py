@@ -1,0 +1,224 @@
+"""Masquerade and forward rules exactly as flanneld installs them (flannel-compat.md section 7).
+
+iptables mode: chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter), applied with
+`iptables-restore --noflush` (delete old copies, then append, which keeps the order), resynced
+periodically and rebuilt whole when anything is missing. nftables mode (`EnableNFTables`): tables
+`ip flannel-ipv4` with chains `postrtg` and `forward`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+log = logging.getLogger(__name__)
+
+MASQ_COMMENT = "flanneld masq"
+FORWARD_COMMENT = "flanneld forward"
+KUBE_PROXY_MARK = "0x4000/0x4000"
+MULTICAST = "224.0.0.0/4"
+
+
+class RulesError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    chain: str
+    spec: tuple[str, ...]
+
+    def restore_line(self, action: str) -> str:
+        return " ".join([action, self.chain, *(_quote(x) for x in self.spec)])
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def masquerade_rules(network: IPv4Network, subnet: IPv4Network, fully_random: bool) -> list[Rule]:
+    """The 7 rules of flanneld's IPv4 masquerade set, in order."""
+    c, p = str(network), str(subnet)
+    comment = ("-m", "comment", "--comment", MASQ_COMMENT)
+    masq = ("-j", "MASQUERADE", *(("--random-fully",) if fully_random else ()))
+    return [
+        Rule("nat", "POSTROUTING", (*comment, "-j", "FLANNEL-POSTRTG")),
+        Rule(
+            "nat",
+            "FLANNEL-POSTRTG",
+            ("-m", "mark", "--mark", KUBE_PROXY_MARK, *comment, "-j", "RETURN"),
+        ),
+        Rule("nat", "FLANNEL-POSTRTG", ("-s", p, "-d", c, *comment, "-j", "RETURN")),
+        Rule("nat", "FLANNEL-POSTRTG", ("-s", c, "-d", p, *comment, "-j", "RETURN")),
+        Rule("nat", "FLANNEL-POSTRTG", ("!", "-s", c, "-d", p, *comment, "-j", "RETURN")),
+        Rule("nat", "FLANNEL-POSTRTG", ("-s", c, "!", "-d", MULTICAST, *comment, *masq)),
+        Rule("nat", "FLANNEL-POSTRTG", ("!", "-s", c, "-d", c, *comment, *masq)),
+    ]
+
+
+def forward_rules(network: IPv4Network) -> list[Rule]:
+    comment = ("-m", "comment", "--comment", FORWARD_COMMENT)
+    return [
+        Rule("filter", "FORWARD", (*comment, "-j", "FLANNEL-FWD")),
+        Rule("filter", "FLANNEL-FWD", ("-s", str(network), *comment, "-j", "ACCEPT")),
+        Rule("filter", "FLANNEL-FWD", ("-d", str(network), *comment, "-j", "ACCEPT")),
+    ]
+
+
+def _own_chains(rules: Sequence[Rule]) -> dict[str, set[str]]:
+    chains: dict[str, set[str]] = {}
+    for rule in rules:
+        if rule.chain.startswith("FLANNEL-"):
+            chains.setdefault(rule.table, set()).add(rule.chain)
+    return chains
+
+
+def restore_payload(rules: Sequence[Rule], action: str) -> str:
+    """An iptables-restore --noflush payload that applies action (-A or -D) to each rule."""
+    lines: list[str] = []
+    # No chain declarations: with --noflush they would flush chains; apply() creates them.
+    for table in dict.fromkeys(r.table for r in rules):
+        lines.append(f"*{table}")
+        lines += [r.restore_line(action) for r in rules if r.table == table]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+class IptablesRules:
+    """One rule set kept in place: applied once, then checked every resync period."""
+
+    def __init__(self, rules: list[Rule], name: str) -> None:
+        self.rules = rules
+        self.name = name
+
+    def _run(self, *args: str, payload: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(list(args), input=payload, capture_output=True, text=True, timeout=30)
+        if check and proc.returncode != 0:
+            raise RulesError(f"{' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def present(self) -> bool:
+        for rule in self.rules:
+            proc = subprocess.run(
+                ["iptables", "-w", "-t", rule.table, "-C", rule.chain, *rule.spec],
+                capture_output=True,
+                timeout=30,
+            )
+            if proc.returncode != 0:
+                return False
+        return True
+
+    def delete(self) -> None:
+        """Remove every copy of our rules (a rule added twice is deleted twice)."""
+        for rule in self.rules:
+            for _ in range(16):
+                proc = subprocess.run(
+                    ["iptables", "-w", "-t", rule.table, "-D", rule.chain, *rule.spec],
+                    capture_output=True,
+                    timeout=30,
+                )
+                if proc.returncode != 0:
+                    break
+
+    def apply(self) -> None:
+        self.delete()
+        for table, chains in _own_chains(self.rules).items():
+            for chain in sorted(chains):
+                # Create or flush: a chain left by an older network must not keep its rules.
+                if (
+                    subprocess.run(
+                        ["iptables", "-w", "-t", table, "-N", chain],
+                        capture_output=True,
+                        timeout=30,
+                    ).returncode
+                    != 0
+                ):
+                    self._run("iptables", "-w", "-t", table, "-F", chain)
+        self._run("iptables-restore", "-w", "--noflush", payload=restore_payload(self.rules, "-A"))
+        log.info("installed %s rules (%d)", self.name, len(self.rules))
+
+    async def keep(self, interval: float) -> None:
+        """flanneld's resync: every interval, rebuild the whole set if any rule is missing."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await asyncio.to_thread(self.present):
+                    log.warning("%s rules were changed by someone else; reinstalling", self.name)
+                    await asyncio.to_thread(self.apply)
+            except (RulesError, OSError, subprocess.SubprocessError) as exc:
+                log.error("checking %s rules failed: %s", self.name, exc)
+
+
+def supports_random_fully() -> bool:
+    """iptables >= 1.6.2 knows --random-fully (flanneld checks the version the same way)."""
+    try:
+        out = subprocess.run(
+            ["iptables", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    version = out.split()[1].lstrip("v") if len(out.split()) > 1 else "0"
+    parts = tuple(int(x) for x in version.split(".")[:3] if x.isdigit())
+    return parts >= (1, 6, 2)
+
+
+def nftables_ruleset(
+    network: IPv4Network,
+    subnet: IPv4Network,
+    masquerade: bool,
+    forward: bool,
+    fully_random: bool,
+) -> str:
+    """flanneld's `ip flannel-ipv4` table (its rule 4 differs from iptables' rule 5: kept)."""
+    c, p = str(network), str(subnet)
+    random = " fully-random" if fully_random else ""
+    lines = [
+        # Create-then-delete makes the replacement atomic whether or not the table exists.
+        "table ip flannel-ipv4",
+        "delete table ip flannel-ipv4",
+        "table ip flannel-ipv4 {",
+        '  comment "rules for flannel-ipv4"',
+    ]
+    if masquerade:
+        lines += [
+            "  chain postrtg {",
+            '    comment "chain to manage traffic masquerading by flannel"',
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            "    meta mark 0x4000 return",
+            f"    ip saddr {p} ip daddr {c} return",
+            f"    ip saddr {c} ip daddr {p} return",
+            f"    ip saddr != {p} ip daddr {c} return",
+            f"    ip saddr {c} ip daddr != {MULTICAST} masquerade{random}",
+            f"    ip saddr != {c} ip daddr {c} masquerade{random}",
+            "  }",
+        ]
+    if forward:
+        lines += [
+            "  chain forward {",
+            '    comment "chain to accept flannel traffic"',
+            "    type filter hook forward priority filter; policy accept;",
+            f"    ip saddr {c} accept",
+            f"    ip daddr {c} accept",
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def apply_nftables(ruleset: str) -> None:
+    proc = subprocess.run(
+        ["nft", "-f", "-"], input=ruleset, capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode != 0:
+        raise RulesError(f"nft -f: {proc.stderr.strip()}")
+
+
+def remove_nftables() -> None:
+    subprocess.run(
+        ["nft", "delete", "table", "ip", "flannel-ipv4"], capture_output=True, timeout=30
+    )
