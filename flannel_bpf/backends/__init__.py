@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .alloc import AllocBackend
 from .base import Backend, BackendError, ExternalContext, Network
+from .hostgw import HostGWBackend
+from .vxlan import VXLANBackend
 
 # Types flanneld knows; those not built here fail with a clear message rather than "unknown".
 FLANNELD_BACKEND_TYPES = (
@@ -20,6 +22,8 @@ FLANNELD_BACKEND_TYPES = (
 
 BACKENDS: dict[str, type[Backend]] = {
     AllocBackend.type: AllocBackend,
+    HostGWBackend.type: HostGWBackend,
+    VXLANBackend.type: VXLANBackend,
 }
 
 

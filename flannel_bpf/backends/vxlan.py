@@ -1,0 +1,523 @@
+"""vxlan: flanneld's kernel VXLAN backend (pkg/backend/vxlan, flannel-compat.md section 5.1).
+
+The device setup (:func:`ensure_vxlan_device`, :func:`configure_vxlan_device`) and the per-peer
+programming (:class:`VXLANNetwork`) do not need a lease manager, so tests can drive them in a
+network namespace without etcd; :class:`VXLANBackend` only glues them to the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..config import BackendConfig
+from ..iface import ExternalInterface
+from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from .base import Backend, BackendError, Network
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKEND_TYPE = "vxlan"
+# The vxlan header plus outer UDP, IPv4 and Ethernet headers (flanneld subtracts exactly this).
+VXLAN_OVERHEAD = 50
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x04
+RT_TABLE_MAIN = 254
+# vishvananda/netlink's default, so `ip route` shows our routes exactly as flanneld's.
+RTPROT_BOOT = 3
+IPV6_CONF_DIR = Path("/proc/sys/net/ipv6/conf")
+
+
+@dataclass(frozen=True)
+class VXLANConfig:
+    """The Linux keys of the Backend object; flanneld decodes them into a Go struct."""
+
+    vni: int = 1
+    port: int = 0  # 0: not sent, the kernel's udp_port module parameter (8472) applies
+    mtu: int = 0  # underlay MTU; 0: the external interface's
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+
+    @property
+    def device_name(self) -> str:
+        return f"flannel.{self.vni}"
+
+    def log_line(self) -> str:
+        # Go's %v prints bools as true/false.
+        def b(value: bool) -> str:
+            return "true" if value else "false"
+
+        return (
+            f"VXLAN config: VNI={self.vni} Port={self.port} GBP={b(self.gbp)} "
+            f"Learning={b(self.learning)} DirectRouting={b(self.direct_routing)}"
+        )
+
+
+def parse_vxlan_config(backend: BackendConfig) -> VXLANConfig:
+    """Decode the options as Go's json.Unmarshal into flanneld's config struct would."""
+
+    def int_key(key: str, default: int) -> int:
+        value = backend.get(key)
+        if value is None:
+            return default
+        # Go's int field takes integer literals only: no fraction, no exponent, no bools.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BackendError(
+                f"error decoding VXLAN backend config: cannot unmarshal {value!r} into "
+                f"Go struct field .{key} of type int"
+            )
+        return int(value)
+
+    def bool_key(key: str) -> bool:
+        value = backend.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise BackendError(
+                f"error decoding VXLAN backend config: cannot unmarshal {value!r} into "
+                f"Go struct field .{key} of type bool"
+            )
+        return value
+
+    return VXLANConfig(
+        vni=int_key("VNI", 1),
+        port=int_key("Port", 0),
+        mtu=int_key("MTU", 0),
+        gbp=bool_key("GBP"),
+        learning=bool_key("Learning"),
+        direct_routing=bool_key("DirectRouting"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# MAC addresses
+
+
+def random_mac() -> str:
+    """mac.NewHardwareAddr: random, locally administered, unicast."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] | 0x02) & 0xFE
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def parse_mac(text: str) -> str:
+    """Go's net.ParseMAC for 48-bit addresses (colon, hyphen or dot form), as lower-case a:b:..
+
+    Longer EUI-64 / InfiniBand forms are refused: a vxlan FDB entry cannot hold them anyway.
+    """
+    hexdigits = "0123456789abcdefABCDEF"
+    if len(text) == 17 and text[2] in ":-":
+        sep = text[2]
+        groups = text.split(sep)
+        if len(groups) == 6 and all(len(g) == 2 and all(c in hexdigits for c in g) for g in groups):
+            return ":".join(g.lower() for g in groups)
+    elif len(text) == 14 and text[4] == ".":
+        groups = text.split(".")
+        if len(groups) == 3 and all(len(g) == 4 and all(c in hexdigits for c in g) for g in groups):
+            flat = "".join(groups).lower()
+            return ":".join(flat[i : i + 2] for i in range(0, 12, 2))
+    raise ValueError(f"invalid MAC address: {text!r}")
+
+
+@dataclass(frozen=True)
+class PeerVtep:
+    """What a peer's vxlan lease tells us: where its VTEP is and which MAC terminates it."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    mac: str
+
+
+def peer_vtep(lease: Lease) -> PeerVtep:
+    """Decode a peer's BackendData (flanneld's vxlanLeaseAttrs); ValueError when unusable."""
+    try:
+        data = lease.attrs.backend_json()
+    except ValueError as exc:
+        raise ValueError(f"BackendData is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"BackendData is not an object: {lease.attrs.backend_data!r}")
+    # Receivers read only VtepMAC, but Go still fails the whole decode on a mistyped VNI.
+    vni = _go_get(data, "VNI")
+    if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or vni < 0):
+        raise ValueError(f"VNI is not an unsigned integer: {vni!r}")
+    mac = _go_get(data, "VtepMAC")
+    if mac is None:
+        raise ValueError("VtepMAC is missing")
+    if not isinstance(mac, str):
+        raise ValueError(f"VtepMAC is not a string: {mac!r}")
+    return PeerVtep(lease.subnet, lease.attrs.public_ip, parse_mac(mac))
+
+
+def _go_get(obj: dict[str, Any], key: str) -> Any:
+    found = None
+    for name, value in obj.items():
+        if name.lower() == key.lower() and value is not None:
+            found = value
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The device
+
+
+@dataclass(frozen=True)
+class VtepDevice:
+    name: str
+    index: int
+    mac: str
+    mtu: int
+
+
+def _linkinfo(msg: Any) -> tuple[str | None, dict[str, Any]]:
+    info = msg.get_attr("IFLA_LINKINFO")
+    if info is None:
+        return None, {}
+    kind = info.get_attr("IFLA_INFO_KIND")
+    data = info.get_attr("IFLA_INFO_DATA")
+    attrs: dict[str, Any] = {}
+    if data is not None and not isinstance(data, str | bytes):
+        attrs = {name: value for name, value in data["attrs"]}
+    return kind, attrs
+
+
+def _incompatibility(cfg: VXLANConfig, iface: ExternalInterface, msg: Any) -> str:
+    """flanneld's vxlanLinksIncompat: "" when the existing device may be reused as is."""
+    kind, data = _linkinfo(msg)
+    if kind != "vxlan":
+        return f"link type: vxlan vs {kind}"
+    vni = data.get("IFLA_VXLAN_ID")
+    if vni != cfg.vni:
+        return f"vni: {cfg.vni} vs {vni}"
+    link = int(data.get("IFLA_VXLAN_LINK") or 0)
+    if iface.index and link and link != iface.index:
+        return f"vtep (external) interface: {iface.index} vs {link}"
+    local = data.get("IFLA_VXLAN_LOCAL")
+    if local and IPv4Address(local) != iface.ext_addr:
+        return f"vtep (external) IP: {iface.ext_addr} vs {local}"
+    if data.get("IFLA_VXLAN_GROUP"):
+        return f"group address: <nil> vs {data['IFLA_VXLAN_GROUP']}"
+    if int(data.get("IFLA_VXLAN_L2MISS") or 0):
+        return "l2miss: false vs true"
+    port = int(data.get("IFLA_VXLAN_PORT") or 0)
+    if cfg.port > 0 and port > 0 and port != cfg.port:
+        return f"port: {cfg.port} vs {port}"
+    gbp = "IFLA_VXLAN_GBP" in data
+    if gbp != cfg.gbp:
+        return f"gbp: {str(cfg.gbp).lower()} vs {str(gbp).lower()}"
+    return ""
+
+
+def _vtep_device(msg: Any) -> VtepDevice:
+    return VtepDevice(
+        name=str(msg.get_attr("IFLA_IFNAME")),
+        index=int(msg["index"]),
+        mac=str(msg.get_attr("IFLA_ADDRESS")).lower(),
+        mtu=int(msg.get_attr("IFLA_MTU") or 0),
+    )
+
+
+async def _get_link(ipr: Any, name: str) -> Any | None:
+    try:
+        links = await ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    return links[0] if links else None
+
+
+async def ensure_vxlan_device(cfg: VXLANConfig, iface: ExternalInterface) -> VtepDevice:
+    """Create flannel.<VNI>, or reuse a compatible existing one (which keeps its MAC)."""
+    name = cfg.device_name
+    spec: dict[str, Any] = {
+        "ifname": name,
+        "kind": "vxlan",
+        "address": random_mac(),
+        "mtu": (cfg.mtu or iface.mtu) - VXLAN_OVERHEAD,
+        "vxlan_id": cfg.vni,
+        "vxlan_link": iface.index,
+        "vxlan_local": str(iface.ext_addr),
+        # Sent explicitly, as vishvananda/netlink does, so kernel defaults cannot differ.
+        "vxlan_ttl": 0,
+        "vxlan_tos": 0,
+        "vxlan_learning": 1 if cfg.learning else 0,
+        "vxlan_proxy": 0,
+        "vxlan_rsc": 0,
+        "vxlan_l2miss": 0,
+        "vxlan_l3miss": 0,
+    }
+    if cfg.port > 0:
+        spec["vxlan_port"] = cfg.port
+    if cfg.gbp:
+        spec["vxlan_gbp"] = True
+    try:
+        async with AsyncIPRoute() as ipr:
+            try:
+                await ipr.link("add", **spec)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+                log.debug("VXLAN device already exists")
+                existing = await _get_link(ipr, name)
+                if existing is None:
+                    raise
+                reason = _incompatibility(cfg, iface, existing)
+                if not reason:
+                    log.debug("Returning existing device")
+                else:
+                    log.warning(
+                        "%r already exists with incompatible configuration: %s; recreating device",
+                        name,
+                        reason,
+                    )
+                    await ipr.link("del", index=int(existing["index"]))
+                    await ipr.link("add", **spec)
+            created = await _get_link(ipr, name)
+    except NetlinkError as exc:
+        raise BackendError(f"failed to create VXLAN device {name}: {exc}") from None
+    if created is None or _linkinfo(created)[0] != "vxlan":
+        raise BackendError(f"created vxlan device {name} is missing or not vxlan")
+    conf = IPV6_CONF_DIR / name
+    if conf.is_dir():
+        # A router advertisement must not give the VTEP a route or address behind our back.
+        try:
+            (conf / "accept_ra").write_text("0")
+        except OSError as exc:
+            log.warning("failed to set accept_ra on %s: %s", name, exc)
+    return _vtep_device(created)
+
+
+async def configure_vxlan_device(
+    device: VtepDevice, subnet: IPv4Network, network: IPv4Network
+) -> None:
+    """EnsureV4AddressOnLink(<subnet .0>/32) and set the device up; check the MAC held."""
+    wanted = subnet.network_address
+    try:
+        async with AsyncIPRoute() as ipr:
+            present = False
+            stale: list[tuple[IPv4Address, int]] = []
+            async for msg in await ipr.addr("dump", family=socket.AF_INET, index=device.index):
+                if int(msg["index"]) != device.index:
+                    continue
+                text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if not text:
+                    continue
+                address = IPv4Address(str(text))
+                if address == wanted and int(msg["prefixlen"]) == 32:
+                    present = True
+                elif address in network:
+                    # Left over from an earlier lease: two subnet addresses would confuse peers.
+                    stale.append((address, int(msg["prefixlen"])))
+            for address, prefixlen in stale:
+                log.info("removing stale address %s/%d from %s", address, prefixlen, device.name)
+                await ipr.addr("del", index=device.index, address=str(address), prefixlen=prefixlen)
+            if not present:
+                await ipr.addr("add", index=device.index, address=str(wanted), prefixlen=32)
+            await ipr.link("set", index=device.index, state="up")
+            link = await _get_link(ipr, device.name)
+    except NetlinkError as exc:
+        raise BackendError(f"failed to configure interface {device.name}: {exc}") from None
+    mac = _vtep_device(link).mac if link is not None else None
+    if mac != device.mac:
+        raise BackendError(
+            f"{device.name}'s MAC changed during setup: expected {device.mac}, found {mac}"
+        )
+
+
+def vxlan_lease_attrs(cfg: VXLANConfig, public_ip: IPv4Address, device: VtepDevice) -> LeaseAttrs:
+    data = f'{{"VNI":{cfg.vni},"VtepMAC":"{device.mac}"}}'.encode()
+    return LeaseAttrs(public_ip=public_ip, backend_type=BACKEND_TYPE, backend_data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# Peers
+
+
+class VXLANNetwork(Network):
+    """Our lease plus flannel.<VNI>; programs one neighbour, FDB entry and route per peer."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        device: VtepDevice,
+        *,
+        direct_routing: bool = False,
+        retry_attempts: int = 10,
+        retry_delay: float = 0.05,
+    ) -> None:
+        self.lease = lease
+        self.device = device
+        self.mtu = device.mtu
+        self.direct_routing = direct_routing
+        self._attempts = max(1, retry_attempts)
+        self._delay = retry_delay
+
+    def accepts(self, lease: Lease) -> bool:
+        if lease.attrs.backend_type != BACKEND_TYPE:
+            log.debug("Ignoring non-vxlan subnet: type=%s", lease.attrs.backend_type)
+            return False
+        return True
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        # One netlink socket per batch: a snapshot of hundreds of peers is one round of calls.
+        async with AsyncIPRoute() as ipr:
+            for event in events:
+                lease = event.lease
+                if lease.subnet == self.lease.subnet:
+                    continue
+                try:
+                    peer = peer_vtep(lease)
+                except ValueError as exc:
+                    log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
+                    continue
+                direct = self.direct_routing and await self._directly_connected(ipr, peer)
+                if event.type is LeaseEventType.ADDED:
+                    await self._add_peer(ipr, peer, direct)
+                else:
+                    await self._remove_peer(ipr, peer, direct)
+
+    async def _directly_connected(self, ipr: Any, peer: PeerVtep) -> bool:
+        """ip.DirectRouting: exactly one route to the PublicIP, and it has no gateway."""
+        try:
+            routes = await ipr.route("get", dst=str(peer.public_ip))
+        except NetlinkError as exc:
+            log.error("couldn't lookup route to %s: %s", peer.public_ip, exc)
+            return False
+        return len(routes) == 1 and not routes[0].get_attr("RTA_GATEWAY")
+
+    # The entries, as iproute2 would write them; see the table in flannel-compat.md 5.1.
+    def _neigh(self, peer: PeerVtep) -> dict[str, Any]:
+        return {
+            "ifindex": self.device.index,
+            "dst": str(peer.subnet.network_address),
+            "lladdr": peer.mac,
+            "state": NUD_PERMANENT,
+        }
+
+    def _fdb(self, peer: PeerVtep) -> dict[str, Any]:
+        return {
+            "ifindex": self.device.index,
+            "lladdr": peer.mac,
+            "dst": str(peer.public_ip),
+            "state": NUD_PERMANENT | NUD_NOARP,
+            "flags": NTF_SELF,
+        }
+
+    def _route(self, peer: PeerVtep) -> dict[str, Any]:
+        return {
+            "dst": str(peer.subnet),
+            "gateway": str(peer.subnet.network_address),
+            "oif": self.device.index,
+            "flags": RTNH_F_ONLINK,
+            "table": RT_TABLE_MAIN,
+        }
+
+    @staticmethod
+    def _direct_route(peer: PeerVtep) -> dict[str, Any]:
+        return {
+            "dst": str(peer.subnet),
+            "gateway": str(peer.public_ip),
+            "table": RT_TABLE_MAIN,
+        }
+
+    async def _add_peer(self, ipr: Any, peer: PeerVtep, direct: bool) -> None:
+        if direct:
+            log.debug("Adding direct route to subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
+            try:
+                await self._retry(
+                    lambda: ipr.route("replace", proto=RTPROT_BOOT, **self._direct_route(peer))
+                )
+            except NetlinkError as exc:
+                log.error("Error adding route to %s via %s: %s", peer.subnet, peer.public_ip, exc)
+            return
+        log.debug(
+            "adding subnet: %s PublicIP: %s VtepMAC: %s", peer.subnet, peer.public_ip, peer.mac
+        )
+        try:
+            await self._retry(lambda: ipr.neigh("replace", **self._neigh(peer)))
+        except NetlinkError as exc:
+            log.error("AddARP failed: %s", exc)
+            return
+        try:
+            await self._retry(lambda: ipr.fdb("replace", **self._fdb(peer)))
+        except NetlinkError as exc:
+            log.error("AddFDB failed: %s", exc)
+            await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
+            return
+        # Last, so that the kernel never resolves the gateway before the neighbour is in place.
+        try:
+            await self._retry(lambda: ipr.route("replace", proto=RTPROT_BOOT, **self._route(peer)))
+        except NetlinkError as exc:
+            log.error(
+                "failed to add vxlanRoute (%s -> %s): %s",
+                peer.subnet,
+                peer.subnet.network_address,
+                exc,
+            )
+            await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
+            await self._delete("DelFDB", lambda: ipr.fdb("del", **self._fdb(peer)))
+
+    async def _remove_peer(self, ipr: Any, peer: PeerVtep, direct: bool) -> None:
+        log.debug("removing subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
+        if direct:
+            await self._delete("DelRoute", lambda: ipr.route("del", **self._direct_route(peer)))
+            return
+        await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
+        await self._delete("DelFDB", lambda: ipr.fdb("del", **self._fdb(peer)))
+        await self._delete("DelRoute", lambda: ipr.route("del", **self._route(peer)))
+
+    async def _delete(self, what: str, op: Callable[[], Awaitable[Any]]) -> None:
+        """A delete that never raises: each of a peer's entries is removed independently."""
+        try:
+            await self._retry(op)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ESRCH):
+                log.debug("%s: already gone", what)
+            else:
+                log.error("%s failed: %s", what, exc)
+
+    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
+        """flanneld wraps each call in retry.Do; kept short so one bad peer cannot stall all."""
+        delay = self._delay
+        for attempt in range(self._attempts):
+            try:
+                return await op()
+            except NetlinkError as exc:
+                missing = exc.code in (errno.ENOENT, errno.ESRCH)
+                if missing or attempt == self._attempts - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+
+class VXLANBackend(Backend):
+    type = BACKEND_TYPE
+
+    async def register_network(self) -> Network:
+        cfg = parse_vxlan_config(self.ctx.config.backend)
+        log.info("%s", cfg.log_line())
+        network = self.ctx.config.network
+        if network is None:
+            raise BackendError("the vxlan backend needs an IPv4 Network")
+        iface = self.ctx.iface
+        device = await ensure_vxlan_device(cfg, iface)
+        lease = await self.acquire(vxlan_lease_attrs(cfg, iface.ext_addr, device))
+        await configure_vxlan_device(device, lease.subnet, network)
+        return VXLANNetwork(lease, device, direct_routing=cfg.direct_routing)

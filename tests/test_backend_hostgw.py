@@ -1,0 +1,249 @@
+"""The host-gw backend against a real kernel, inside throwaway network namespaces.
+
+The backend code runs in a child Python started with `ip netns exec`, so its netlink calls land
+in the test's namespace; nothing touches the root namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, cast
+
+import pytest
+
+from flannel_bpf.backends import BACKENDS, BackendError, ExternalContext, make_backend
+from flannel_bpf.backends.hostgw import HostGWBackend, HostGWNetwork
+from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.lab.netns import add_address, add_veth, link_up, run
+from flannel_bpf.lease import Lease, LeaseAttrs
+
+from .conftest import requires_root
+
+# Builds a HostGWNetwork for `subnet` over `iface`, applies the peer events as one batch, and,
+# with "wait", keeps the route checker running until a line arrives on stdin.
+DRIVER = r"""
+import asyncio, json, logging, socket, sys
+from ipaddress import IPv4Address, IPv4Network
+from flannel_bpf.backends.hostgw import HostGWNetwork
+from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+logging.getLogger("flannel_bpf").setLevel(logging.DEBUG)
+args = json.loads(sys.argv[1])
+
+async def main() -> None:
+    own = Lease(IPv4Network(args["subnet"]), LeaseAttrs(IPv4Address(args["addr"]), None, "host-gw"))
+    net = HostGWNetwork(own, socket.if_nametoindex(args["iface"]), 1500,
+                        check_interval=args.get("interval", 10.0))
+    net.start()
+    events = [
+        LeaseEvent(LeaseEventType(kind), Lease(IPv4Network(subnet),
+                   LeaseAttrs(IPv4Address(public_ip), None, "host-gw")))
+        for kind, subnet, public_ip in args.get("events", [])
+    ]
+    if events:
+        await net.apply(events)
+    if args.get("wait"):
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await net.close()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def command(ns: str, args: dict[str, Any]) -> list[str]:
+    args.setdefault("iface", "u0")
+    return ["ip", "netns", "exec", ns, sys.executable, "-c", DRIVER, json.dumps(args)]
+
+
+def drive(ns: str, **args: Any) -> str:
+    """Run the backend in ns to completion; returns its log."""
+    proc = subprocess.run(command(ns, args), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "closed"
+    return proc.stderr
+
+
+def host(netns: Callable[[str], str], addr: str = "198.18.0.1") -> str:
+    ns = netns("hg")
+    run(["ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+    add_address(ns, "u0", f"{addr}/24")
+    link_up(ns, "u0")
+    link_up(ns, "u1")
+    return ns
+
+
+def flannel_routes(ns: str) -> list[str]:
+    out = run(["ip", "-n", ns, "route", "show"])
+    return [line.strip() for line in out.splitlines() if line.startswith("10.5.")]
+
+
+def context(iface_addr: str, ext_addr: str) -> ExternalContext:
+    iface = ExternalInterface("u0", 2, 1500, IPv4Address(iface_addr), IPv4Address(ext_addr))
+    # The other members are not consulted by the constructor.
+    none = cast(Any, None)
+    return ExternalContext(iface, none, none, none, none)
+
+
+def test_registered() -> None:
+    assert BACKENDS["host-gw"] is HostGWBackend
+    assert isinstance(make_backend("host-gw", context("198.18.0.1", "198.18.0.1")), HostGWBackend)
+
+
+def test_refuses_public_ip_other_than_interface_ip() -> None:
+    with pytest.raises(BackendError) as info:
+        HostGWBackend(context("198.18.0.1", "198.18.9.9"))
+    assert str(info.value) == (
+        "your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
+        "which is not supported by host-gw backend"
+    )
+
+
+def test_accepts_only_host_gw() -> None:
+    own = Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), None, "host-gw"))
+    net = HostGWNetwork(own, 2, 1500)
+    assert net.mtu == 1500
+    assert net.accepts(own)
+    for other in ("vxlan", "", "udp", "Host-GW"):
+        assert not net.accepts(Lease(own.subnet, LeaseAttrs(own.attrs.public_ip, None, other)))
+
+
+@requires_root
+def test_routes_added_replaced_and_removed(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    # A stale route for a peer's subnet with another gateway must be replaced, not kept.
+    run(["ip", "-n", ns, "route", "add", "10.5.3.0/24", "via", "198.18.0.99", "dev", "u0"])
+    events = [
+        ["added", "10.5.2.0/24", "198.18.0.2"],
+        ["added", "10.5.3.0/24", "198.18.0.3"],
+        ["added", "10.5.2.0/24", "198.18.0.2"],  # a renewal: already there, skipped
+        ["added", "10.5.1.0/24", "198.18.0.1"],  # our own subnet: never routed
+    ]
+    log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=events)
+    assert "Replacing existing route to 10.5.3.0/24 via 198.18.0.99" in log
+    assert flannel_routes(ns) == [
+        "10.5.2.0/24 via 198.18.0.2 dev u0",
+        "10.5.3.0/24 via 198.18.0.3 dev u0",
+    ]
+    # A peer that moved to another PublicIP: the route follows.
+    drive(
+        ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[["added", "10.5.3.0/24", "198.18.0.4"]]
+    )
+    assert flannel_routes(ns) == [
+        "10.5.2.0/24 via 198.18.0.2 dev u0",
+        "10.5.3.0/24 via 198.18.0.4 dev u0",
+    ]
+    removed = [["removed", "10.5.2.0/24", "198.18.0.2"], ["removed", "10.5.9.0/24", "198.18.0.9"]]
+    log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=removed)
+    assert "ERROR" not in log
+    assert flannel_routes(ns) == ["10.5.3.0/24 via 198.18.0.4 dev u0"]
+
+
+@requires_root
+def test_deleted_route_is_restored(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    args = {
+        "addr": "198.18.0.1",
+        "subnet": "10.5.1.0/24",
+        "interval": 1.0,
+        "wait": True,
+        "events": [["added", "10.5.2.0/24", "198.18.0.2"], ["added", "10.5.3.0/24", "198.18.0.3"]],
+    }
+    proc = subprocess.Popen(
+        command(ns, args),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        run(["ip", "-n", ns, "route", "del", "10.5.2.0/24"])
+        assert "10.5.2.0/24 via 198.18.0.2 dev u0" not in flannel_routes(ns)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if "10.5.2.0/24 via 198.18.0.2 dev u0" in flannel_routes(ns):
+                break
+            time.sleep(0.2)
+        assert flannel_routes(ns) == [
+            "10.5.2.0/24 via 198.18.0.2 dev u0",
+            "10.5.3.0/24 via 198.18.0.3 dev u0",
+        ]
+        stdout, stderr = proc.communicate("stop\n", timeout=10)
+        assert proc.returncode == 0, stderr
+        assert stdout.strip() == "closed"
+        assert "Route recovered 10.5.2.0/24 : 198.18.0.2" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@requires_root
+def test_ping_via_routes(netns: Callable[[str], str]) -> None:
+    a, b = netns("hga"), netns("hgb")
+    add_veth(a, "u0", b, "u0")
+    add_address(a, "u0", "198.18.0.1/24")
+    add_address(b, "u0", "198.18.0.2/24")
+    link_up(a, "u0")
+    link_up(b, "u0")
+    # A workload address inside each host's subnet (lo stands in for cni0).
+    add_address(a, "lo", "10.5.1.1/32")
+    add_address(b, "lo", "10.5.2.1/32")
+    drive(
+        a, addr="198.18.0.1", subnet="10.5.1.0/24", events=[["added", "10.5.2.0/24", "198.18.0.2"]]
+    )
+    drive(
+        b, addr="198.18.0.2", subnet="10.5.2.0/24", events=[["added", "10.5.1.0/24", "198.18.0.1"]]
+    )
+    run(["ip", "netns", "exec", a, "ping", "-c", "2", "-W", "2", "-I", "10.5.1.1", "10.5.2.1"])
+    run(["ip", "netns", "exec", b, "ping", "-c", "2", "-W", "2", "-I", "10.5.2.1", "10.5.1.1"])
+
+
+# The whole backend (register_network, close) with a stand-in lease manager.
+REGISTER = r"""
+import asyncio, socket
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+from flannel_bpf.backends import ExternalContext, make_backend
+from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.lease import Lease, LeaseAttrs
+from flannel_bpf.subnet_file import PreviousSubnets
+
+class Manager:
+    async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:
+        return Lease(IPv4Network("10.5.7.0/24"), attrs)
+
+async def main() -> None:
+    addr = IPv4Address("198.18.0.1")
+    iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1480, addr, addr)
+    ctx = ExternalContext(iface, None, Manager(), None, PreviousSubnets())  # type: ignore[arg-type]
+    net = await make_backend("host-gw", ctx).register_network()
+    checker = [t for t in asyncio.all_tasks() if t.get_name() == "host-gw-route-check"]
+    print(net.mtu, net.lease.attrs.to_json().decode(), len(checker))
+    await net.close()
+    print(len([t for t in asyncio.all_tasks() if t.get_name() == "host-gw-route-check"]))
+
+asyncio.run(main())
+"""
+
+
+@requires_root
+def test_register_network(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER]).split()
+    assert out == [
+        "1480",
+        '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}',
+        "1",
+        "0",
+    ]
+    assert flannel_routes(ns) == []

@@ -1,0 +1,422 @@
+"""The vxlan backend against a real kernel, inside throwaway network namespaces.
+
+The backend code runs in a child Python started with `ip netns exec`, so every netlink call it
+makes lands in the test's namespace; nothing touches the root namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from flannel_bpf.backends import BACKENDS, BackendError
+from flannel_bpf.backends.vxlan import (
+    VtepDevice,
+    VXLANBackend,
+    VXLANConfig,
+    VXLANNetwork,
+    parse_mac,
+    parse_vxlan_config,
+)
+from flannel_bpf.config import BackendConfig
+from flannel_bpf.lab.netns import add_address, add_veth, link_up, run
+from flannel_bpf.lease import Lease, LeaseAttrs
+
+from .conftest import requires_root
+
+NETWORK = "10.5.0.0/16"
+
+# Sets up flannel.<VNI> over `iface` as the backend does after acquiring `subnet`, then applies
+# the given peer events as one batch. Prints the device and our lease value as JSON.
+DRIVER = r"""
+import asyncio, json, logging, socket, sys
+from ipaddress import IPv4Address, IPv4Network
+from flannel_bpf.backends.vxlan import (
+    VXLANNetwork, configure_vxlan_device, ensure_vxlan_device, parse_vxlan_config,
+    vxlan_lease_attrs,
+)
+from flannel_bpf.config import BackendConfig
+from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+logging.getLogger("flannel_bpf").setLevel(logging.DEBUG)
+args = json.loads(sys.argv[1])
+
+async def main() -> None:
+    addr = IPv4Address(args["addr"])
+    iface = ExternalInterface(args["iface"], socket.if_nametoindex(args["iface"]), 1500, addr, addr)
+    cfg = parse_vxlan_config(BackendConfig("vxlan", args.get("backend", {})))
+    logging.getLogger("flannel_bpf").info("%s", cfg.log_line())
+    dev = await ensure_vxlan_device(cfg, iface)
+    attrs = vxlan_lease_attrs(cfg, iface.ext_addr, dev)
+    lease = Lease(IPv4Network(args["subnet"]), attrs)
+    await configure_vxlan_device(dev, lease.subnet, IPv4Network(args["network"]))
+    net = VXLANNetwork(lease, dev, direct_routing=cfg.direct_routing, retry_attempts=2)
+    events = []
+    for kind, subnet, public_ip, data in args.get("events", []):
+        peer = Lease(
+            IPv4Network(subnet),
+            LeaseAttrs(IPv4Address(public_ip), backend_type="vxlan", backend_data=data.encode()),
+        )
+        events.append(LeaseEvent(LeaseEventType(kind), peer))
+    if events:
+        await net.apply(events)
+    print(json.dumps({"mac": dev.mac, "name": dev.name, "mtu": dev.mtu,
+                      "attrs": attrs.to_json().decode()}))
+
+asyncio.run(main())
+"""
+
+
+def drive(ns: str, **args: Any) -> tuple[dict[str, Any], str]:
+    """Run the backend in ns; returns its JSON report and its log (stderr)."""
+    args.setdefault("iface", "u0")
+    args.setdefault("network", NETWORK)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", DRIVER, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def vtep_data(mac: str, vni: int = 1) -> str:
+    return json.dumps({"VNI": vni, "VtepMAC": mac}, separators=(",", ":"))
+
+
+def host(netns: Callable[[str], str], addr: str = "198.18.0.1") -> str:
+    """A namespace with a veth underlay u0 (its peer u1 stays in the namespace, up)."""
+    ns = netns("vx")
+    run(["ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+    add_address(ns, "u0", f"{addr}/24")
+    link_up(ns, "u0")
+    link_up(ns, "u1")
+    return ns
+
+
+def sh(ns: str, *cmd: str) -> str:
+    return run(["ip", "-n", ns, *cmd])
+
+
+def lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def flannel_routes(ns: str) -> list[str]:
+    return [r for r in lines(sh(ns, "route", "show")) if r.startswith("10.5.")]
+
+
+def fdb(ns: str, dev: str = "flannel.1") -> list[str]:
+    out = run(["bridge", "-n", ns, "fdb", "show", "dev", dev])
+    # The kernel adds its own all-zero default entry only with learning; keep ours only.
+    return [line for line in lines(out) if not line.startswith("00:00:00:00:00:00")]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_registered() -> None:
+    assert BACKENDS["vxlan"] is VXLANBackend
+
+
+def test_config_defaults_and_case_insensitive_keys() -> None:
+    assert parse_vxlan_config(BackendConfig("vxlan")) == VXLANConfig()
+    cfg = parse_vxlan_config(
+        BackendConfig(
+            "vxlan",
+            {
+                "vni": 4,
+                "PORT": 4789,
+                "mtu": 1400,
+                "gbp": True,
+                "learning": True,
+                "directrouting": True,
+            },
+        )
+    )
+    assert cfg == VXLANConfig(4, 4789, 1400, True, True, True)
+    assert cfg.device_name == "flannel.4"
+    assert cfg.log_line() == (
+        "VXLAN config: VNI=4 Port=4789 GBP=true Learning=true DirectRouting=true"
+    )
+    assert VXLANConfig().log_line() == (
+        "VXLAN config: VNI=1 Port=0 GBP=false Learning=false DirectRouting=false"
+    )
+
+
+@pytest.mark.parametrize("options", [{"VNI": "1"}, {"VNI": 1.5}, {"Port": True}, {"GBP": 1}])
+def test_config_bad_types_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(BackendError, match="error decoding VXLAN backend config"):
+        parse_vxlan_config(BackendConfig("vxlan", options))
+
+
+def test_parse_mac_forms() -> None:
+    assert parse_mac("0E:AA:bb:00:01:02") == "0e:aa:bb:00:01:02"
+    assert parse_mac("0e-aa-bb-00-01-02") == "0e:aa:bb:00:01:02"
+    assert parse_mac("0eaa.bb00.0102") == "0e:aa:bb:00:01:02"
+    for bad in ("", "zz:aa:bb:00:01:02", "0e:aa:bb:00:01", "0e:aa-bb:00:01:02"):
+        with pytest.raises(ValueError):
+            parse_mac(bad)
+
+
+def test_accepts_only_vxlan() -> None:
+    own = Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), None, "vxlan"))
+    net = VXLANNetwork(own, VtepDevice("flannel.1", 5, "0e:00:00:00:00:01", 1450))
+    assert net.mtu == 1450
+    assert net.accepts(own)
+    for other in ("host-gw", "", "udp", "VXLAN"):
+        lease = Lease(own.subnet, LeaseAttrs(own.attrs.public_ip, None, other))
+        assert not net.accepts(lease)
+
+
+# --------------------------------------------------------------------------------------------
+# Real kernel
+
+
+@requires_root
+def test_device_and_lease_value(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    report, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
+    mac = report["mac"]
+    assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac)
+    first = int(mac[:2], 16)
+    assert first & 0x02 and not first & 0x01  # locally administered unicast
+    assert report["attrs"] == (
+        '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}'
+    )
+    assert "VXLAN config: VNI=1 Port=0 GBP=false Learning=false DirectRouting=false" in log
+
+    link = sh(ns, "-d", "link", "show", "flannel.1")
+    assert "mtu 1450" in link
+    assert f"link/ether {mac}" in link
+    assert "UP" in link.split(">")[0]
+    assert re.search(r"vxlan id 1 local 198\.18\.0\.1 dev u0 .*dstport 8472 nolearning", link)
+    assert "gbp" not in link
+    addrs = lines(sh(ns, "-4", "-o", "addr", "show", "dev", "flannel.1"))
+    assert len(addrs) == 1 and "inet 10.5.1.0/32" in addrs[0]
+    accept_ra = run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv6/conf/flannel.1/accept_ra"]
+    )
+    assert accept_ra.strip() == "0"
+    # No route for the whole Network, nor for our own subnet.
+    assert flannel_routes(ns) == []
+
+
+@requires_root
+def test_device_options(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    backend = {"VNI": 7, "Port": 4789, "MTU": 1400, "GBP": True, "Learning": True}
+    report, _ = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", backend=backend)
+    assert report["name"] == "flannel.7" and report["mtu"] == 1350
+    assert '"BackendData":{"VNI":7,' in report["attrs"]
+    link = sh(ns, "-d", "link", "show", "flannel.7")
+    assert "mtu 1350" in link
+    assert re.search(r"vxlan id 7 local 198\.18\.0\.1 dev u0 .*dstport 4789 (?!nolearning)", link)
+    assert " gbp" in link
+
+
+@requires_root
+def test_reuse_keeps_mac_and_fixes_addresses(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    first, _ = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
+    # A previous lease's address goes; an address outside the Network is not ours to touch.
+    add_address(ns, "flannel.1", "10.5.9.0/32")
+    add_address(ns, "flannel.1", "10.99.0.1/32")
+    second, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
+    assert second["mac"] == first["mac"]
+    assert "recreating" not in log
+    addrs = " ".join(lines(sh(ns, "-4", "-o", "addr", "show", "dev", "flannel.1")))
+    assert "10.5.1.0/32" in addrs and "10.99.0.1/32" in addrs and "10.5.9.0" not in addrs
+    # MTU is not compared: a changed MTU does not touch the reused device.
+    third, _ = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", backend={"MTU": 1400})
+    assert third["mac"] == first["mac"]
+    assert "mtu 1450" in sh(ns, "link", "show", "flannel.1")
+
+
+@requires_root
+def test_incompatible_device_is_recreated(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    sh(ns, "link", "add", "flannel.1", "address", "0e:11:11:11:11:11", "type", "vxlan", "id", "2",
+       "dev", "u0", "dstport", "8472")  # fmt: skip
+    report, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
+    assert "incompatible configuration: vni: 1 vs 2; recreating device" in log
+    assert report["mac"] != "0e:11:11:11:11:11"
+    link = sh(ns, "-d", "link", "show", "flannel.1")
+    assert "vxlan id 1 local 198.18.0.1" in link and report["mac"] in link
+
+
+@requires_root
+def test_peers_programmed_idempotent_and_removed(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    mac2, mac3 = "0e:00:00:00:00:02", "0e:00:00:00:00:03"
+    add2 = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data(mac2)]
+    add3 = ["added", "10.5.3.0/24", "198.18.0.3", vtep_data(mac3)]
+    # Own subnet in the batch is skipped; the repeat of add2 is a harmless replace.
+    own = ["added", "10.5.1.0/24", "198.18.0.1", vtep_data("0e:00:00:00:00:01")]
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[add2, add3, add2, own])
+
+    neigh = lines(sh(ns, "neigh", "show", "dev", "flannel.1"))
+    assert sorted(neigh) == [
+        f"10.5.2.0 lladdr {mac2} PERMANENT",
+        f"10.5.3.0 lladdr {mac3} PERMANENT",
+    ]
+    assert sorted(fdb(ns)) == [
+        f"{mac2} dst 198.18.0.2 self permanent",
+        f"{mac3} dst 198.18.0.3 self permanent",
+    ]
+    assert flannel_routes(ns) == [
+        "10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink",
+        "10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink",
+    ]
+
+    # A changed PublicIP for the same MAC replaces the FDB destination.
+    moved = ["added", "10.5.3.0/24", "198.18.0.33", vtep_data(mac3)]
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[moved])
+    assert f"{mac3} dst 198.18.0.33 self permanent" in fdb(ns)
+    assert len(fdb(ns)) == 2
+
+    remove2 = ["removed", "10.5.2.0/24", "198.18.0.2", vtep_data(mac2)]
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[remove2])
+    assert lines(sh(ns, "neigh", "show", "dev", "flannel.1")) == [
+        f"10.5.3.0 lladdr {mac3} PERMANENT"
+    ]
+    assert fdb(ns) == [f"{mac3} dst 198.18.0.33 self permanent"]
+    assert flannel_routes(ns) == ["10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink"]
+
+    # Removing again, with one entry already deleted by hand: the others still go, no error.
+    sh(ns, "neigh", "del", "10.5.3.0", "dev", "flannel.1")
+    remove3 = ["removed", "10.5.3.0/24", "198.18.0.33", vtep_data(mac3)]
+    _, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[remove3, remove3])
+    assert "ERROR" not in log
+    assert lines(sh(ns, "neigh", "show", "dev", "flannel.1")) == []
+    assert fdb(ns) == []
+    assert flannel_routes(ns) == []
+
+
+@requires_root
+def test_bad_backend_data_skipped_with_warning(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    good = ["added", "10.5.5.0/24", "198.18.0.5", vtep_data("0e:00:00:00:00:05")]
+    bad = [
+        ["added", "10.5.2.0/24", "198.18.0.2", vtep_data("zz:00:00:00:00:02")],
+        ["added", "10.5.3.0/24", "198.18.0.3", '{"VNI":1}'],
+        ["added", "10.5.4.0/24", "198.18.0.4", "[1,2]"],
+        ["added", "10.5.6.0/24", "198.18.0.6", ""],
+    ]
+    _, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[*bad, good])
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 4, log
+    assert any("10.5.2.0/24" in w and "invalid MAC" in w for w in warnings)
+    assert any("10.5.3.0/24" in w and "VtepMAC is missing" in w for w in warnings)
+    assert flannel_routes(ns) == ["10.5.5.0/24 via 10.5.5.0 dev flannel.1 onlink"]
+    assert fdb(ns) == ["0e:00:00:00:00:05 dst 198.18.0.5 self permanent"]
+
+
+@requires_root
+def test_direct_routing(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    # 198.18.50.0/24 sits behind a gateway, so a peer there still needs the tunnel.
+    sh(ns, "route", "add", "198.18.50.0/24", "via", "198.18.0.254")
+    near = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data("0e:00:00:00:00:02")]
+    far = ["added", "10.5.3.0/24", "198.18.50.3", vtep_data("0e:00:00:00:00:03")]
+    backend = {"DirectRouting": True}
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", backend=backend, events=[near, far])
+    assert flannel_routes(ns) == [
+        "10.5.2.0/24 via 198.18.0.2 dev u0",
+        "10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink",
+    ]
+    assert fdb(ns) == ["0e:00:00:00:00:03 dst 198.18.50.3 self permanent"]
+    assert lines(sh(ns, "neigh", "show", "dev", "flannel.1")) == [
+        "10.5.3.0 lladdr 0e:00:00:00:00:03 PERMANENT"
+    ]
+    removed = [["removed", *near[1:]], ["removed", *far[1:]]]
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", backend=backend, events=removed)
+    assert flannel_routes(ns) == []
+    assert fdb(ns) == []
+
+
+@requires_root
+def test_ping_across_overlay(netns: Callable[[str], str]) -> None:
+    a, b = netns("vxa"), netns("vxb")
+    add_veth(a, "u0", b, "u0")
+    add_address(a, "u0", "198.18.0.1/24")
+    add_address(b, "u0", "198.18.0.2/24")
+    link_up(a, "u0")
+    link_up(b, "u0")
+    # A workload address inside each host's subnet (lo stands in for cni0).
+    add_address(a, "lo", "10.5.1.1/32")
+    add_address(b, "lo", "10.5.2.1/32")
+
+    # Each host needs the other's MAC, so set both devices up first, then program the peers.
+    mac_a = drive(a, addr="198.18.0.1", subnet="10.5.1.0/24")[0]["mac"]
+    mac_b = drive(b, addr="198.18.0.2", subnet="10.5.2.0/24")[0]["mac"]
+    peer_b = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data(mac_b)]
+    peer_a = ["added", "10.5.1.0/24", "198.18.0.1", vtep_data(mac_a)]
+    assert drive(a, addr="198.18.0.1", subnet="10.5.1.0/24", events=[peer_b])[0]["mac"] == mac_a
+    assert drive(b, addr="198.18.0.2", subnet="10.5.2.0/24", events=[peer_a])[0]["mac"] == mac_b
+
+    run(["ip", "netns", "exec", a, "ping", "-c", "2", "-W", "2", "-I", "10.5.1.1", "10.5.2.1"])
+    run(["ip", "netns", "exec", b, "ping", "-c", "2", "-W", "2", "-I", "10.5.2.1", "10.5.1.1"])
+    # The traffic really went through the VTEPs, not some other path.
+    stats = sh(a, "-s", "link", "show", "flannel.1")
+    tx_packets = int(stats.split("TX:")[1].split("\n")[1].split()[1])
+    assert tx_packets >= 2
+
+
+# The whole backend (register_network) with a stand-in lease manager: etcd is not the point here.
+REGISTER = r"""
+import asyncio, socket, sys
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+from flannel_bpf.backends import ExternalContext, make_backend
+from flannel_bpf.config import BackendConfig
+from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.lease import Lease, LeaseAttrs
+from flannel_bpf.subnet_file import PreviousSubnets
+
+class Manager:
+    async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:
+        return Lease(IPv4Network("10.5.7.0/24"), attrs)
+
+class Config:
+    network = IPv4Network("10.5.0.0/16")
+    backend = BackendConfig("vxlan", {"VNI": 3})
+
+async def main() -> None:
+    addr = IPv4Address("198.18.0.1")
+    iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1500, addr, addr)
+    previous = PreviousSubnets()
+    ctx = ExternalContext(iface, None, Manager(), Config(), previous)  # type: ignore[arg-type]
+    net = await make_backend("vxlan", ctx).register_network()
+    print(net.mtu, net.lease.subnet, net.lease.attrs.to_json().decode())
+    await net.close()
+
+asyncio.run(main())
+"""
+
+
+@requires_root
+def test_register_network(netns: Callable[[str], str]) -> None:
+    ns = host(netns)
+    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER])
+    mtu, subnet, value = out.split()
+    link = sh(ns, "-d", "link", "show", "flannel.3")
+    mac = link.split("link/ether ")[1].split()[0]
+    assert (mtu, subnet) == ("1450", "10.5.7.0/24")
+    assert value == (
+        '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":3,"VtepMAC":"{mac}"}}}}'
+    )
+    assert "inet 10.5.7.0/32" in sh(ns, "-4", "-o", "addr", "show", "dev", "flannel.3")
