@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from flannel_bpf.lab import lab
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember, make_cluster
-from flannel_bpf.lab.netns import add_netns, delete_netns
+from flannel_bpf.lab.netns import add_netns, delete_netns, list_netns
 from flannel_bpf.store import EtcdSettings, EtcdStore
 
 RUN_ID = uuid.uuid4().hex[:6]
@@ -80,3 +85,36 @@ def netns() -> Iterator[Callable[[str], str]]:
     finally:
         for name in made:
             delete_netns(name)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flannel_bpf", *args], capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    name = unique("l")
+    try:
+        yield name
+    finally:
+        lab.down(name, quiet=True)
+        assert list_netns(f"{name}-") == []
+
+
+@pytest.fixture
+def lab_up(lab_name: str) -> Callable[..., dict[str, Any]]:
+    def build(*args: str) -> dict[str, Any]:
+        proc = cli("lab", "--name", lab_name, "up", *args)
+        assert proc.returncode == 0, proc.stderr
+        status = cli("lab", "--name", lab_name, "status", "-o", "json")
+        assert status.returncode == 0, status.stderr
+        info: dict[str, Any] = json.loads(status.stdout)
+        return info
+
+    return build
+
+
+def pod_exec(name: str, pod: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return cli("lab", "--name", name, "exec", pod, "--", *cmd)

@@ -2,54 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
 
-from flannel_bpf.lab import lab
 from flannel_bpf.lab.netns import list_netns
 
-from .conftest import requires_root, unique
+from .conftest import cli, pod_exec, requires_root
 
 pytestmark = [pytest.mark.root, requires_root]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flannel_bpf", *args], capture_output=True, text=True, timeout=180
-    )
-
-
-@pytest.fixture
-def lab_name() -> Iterator[str]:
-    name = unique("l")
-    try:
-        yield name
-    finally:
-        lab.down(name, quiet=True)
-        assert list_netns(f"{name}-") == []
-
-
-@pytest.fixture
-def lab_up(lab_name: str) -> Callable[..., dict[str, Any]]:
-    def build(*args: str) -> dict[str, Any]:
-        proc = cli("lab", "--name", lab_name, "up", *args)
-        assert proc.returncode == 0, proc.stderr
-        status = cli("lab", "--name", lab_name, "status", "-o", "json")
-        assert status.returncode == 0, status.stderr
-        info: dict[str, Any] = json.loads(status.stdout)
-        return info
-
-    return build
-
-
-def pod_exec(name: str, pod: str, *cmd: str) -> subprocess.CompletedProcess[str]:
-    return cli("lab", "--name", name, "exec", pod, "--", *cmd)
 
 
 def test_lab_up_status_exec_down(lab_name: str, lab_up: Callable[..., dict[str, Any]]) -> None:
@@ -69,6 +33,7 @@ def test_lab_up_status_exec_down(lab_name: str, lab_up: Callable[..., dict[str, 
     routes = pod_exec(lab_name, first["namespace"], "ip", "route").stdout
     gateway = subnets[first["node"]].network_address + 1
     assert f"10.244.0.0/16 via {gateway} dev eth0" in routes
+    assert f"default via {gateway} dev eth0" in routes
     mtu = pod_exec(lab_name, first["namespace"], "cat", "/sys/class/net/eth0/mtu").stdout
     assert int(mtu) == 1500  # alloc: the uplink MTU, from subnet.env
     same_node = [p for p in info["pods"] if p["node"] == first["node"]][1]

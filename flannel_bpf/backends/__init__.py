@@ -5,6 +5,7 @@ from __future__ import annotations
 from .alloc import AllocBackend
 from .base import Backend, BackendError, ExternalContext, Network
 from .hostgw import HostGWBackend
+from .udp import UDPBackend
 from .vxlan import VXLANBackend
 
 # Types flanneld knows; those not built here fail with a clear message rather than "unknown".
@@ -23,6 +24,7 @@ FLANNELD_BACKEND_TYPES = (
 BACKENDS: dict[str, type[Backend]] = {
     AllocBackend.type: AllocBackend,
     HostGWBackend.type: HostGWBackend,
+    UDPBackend.type: UDPBackend,
     VXLANBackend.type: VXLANBackend,
 }
 

@@ -143,6 +143,8 @@ def flannel_cni_config(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
         "type": "bridge",
         "bridge": "cni0",
         "isGateway": True,
+        # kube-flannel.yml's delegate settings, which every flannel cluster runs with.
+        "isDefaultGateway": True,
         "hairpinMode": True,
         # flannel masquerades itself when FLANNEL_IPMASQ is true, so the bridge must not.
         "ipMasq": env.get("FLANNEL_IPMASQ") != "true",

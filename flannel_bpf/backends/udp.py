@@ -1,0 +1,539 @@
+"""udp: flanneld's userspace TUN-over-UDP backend (pkg/backend/udp, flannel-compat.md section 5.2).
+
+The data plane (:class:`UDPDataPlane`, built by :func:`start_udp_dataplane`) needs only the own
+subnet, the Network, the external interface and the port, so tests can run it inside a network
+namespace without etcd; :class:`UDPBackend` only acquires the lease and then builds it.
+
+Packets are moved on the asyncio loop itself (``add_reader`` on the TUN fd and on the socket), with
+no thread per packet: each readiness callback drains up to :data:`BATCH` packets into one
+preallocated buffer, so the per-packet cost is a read, a dict lookup, a TTL patch and a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Final
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..config import BackendConfig
+from ..iface import ExternalInterface
+from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from .base import Backend, BackendError, Network
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE: Final = "udp"
+DEFAULT_PORT: Final = 8285
+# Outer IPv4 (20) + UDP (8) headers: the payload is the bare inner packet, nothing else.
+UDP_OVERHEAD: Final = 28
+TUN_NAME_TEMPLATE: Final = "flannel%d"
+
+# linux/if_tun.h
+TUNSETIFF: Final = 0x400454CA
+IFF_TUN: Final = 0x0001
+IFF_NO_PI: Final = 0x1000
+IFNAMSIZ: Final = 16
+
+IPV4_HEADER_LEN: Final = 20
+IPPROTO_ICMP: Final = 1
+ICMP_DEST_UNREACH: Final = 3
+ICMP_NET_UNREACH: Final = 0
+ICMP_ERROR_TTL: Final = 8
+# flanneld refuses offenders whose header reaches 20 + MAX_IPOPTLEN (40) bytes.
+MAX_OFFENDER_HEADER: Final = 60
+# Packets handled per readiness callback: large enough to amortise the event loop's cost, small
+# enough that one busy direction cannot starve the other (or the lease watch) for long.
+BATCH: Final = 64
+# Room above the TUN MTU so a datagram larger than expected is seen as such rather than cut short
+# silently; the inner packet still has to fit the TUN MTU to be written.
+READ_HEADROOM: Final = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Packet helpers (pure, unit tested)
+
+
+def ip_checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of ``data``, padded to an even length."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def decrement_ttl(packet: bytearray) -> bool:
+    """Decrement the IPv4 TTL in place with an RFC 1624 incremental checksum fix.
+
+    Returns False, leaving the header untouched, when the TTL would reach 0 (flanneld drops).
+    """
+    ttl = packet[8]
+    if ttl <= 1:
+        return False
+    packet[8] = ttl - 1
+    # RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'); the TTL is the high byte of its 16-bit word, so
+    # ~m + m' is always 0xFEFF and only the old checksum varies.
+    total = (~((packet[10] << 8) | packet[11]) & 0xFFFF) + 0xFEFF
+    total = (total & 0xFFFF) + (total >> 16)
+    check = ~total & 0xFFFF
+    packet[10] = check >> 8
+    packet[11] = check & 0xFF
+    return True
+
+
+def build_net_unreachable(offender: bytes | bytearray | memoryview, source: int) -> bytes | None:
+    """flanneld's ICMP net unreachable for a packet it has no route for, or None if none is due.
+
+    None for ICMP offenders (RFC 792: no errors about errors, and flanneld extends this to all
+    ICMP), non-first fragments, and malformed headers.
+    """
+    if len(offender) < IPV4_HEADER_LEN or offender[0] >> 4 != 4:
+        return None
+    header_len = (offender[0] & 0x0F) * 4
+    if header_len < IPV4_HEADER_LEN or header_len >= MAX_OFFENDER_HEADER:
+        return None
+    if offender[9] == IPPROTO_ICMP:
+        return None
+    if ((offender[6] << 8) | offender[7]) & 0x1FFF:
+        return None
+    # Header plus 8 payload bytes; flanneld copies past a shorter packet's end, we pad with zeros.
+    quoted = bytes(offender[: header_len + 8]).ljust(header_len + 8, b"\x00")
+    icmp = bytearray(struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0) + quoted)
+    struct.pack_into("!H", icmp, 2, ip_checksum(icmp))
+    total_len = IPV4_HEADER_LEN + len(icmp)
+    ip = bytearray(
+        struct.pack(
+            "!BBHHHBBHII",
+            0x45,
+            0,
+            total_len,
+            0,
+            0,
+            ICMP_ERROR_TTL,
+            IPPROTO_ICMP,
+            0,
+            source,
+            int.from_bytes(offender[12:16], "big"),
+        )
+    )
+    struct.pack_into("!H", ip, 10, ip_checksum(ip))
+    return bytes(ip + icmp)
+
+
+NextHop = tuple[str, int]
+
+
+class RouteTable:
+    """Peer subnets to UDP next hops, looked up by longest prefix match.
+
+    flanneld keeps a list scanned linearly; here each prefix length present has one dict keyed by
+    network address, so a lookup costs one dict probe per distinct length (normally just one).
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[IPv4Network, NextHop] = {}
+        # (mask, {network int: next hop}), longest prefix first: the hot path iterates this.
+        self._levels: list[tuple[int, dict[int, NextHop]]] = []
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def __contains__(self, net: object) -> bool:
+        return net in self._routes
+
+    def set(self, net: IPv4Network, next_hop: NextHop) -> None:
+        self._routes[net] = next_hop
+        self._rebuild()
+
+    def delete(self, net: IPv4Network) -> bool:
+        if self._routes.pop(net, None) is None:
+            return False
+        self._rebuild()
+        return True
+
+    def _rebuild(self) -> None:
+        # Rebuilt whole on every change: changes come from lease events, lookups from packets.
+        by_len: dict[int, dict[int, NextHop]] = {}
+        for net, hop in self._routes.items():
+            by_len.setdefault(net.prefixlen, {})[int(net.network_address)] = hop
+        self._levels = [
+            ((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF, by_len[plen])
+            for plen in sorted(by_len, reverse=True)
+        ]
+
+    def lookup(self, dst: int) -> NextHop | None:
+        for mask, table in self._levels:
+            hop = table.get(dst & mask)
+            if hop is not None:
+                return hop
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def parse_port(backend: BackendConfig) -> int:
+    """``Port`` from the Backend object; flanneld decodes it into a Go int, default 8285."""
+    value = backend.get("Port", DEFAULT_PORT)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BackendError(f"error decoding UDP backend config: Port must be an integer: {value!r}")
+    if value == 0:
+        # Go leaves the default in place only when the key is absent; 0 would bind a random port,
+        # which peers (who send to their own Port) could never reach.
+        raise BackendError("UDP backend Port must not be 0")
+    if not 0 < value < 65536:
+        raise BackendError(f"UDP backend Port out of range: {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Data plane
+
+
+@dataclass
+class UDPCounters:
+    """Packet counters of one UDP data plane (exported as metrics later)."""
+
+    tx_packets: int = 0  # inner packets sent to peers
+    tx_bytes: int = 0
+    rx_packets: int = 0  # inner packets received from peers and written to the TUN
+    rx_bytes: int = 0
+    no_route: int = 0  # TUN packets for a destination no lease covers
+    icmp_sent: int = 0  # net unreachable messages written back into the TUN
+    ttl_expired: int = 0  # dropped on either side because the TTL reached 0
+    rx_invalid: int = 0  # datagrams shorter than an IPv4 header, or not IPv4
+    tx_invalid: int = 0  # TUN packets that are not IPv4 (the kernel offers IPv6 too)
+    tx_errors: int = 0  # failed sends to peers
+    rx_errors: int = 0  # failed reads from the socket or the TUN, and failed TUN writes
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def open_tun(name_template: str = TUN_NAME_TEMPLATE) -> tuple[int, str]:
+    """A non-persistent, non-blocking TUN device (IFF_TUN | IFF_NO_PI): (fd, kernel-chosen name)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack(f"{IFNAMSIZ}sH22x", name_template.encode(), IFF_TUN | IFF_NO_PI)
+        result = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError:
+        os.close(fd)
+        raise
+    name = result[:IFNAMSIZ].split(b"\x00", 1)[0].decode()
+    return fd, name
+
+
+async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> int:
+    """Address <subnet .0>/32, the MTU, link up, and the whole Network routed into the TUN."""
+    async with AsyncIPRoute() as ipr:
+        links = await ipr.link("get", ifname=name)
+        index = int(links[0]["index"])
+        try:
+            await ipr.addr("add", index=index, address=str(address), prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        await ipr.link("set", index=index, mtu=mtu, state="up")
+        try:
+            await ipr.route(
+                "add",
+                dst=str(network.network_address),
+                dst_len=network.prefixlen,
+                oif=index,
+                scope=0,  # universe, as flanneld
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+    return index
+
+
+class UDPDataPlane:
+    """The TUN device, the UDP socket and the forwarding loop between them."""
+
+    def __init__(
+        self,
+        tun_fd: int,
+        tun_name: str,
+        tun_addr: IPv4Address,
+        mtu: int,
+        sock: socket.socket,
+        port: int,
+    ) -> None:
+        self.tun_fd = tun_fd
+        self.tun_name = tun_name
+        self.tun_addr = tun_addr
+        self.mtu = mtu
+        self.port = port
+        self.sock = sock
+        self.routes = RouteTable()
+        self.counters = UDPCounters()
+        self._tun_addr_int = int(tun_addr)
+        # One buffer per direction: both callbacks run on the same loop, but separate buffers keep
+        # a future change (e.g. answering from the receive path) from clobbering the other.
+        self._tun_buf = bytearray(mtu + READ_HEADROOM)
+        self._sock_buf = bytearray(mtu + READ_HEADROOM)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop.add_reader(self.tun_fd, self._on_tun_readable)
+        self._loop.add_reader(self.sock.fileno(), self._on_sock_readable)
+
+    def set_route(self, subnet: IPv4Network, public_ip: IPv4Address) -> None:
+        self.routes.set(subnet, (str(public_ip), self.port))
+
+    def del_route(self, subnet: IPv4Network) -> bool:
+        return self.routes.delete(subnet)
+
+    def _on_tun_readable(self) -> None:
+        buf = self._tun_buf
+        view = memoryview(buf)
+        fd = self.tun_fd
+        readv = os.readv
+        sendto = self.sock.sendto
+        lookup = self.routes.lookup
+        sent = sent_bytes = no_route = expired = invalid = errors = 0
+        try:
+            for _ in range(BATCH):
+                try:
+                    n = readv(fd, (buf,))
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    errors += 1
+                    log.debug("TUN read failed: %s", exc)
+                    break
+                if n < IPV4_HEADER_LEN or buf[0] >> 4 != 4:
+                    # IPv6 (router solicitations, MLD) reaches a NO_PI TUN too; the tunnel
+                    # carries IPv4 only, and reading its bytes 16..19 as a destination is junk.
+                    invalid += 1
+                    continue
+                hop = lookup((buf[16] << 24) | (buf[17] << 16) | (buf[18] << 8) | buf[19])
+                if hop is None:
+                    no_route += 1
+                    self._net_unreachable(view[:n])
+                    continue
+                # Inlined decrement_ttl: this is the per-packet hot path.
+                ttl = buf[8]
+                if ttl <= 1:
+                    expired += 1
+                    continue
+                buf[8] = ttl - 1
+                total = (~((buf[10] << 8) | buf[11]) & 0xFFFF) + 0xFEFF
+                check = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+                buf[10] = check >> 8
+                buf[11] = check & 0xFF
+                try:
+                    sendto(view[:n], hop)
+                except OSError as exc:
+                    errors += 1
+                    log.debug("UDP send to %s:%d failed: %s", hop[0], hop[1], exc)
+                    continue
+                sent += 1
+                sent_bytes += n
+        finally:
+            view.release()
+            c = self.counters
+            c.tx_packets += sent
+            c.tx_bytes += sent_bytes
+            c.no_route += no_route
+            c.ttl_expired += expired
+            c.tx_invalid += invalid
+            c.tx_errors += errors
+
+    def _net_unreachable(self, offender: memoryview) -> None:
+        reply = build_net_unreachable(offender, self._tun_addr_int)
+        if reply is None:
+            return
+        try:
+            os.write(self.tun_fd, reply)
+        except OSError as exc:
+            self.counters.rx_errors += 1
+            log.debug("failed to send ICMP net unreachable: %s", exc)
+            return
+        self.counters.icmp_sent += 1
+
+    def _on_sock_readable(self) -> None:
+        buf = self._sock_buf
+        view = memoryview(buf)
+        fd = self.tun_fd
+        write = os.write
+        recv_into = self.sock.recv_into
+        received = received_bytes = invalid = expired = errors = 0
+        try:
+            for _ in range(BATCH):
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # ICMP errors for earlier sends surface here (e.g. port unreachable).
+                    errors += 1
+                    log.debug("UDP recv failed: %s", exc)
+                    continue
+                if n < IPV4_HEADER_LEN or buf[0] >> 4 != 4:
+                    invalid += 1
+                    continue
+                ttl = buf[8]
+                if ttl <= 1:
+                    expired += 1
+                    continue
+                buf[8] = ttl - 1
+                total = (~((buf[10] << 8) | buf[11]) & 0xFFFF) + 0xFEFF
+                check = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+                buf[10] = check >> 8
+                buf[11] = check & 0xFF
+                try:
+                    write(fd, view[:n])
+                except OSError as exc:
+                    # EAGAIN included: flanneld spins until the write goes through, but blocking
+                    # the loop would stall everything else; TCP inside recovers from the drop.
+                    errors += 1
+                    log.debug("TUN write failed: %s", exc)
+                    continue
+                received += 1
+                received_bytes += n
+        finally:
+            view.release()
+            c = self.counters
+            c.rx_packets += received
+            c.rx_bytes += received_bytes
+            c.rx_invalid += invalid
+            c.ttl_expired += expired
+            c.rx_errors += errors
+
+    def close(self) -> None:
+        """Stop forwarding and close both fds; the kernel removes the TUN device with its fd."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.tun_fd)
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        os.close(self.tun_fd)
+
+
+async def start_udp_dataplane(
+    subnet: IPv4Network,
+    network: IPv4Network,
+    iface: ExternalInterface,
+    port: int,
+    peers: dict[IPv4Network, IPv4Address] | None = None,
+) -> UDPDataPlane:
+    """Build and start the data plane for ``subnet`` (the own lease) inside ``network``."""
+    mtu = iface.mtu - UDP_OVERHEAD
+    tun_addr = subnet.network_address
+    try:
+        tun_fd, tun_name = open_tun()
+    except OSError as exc:
+        raise BackendError(f"failed to open TUN device: {exc}") from None
+    sock: socket.socket | None = None
+    try:
+        try:
+            await configure_tun(tun_name, tun_addr, mtu, network)
+        except (NetlinkError, IndexError) as exc:
+            raise BackendError(f"failed to configure {tun_name}: {exc}") from None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((str(iface.iface_addr), port))
+        except OSError as exc:
+            raise BackendError(
+                f"failed to bind UDP socket to {iface.iface_addr}:{port}: {exc}"
+            ) from None
+        plane = UDPDataPlane(tun_fd, tun_name, tun_addr, mtu, sock, port)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        os.close(tun_fd)
+        raise
+    for peer_subnet, public_ip in (peers or {}).items():
+        plane.set_route(peer_subnet, public_ip)
+    plane.start()
+    log.info(
+        "UDP backend: %s %s/32 mtu %d, listening on %s:%d",
+        tun_name,
+        tun_addr,
+        mtu,
+        iface.iface_addr,
+        port,
+    )
+    return plane
+
+
+# --------------------------------------------------------------------------------------------
+# Backend glue
+
+
+class UDPNetwork(Network):
+    def __init__(self, lease: Lease, plane: UDPDataPlane) -> None:
+        self.lease = lease
+        self.mtu = plane.mtu
+        self.plane = plane
+
+    @property
+    def counters(self) -> UDPCounters:
+        return self.plane.counters
+
+    # accepts() stays the base's "everything": flanneld's udp never checks a peer's BackendType.
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        for event in events:
+            lease = event.lease
+            if lease.subnet == self.lease.subnet:
+                # Our own lease must never become a route back into the tunnel.
+                continue
+            if event.type is LeaseEventType.ADDED:
+                log.info("Subnet added: %s via %s", lease.subnet, lease.attrs.public_ip)
+                self.plane.set_route(lease.subnet, lease.attrs.public_ip)
+            elif self.plane.del_route(lease.subnet):
+                log.info("Subnet removed: %s", lease.subnet)
+
+    async def close(self) -> None:
+        self.plane.close()
+
+
+class UDPBackend(Backend):
+    type = BACKEND_TYPE
+
+    async def register_network(self) -> Network:
+        ctx = self.ctx
+        if ctx.config.network is None:
+            raise BackendError("the UDP backend needs an IPv4 Network")
+        port = parse_port(ctx.config.backend)
+        # flanneld's udp writes PublicIP only: no BackendType, no BackendData.
+        lease = await self.acquire(LeaseAttrs(public_ip=ctx.iface.ext_addr))
+        plane = await start_udp_dataplane(lease.subnet, ctx.config.network, ctx.iface, port)
+        return UDPNetwork(lease, plane)
+
+
+__all__ = [
+    "BACKEND_TYPE",
+    "DEFAULT_PORT",
+    "RouteTable",
+    "UDPBackend",
+    "UDPCounters",
+    "UDPDataPlane",
+    "UDPNetwork",
+    "build_net_unreachable",
+    "decrement_ttl",
+    "ip_checksum",
+    "open_tun",
+    "parse_port",
+    "start_udp_dataplane",
+]
