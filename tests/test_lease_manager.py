@@ -20,7 +20,7 @@ from flannel_bpf.lease_manager import (
     OutOfSubnets,
     free_subnets,
 )
-from flannel_bpf.store import EtcdSettings, EtcdStore
+from flannel_bpf.store import EtcdSettings, EtcdStore, StoreUnavailable
 
 ADDED, REMOVED = LeaseEventType.ADDED, LeaseEventType.REMOVED
 CONFIG_10_3 = b'{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'
@@ -339,7 +339,13 @@ async def test_watch_survives_an_etcd_restart(
         await asyncio.sleep(2)
         member.start()
         member.wait_ready()
-        await put_lease(store, mgr, "10.3.5.0/24", attrs("1.1.1.5"))
+        # Our channel may still be in gRPC's reconnect backoff: retry as the agent's paths do.
+        for _ in range(50):
+            try:
+                await put_lease(store, mgr, "10.3.5.0/24", attrs("1.1.1.5"))
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.2)
         assert summary(await pending) == [("added", "10.3.5.0/24")]
         assert mgr.stats.watch_restarts >= 1
         await gen.aclose()
