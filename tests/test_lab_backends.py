@@ -124,3 +124,123 @@ def test_backend_end_to_end(
     assert all(route_present(n, backend) is False for n in nodes)
     assert joined < 1.0, f"join took {joined:.3f}s"
     assert left < 1.0, f"leave took {left:.3f}s"
+
+
+def sh(ns: str, *cmd: str) -> str:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
+    return proc.stdout
+
+
+def test_mixed_cluster_with_a_flanneld_style_node(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """A peer configured by hand exactly as flanneld configures a vxlan node (flannel-compat.md
+    5.1), lease in flanneld's JSON, exchanges pod traffic with flannel-bpf nodes both ways."""
+    info = lab_up("--nodes", "2", "--backend", "vxlan")
+    ns, mac, public_ip = f"{lab_name}-n9", "0e:aa:bb:cc:dd:09", "198.18.0.99"
+    from flannel_bpf.lab.netns import add_address, add_netns, add_veth, link_up, run
+
+    add_netns(ns)  # named like the lab's, so lab down removes it
+    add_veth(ns, "eth1", f"{lab_name}-ul", "n9")
+    run(["ip", "-n", f"{lab_name}-ul", "link", "set", "n9", "master", "br0"])
+    link_up(f"{lab_name}-ul", "n9")
+    add_address(ns, "eth1", f"{public_ip}/24")
+    link_up(ns, "eth1")
+    sh(
+        ns,
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        mac,
+        "mtu",
+        "1450",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        public_ip,
+        "dev",
+        "eth1",
+        "nolearning",
+        "dstport",
+        "8472",
+    )
+    sh(ns, "ip", "addr", "add", "10.244.250.0/32", "dev", "flannel.1")
+    sh(ns, "ip", "link", "set", "flannel.1", "up")
+    sh(ns, "ip", "addr", "add", "10.244.250.1/32", "dev", "lo")  # its "pod"
+    etcdctl(
+        lab_name,
+        "put",
+        FAKE_KEY,
+        f'{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}',
+    )
+
+    # flanneld's per-peer entries for every flannel-bpf node, from their leases
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            f"{lab_name}-etcd",
+            "etcdctl",
+            "--endpoints",
+            "http://198.18.0.2:2379",
+            "get",
+            "--prefix",
+            "/coreos.com/network/subnets/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for key, value in zip(out[::2], out[1::2], strict=True):
+        lease = json.loads(value)
+        if lease["PublicIP"] == public_ip:
+            continue
+        net = key.rsplit("/", 1)[1].replace("-", "/")
+        gw = net.split("/")[0]
+        peer_mac = lease["BackendData"]["VtepMAC"]
+        sh(
+            ns,
+            "ip",
+            "neigh",
+            "replace",
+            gw,
+            "lladdr",
+            peer_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        )
+        sh(
+            ns,
+            "bridge",
+            "fdb",
+            "replace",
+            peer_mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            lease["PublicIP"],
+            "self",
+            "permanent",
+        )
+        sh(ns, "ip", "route", "replace", net, "via", gw, "dev", "flannel.1", "onlink")
+
+    for pod in info["pods"]:
+        there = pod_exec(lab_name, pod["namespace"], "ping", "-c1", "-W2", "10.244.250.1")
+        assert there.returncode == 0, there.stdout
+        back = subprocess.run(
+            ["ip", "netns", "exec", ns, "ping", "-c1", "-W2", "-I", "10.244.250.1", pod["ip"]],
+            capture_output=True,
+            text=True,
+        )
+        assert back.returncode == 0, back.stdout
