@@ -129,16 +129,10 @@ class IptablesRules:
         self.delete()
         for table, chains in _own_chains(self.rules).items():
             for chain in sorted(chains):
-                # Create or flush: a chain left by an older network must not keep its rules.
-                if (
-                    subprocess.run(
-                        ["iptables", "-w", "-t", table, "-N", chain],
-                        capture_output=True,
-                        timeout=30,
-                    ).returncode
-                    != 0
-                ):
-                    self._run("iptables", "-w", "-t", table, "-F", chain)
+                # Never flush: a second agent (another network on this host) shares the chain.
+                subprocess.run(
+                    ["iptables", "-w", "-t", table, "-N", chain], capture_output=True, timeout=30
+                )
         self._run("iptables-restore", "-w", "--noflush", payload=restore_payload(self.rules, "-A"))
         log.info("installed %s rules (%d)", self.name, len(self.rules))
 

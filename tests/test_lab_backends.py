@@ -7,10 +7,13 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from ipaddress import IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.lab import STATE_ROOT
 
 from .conftest import pod_exec, requires_root
@@ -244,3 +247,67 @@ def test_mixed_cluster_with_a_flanneld_style_node(
             text=True,
         )
         assert back.returncode == 0, back.stdout
+
+
+def test_dual_network_vxlan_and_host_gw(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    """flanneld's "multi" functional test: two agents per host on two prefixes with two subnet
+    files, vxlan and host-gw, each network's traffic on its own device."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "0", "--backend", "vxlan")
+    etcdctl(
+        lab_name,
+        "put",
+        "/hostgw/network/config",
+        '{"Network": "10.12.0.0/16", "Backend": {"Type": "host-gw"}}',
+    )
+    agents = []
+    try:
+        for node in info["nodes"]:
+            agent = AgentProcess(
+                node["namespace"],
+                [
+                    "--iface",
+                    "eth1",
+                    "--etcd-endpoints",
+                    "http://198.18.0.2:2379",
+                    "--etcd-prefix",
+                    "/hostgw/network",
+                    "--subnet-file",
+                    str(tmp_path / node["namespace"] / "hostgw.env"),
+                ],
+                tmp_path / node["namespace"] / "hostgw.log",
+            )
+            agent.start()
+            agents.append(agent)
+        envs = []
+        for node in info["nodes"]:
+            path = tmp_path / node["namespace"] / "hostgw.env"
+            assert seconds_until(path.exists, 20) < 20, "no hostgw.env"
+            envs.append(path.read_text())
+        host1, host2 = (n["namespace"] for n in info["nodes"])
+        # "dummy" addresses on host1 for both networks' FLANNEL_SUBNET .1 (no pods, no cni0)
+        hostgw_dest = envs[0].split("FLANNEL_SUBNET=")[1].split("/")[0]
+        vxlan_dest = str(IPv4Network(info["nodes"][0]["subnet"]).network_address + 1)
+        sh(host1, "ip", "addr", "add", f"{hostgw_dest}/32", "dev", "lo")
+        sh(host1, "ip", "addr", "add", f"{vxlan_dest}/32", "dev", "lo")
+        # Linux treats a destination as on-link when a socket bound to a device finds no route
+        # through it; without arp_ignore host1 would answer ARP for its lo addresses on eth1 and
+        # "ping -I eth1" would succeed whatever the routes say.
+        sh(host1, "sysctl", "-qw", "net.ipv4.conf.eth1.arp_ignore=1")
+        assert seconds_until(lambda: "10.12." in sh(host2, "ip", "route"), 5) < 5, (
+            "host-gw peer not programmed"
+        )
+
+        def ping(*args: str) -> int:
+            return subprocess.run(
+                ["ip", "netns", "exec", host2, "ping", "-c1", "-W1", *args], capture_output=True
+            ).returncode
+
+        assert ping(hostgw_dest) == 0
+        assert ping(vxlan_dest) == 0
+        assert ping("-I", "flannel.1", hostgw_dest) != 0
+        assert ping("-I", "eth1", vxlan_dest) != 0
+    finally:
+        for agent in agents:
+            agent.stop()
