@@ -96,6 +96,10 @@ def test_backend_end_to_end(
         )
         assert client.returncode == 0, client.stdout[-2000:]
         result = json.loads(client.stdout)
+        print(
+            f"\n{backend}: 200 MB pod to pod at "
+            f"{result['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s"
+        )
         # TCP delivered all of it; iperf3's receiver tally stops a moment before the end.
         assert result["end"]["sum_sent"]["bytes"] >= 200 * 1024 * 1024
         assert result["end"]["sum_received"]["bytes"] >= 0.95 * 200 * 1024 * 1024
@@ -125,6 +129,10 @@ def test_backend_end_to_end(
         seconds_until(lambda n=node: not route_present(n, backend))  # type: ignore[misc]
     left = time.monotonic() - start
     assert all(route_present(n, backend) is False for n in nodes)
+    print(
+        f"\n{backend}: peers programmed {joined * 1000:.0f} ms after the lease appeared, "
+        f"unprogrammed {left * 1000:.0f} ms after it went (incl. etcdctl start-up)"
+    )
     assert joined < 1.0, f"join took {joined:.3f}s"
     assert left < 1.0, f"leave took {left:.3f}s"
 
