@@ -118,3 +118,18 @@ def lab_up(lab_name: str) -> Callable[..., dict[str, Any]]:
 
 def pod_exec(name: str, pod: str, *cmd: str) -> subprocess.CompletedProcess[str]:
     return cli("lab", "--name", name, "exec", pod, "--", *cmd)
+
+
+@pytest.fixture
+def host_pair(netns: Callable[[str], str]) -> tuple[str, str]:
+    """Two hosts on a veth underlay (u0: 198.18.0.1 and .2), each with a workload address in
+    its own subnet on lo (10.5.1.1 and 10.5.2.1), standing in for cni0."""
+    from flannel_bpf.lab.netns import add_address, add_veth, link_up
+
+    a, b = netns("ha"), netns("hb")
+    add_veth(a, "u0", b, "u0")
+    for ns, host, workload in ((a, "198.18.0.1", "10.5.1.1"), (b, "198.18.0.2", "10.5.2.1")):
+        add_address(ns, "u0", f"{host}/24")
+        link_up(ns, "u0")
+        add_address(ns, "lo", f"{workload}/32")
+    return a, b

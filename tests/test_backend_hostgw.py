@@ -19,7 +19,7 @@ import pytest
 from flannel_bpf.backends import BACKENDS, BackendError, ExternalContext, make_backend
 from flannel_bpf.backends.hostgw import HostGWBackend, HostGWNetwork
 from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lab.netns import add_address, add_veth, link_up, run
+from flannel_bpf.lab.netns import add_address, link_up, run
 from flannel_bpf.lease import Lease, LeaseAttrs
 
 from .conftest import requires_root
@@ -188,16 +188,8 @@ def test_deleted_route_is_restored(netns: Callable[[str], str]) -> None:
 
 
 @requires_root
-def test_ping_via_routes(netns: Callable[[str], str]) -> None:
-    a, b = netns("hga"), netns("hgb")
-    add_veth(a, "u0", b, "u0")
-    add_address(a, "u0", "198.18.0.1/24")
-    add_address(b, "u0", "198.18.0.2/24")
-    link_up(a, "u0")
-    link_up(b, "u0")
-    # A workload address inside each host's subnet (lo stands in for cni0).
-    add_address(a, "lo", "10.5.1.1/32")
-    add_address(b, "lo", "10.5.2.1/32")
+def test_ping_via_routes(host_pair: tuple[str, str]) -> None:
+    a, b = host_pair
     drive(
         a, addr="198.18.0.1", subnet="10.5.1.0/24", events=[["added", "10.5.2.0/24", "198.18.0.2"]]
     )

@@ -26,7 +26,7 @@ from flannel_bpf.backends.vxlan import (
     parse_vxlan_config,
 )
 from flannel_bpf.config import BackendConfig
-from flannel_bpf.lab.netns import add_address, add_veth, link_up, run
+from flannel_bpf.lab.netns import add_address, link_up, run
 from flannel_bpf.lease import Lease, LeaseAttrs
 
 from .conftest import requires_root
@@ -348,16 +348,8 @@ def test_direct_routing(netns: Callable[[str], str]) -> None:
 
 
 @requires_root
-def test_ping_across_overlay(netns: Callable[[str], str]) -> None:
-    a, b = netns("vxa"), netns("vxb")
-    add_veth(a, "u0", b, "u0")
-    add_address(a, "u0", "198.18.0.1/24")
-    add_address(b, "u0", "198.18.0.2/24")
-    link_up(a, "u0")
-    link_up(b, "u0")
-    # A workload address inside each host's subnet (lo stands in for cni0).
-    add_address(a, "lo", "10.5.1.1/32")
-    add_address(b, "lo", "10.5.2.1/32")
+def test_ping_across_overlay(host_pair: tuple[str, str]) -> None:
+    a, b = host_pair
 
     # Each host needs the other's MAC, so set both devices up first, then program the peers.
     mac_a = drive(a, addr="198.18.0.1", subnet="10.5.1.0/24")[0]["mac"]
