@@ -253,8 +253,3 @@ class LeaseEventType(enum.Enum):
 class LeaseEvent:
     type: LeaseEventType
     lease: Lease
-
-
-def subnet_gateway(subnet: IPv4Network) -> IPv4Address:
-    """The first usable address, which flanneld writes to subnet.env and gives cni0."""
-    return subnet.network_address + 1

@@ -24,6 +24,7 @@ from .lease import (
     Lease,
     LeaseAttrs,
     LeaseEvent,
+    LeaseEventType,
     LeaseFormatError,
     make_subnet_key,
     parse_subnet_key,
@@ -511,7 +512,7 @@ class LeaseManager:
 
     def _count(self, events: list[LeaseEvent]) -> None:
         for event in events:
-            if event.type.value == "added":
+            if event.type is LeaseEventType.ADDED:
                 self.stats.events_added += 1
             else:
                 self.stats.events_removed += 1

@@ -31,10 +31,6 @@ class LeaseWatcher:
         # lease changing backend type turns into a removal of what was programmed for it.
         self.known: dict[IPv4Network, Lease] = {}
 
-    @property
-    def programmed(self) -> list[Lease]:
-        return [lease for lease in self.known.values() if self._accepts(lease)]
-
     def reset(self, snapshot: Iterable[Lease]) -> list[LeaseEvent]:
         """A full listing: Added for new or changed leases, Removed for those gone."""
         fresh = {lease.subnet: lease for lease in snapshot if lease.subnet != self.own_subnet}

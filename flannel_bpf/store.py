@@ -11,7 +11,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,12 +373,6 @@ class EtcdStore:
         await self._call(
             "compact", lambda: self._kv_svc().compact(revision, physical=True, timeout=30)
         )
-
-    async def status(self) -> dict[str, Any]:
-        """Cheap health probe: the revision a linearizable read sees."""
-        start = time.monotonic()
-        _, revision = await self.get("\x00flannel-bpf-health")
-        return {"revision": revision, "latency_seconds": time.monotonic() - start}
 
     def _kv_svc(self) -> KVService:
         if self._kv is None:

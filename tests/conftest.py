@@ -133,3 +133,15 @@ def host_pair(netns: Callable[[str], str]) -> tuple[str, str]:
         link_up(ns, "u0")
         add_address(ns, "lo", f"{workload}/32")
     return a, b
+
+
+def host(netns: Callable[[str], str], tag: str, addr: str = "198.18.0.1") -> str:
+    """A namespace with a veth underlay u0 at addr (its peer u1 stays inside, up)."""
+    from flannel_bpf.lab.netns import add_address, link_up, run
+
+    ns = netns(tag)
+    run(["ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+    add_address(ns, "u0", f"{addr}/24")
+    link_up(ns, "u0")
+    link_up(ns, "u1")
+    return ns

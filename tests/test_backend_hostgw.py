@@ -19,10 +19,10 @@ import pytest
 from flannel_bpf.backends import BACKENDS, BackendError, ExternalContext, make_backend
 from flannel_bpf.backends.hostgw import HostGWBackend, HostGWNetwork
 from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lab.netns import add_address, link_up, run
+from flannel_bpf.lab.netns import run
 from flannel_bpf.lease import Lease, LeaseAttrs
 
-from .conftest import requires_root
+from .conftest import host, requires_root
 
 # Builds a HostGWNetwork for `subnet` over `iface`, applies the peer events as one batch, and,
 # with "wait", keeps the route checker running until a line arrives on stdin.
@@ -71,15 +71,6 @@ def drive(ns: str, **args: Any) -> str:
     return proc.stderr
 
 
-def host(netns: Callable[[str], str], addr: str = "198.18.0.1") -> str:
-    ns = netns("hg")
-    run(["ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1"])
-    add_address(ns, "u0", f"{addr}/24")
-    link_up(ns, "u0")
-    link_up(ns, "u1")
-    return ns
-
-
 def flannel_routes(ns: str) -> list[str]:
     out = run(["ip", "-n", ns, "route", "show"])
     return [line.strip() for line in out.splitlines() if line.startswith("10.5.")]
@@ -117,7 +108,7 @@ def test_accepts_only_host_gw() -> None:
 
 @requires_root
 def test_routes_added_replaced_and_removed(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "hg")
     # A stale route for a peer's subnet with another gateway must be replaced, not kept.
     run(["ip", "-n", ns, "route", "add", "10.5.3.0/24", "via", "198.18.0.99", "dev", "u0"])
     events = [
@@ -148,7 +139,7 @@ def test_routes_added_replaced_and_removed(netns: Callable[[str], str]) -> None:
 
 @requires_root
 def test_deleted_route_is_restored(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "hg")
     args = {
         "addr": "198.18.0.1",
         "subnet": "10.5.1.0/24",
@@ -230,7 +221,7 @@ asyncio.run(main())
 
 @requires_root
 def test_register_network(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "hg")
     out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER]).split()
     assert out == [
         "1480",

@@ -26,10 +26,10 @@ from flannel_bpf.backends.vxlan import (
     parse_vxlan_config,
 )
 from flannel_bpf.config import BackendConfig
-from flannel_bpf.lab.netns import add_address, link_up, run
+from flannel_bpf.lab.netns import add_address, run
 from flannel_bpf.lease import Lease, LeaseAttrs
 
-from .conftest import requires_root
+from .conftest import host, requires_root
 
 NETWORK = "10.5.0.0/16"
 
@@ -92,16 +92,6 @@ def drive(ns: str, **args: Any) -> tuple[dict[str, Any], str]:
 
 def vtep_data(mac: str, vni: int = 1) -> str:
     return json.dumps({"VNI": vni, "VtepMAC": mac}, separators=(",", ":"))
-
-
-def host(netns: Callable[[str], str], addr: str = "198.18.0.1") -> str:
-    """A namespace with a veth underlay u0 (its peer u1 stays in the namespace, up)."""
-    ns = netns("vx")
-    run(["ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1"])
-    add_address(ns, "u0", f"{addr}/24")
-    link_up(ns, "u0")
-    link_up(ns, "u1")
-    return ns
 
 
 def sh(ns: str, *cmd: str) -> str:
@@ -186,7 +176,7 @@ def test_accepts_only_vxlan() -> None:
 
 @requires_root
 def test_device_and_lease_value(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     report, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
     mac = report["mac"]
     assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac)
@@ -216,7 +206,7 @@ def test_device_and_lease_value(netns: Callable[[str], str]) -> None:
 
 @requires_root
 def test_device_options(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     backend = {"VNI": 7, "Port": 4789, "MTU": 1400, "GBP": True, "Learning": True}
     report, _ = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", backend=backend)
     assert report["name"] == "flannel.7" and report["mtu"] == 1350
@@ -229,7 +219,7 @@ def test_device_options(netns: Callable[[str], str]) -> None:
 
 @requires_root
 def test_reuse_keeps_mac_and_fixes_addresses(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     first, _ = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
     # A previous lease's address goes; an address outside the Network is not ours to touch.
     add_address(ns, "flannel.1", "10.5.9.0/32")
@@ -247,7 +237,7 @@ def test_reuse_keeps_mac_and_fixes_addresses(netns: Callable[[str], str]) -> Non
 
 @requires_root
 def test_incompatible_device_is_recreated(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     sh(ns, "link", "add", "flannel.1", "address", "0e:11:11:11:11:11", "type", "vxlan", "id", "2",
        "dev", "u0", "dstport", "8472")  # fmt: skip
     report, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24")
@@ -259,7 +249,7 @@ def test_incompatible_device_is_recreated(netns: Callable[[str], str]) -> None:
 
 @requires_root
 def test_peers_programmed_idempotent_and_removed(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     mac2, mac3 = "0e:00:00:00:00:02", "0e:00:00:00:00:03"
     add2 = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data(mac2)]
     add3 = ["added", "10.5.3.0/24", "198.18.0.3", vtep_data(mac3)]
@@ -307,7 +297,7 @@ def test_peers_programmed_idempotent_and_removed(netns: Callable[[str], str]) ->
 
 @requires_root
 def test_bad_backend_data_skipped_with_warning(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     good = ["added", "10.5.5.0/24", "198.18.0.5", vtep_data("0e:00:00:00:00:05")]
     bad = [
         ["added", "10.5.2.0/24", "198.18.0.2", vtep_data("zz:00:00:00:00:02")],
@@ -326,7 +316,7 @@ def test_bad_backend_data_skipped_with_warning(netns: Callable[[str], str]) -> N
 
 @requires_root
 def test_direct_routing(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     # 198.18.50.0/24 sits behind a gateway, so a peer there still needs the tunnel.
     sh(ns, "route", "add", "198.18.50.0/24", "via", "198.18.0.254")
     near = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data("0e:00:00:00:00:02")]
@@ -401,7 +391,7 @@ asyncio.run(main())
 
 @requires_root
 def test_register_network(netns: Callable[[str], str]) -> None:
-    ns = host(netns)
+    ns = host(netns, "vx")
     out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER])
     mtu, subnet, value = out.split()
     link = sh(ns, "-d", "link", "show", "flannel.3")

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .etcd import EtcdTls
 
+# A fresh P-256 key, unencrypted: throwaway test material.
+NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
 
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
@@ -22,11 +25,7 @@ def make_pki(
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         str(ca_key),
         "-out",
@@ -50,11 +49,7 @@ def make_pki(
         ext_file.write_text(ext + "\n")
         _openssl(
             "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+            *NEW_EC_KEY,
             "-keyout",
             str(key),
             "-out",
