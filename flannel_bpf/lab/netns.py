@@ -6,8 +6,11 @@ again; nothing here touches the root namespace's addresses or routes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
@@ -69,3 +72,26 @@ def add_address(netns: str, dev: str, cidr: str) -> None:
 
 def link_up(netns: str, dev: str) -> None:
     run(["ip", "-n", netns, "link", "set", dev, "up"])
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def entered(netns: str) -> Iterator[None]:
+    """Run the calling thread inside netns for the block (sockets made there stay there).
+
+    For tests that need an in-process view of a namespace (BPF_PROG_TEST_RUN's FIB lookups, raw
+    sockets); the previous namespace is restored even when the block raises.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net", "rb") as home, open(NETNS_DIR / netns, "rb") as target:
+        if libc.setns(target.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back: {os.strerror(err)}")

@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The contract between the BPF programs and the agent: map layouts, hooks and reasons.
+ *
+ * flannel_bpf/bpf_maps.py mirrors every struct and enum here, and tests/test_bpf_layout.py
+ * compares the two. Reason and hook numbers are stable: they index pinned counters that survive
+ * agent upgrades and show up in dashboards. Append, never renumber. Any change to a map layout
+ * bumps FB_LAYOUT_VERSION, which moves the pins to a new directory (v<N>).
+ */
+#ifndef FLANNEL_BPF_H
+#define FLANNEL_BPF_H
+
+#define FB_LAYOUT_VERSION 1
+
+/* Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): flanneld's MTU overhead. */
+#define FB_VXLAN_OVERHEAD 50
+#define FB_VXLAN_FLAGS_VNI 0x08000000 /* the I flag, alone: what vxlan.ko accepts without GBP */
+
+#define FB_MAX_REMOTES 65536
+
+/* fb_remotes: one entry per remote lease, longest-prefix matched on the inner destination. */
+struct fb_remote_key {
+	__u32 prefixlen;
+	__be32 subnet;
+};
+
+#define FB_REMOTE_SKIP 0x0001 /* let the kernel handle this subnet (e.g. direct routing) */
+
+struct fb_remote {
+	__be32 vtep_ip;   /* the peer's PublicIP: outer destination */
+	__u8 vtep_mac[6]; /* the peer's VtepMAC: inner destination MAC */
+	__u16 flags;      /* FB_REMOTE_* */
+};
+
+/* fb_config: a single entry, written by the agent before the programs are attached. */
+struct fb_config {
+	__be32 local_ip;    /* outer source; decapsulation only accepts this destination */
+	__u32 vni;          /* host order, 24 bits */
+	__be16 port;        /* VXLAN UDP port, network order */
+	__u16 sport_min;    /* outer UDP source ports: [sport_min, sport_max), the kernel's range */
+	__u16 sport_max;
+	__u8 ttl;           /* outer TTL: the namespace's ip_default_ttl, as vxlan.ko uses */
+	__u8 flags;         /* FB_CFG_* */
+	__u32 uplink_ifindex;
+	__u32 vtep_ifindex; /* flannel.<VNI> */
+	__u8 vtep_mac[6];   /* our VtepMAC: inner source MAC, and what decapsulation accepts */
+	__u8 uplink_mac[6];
+};
+
+enum fb_hook {
+	FB_HOOK_TC_ENCAP = 0,  /* tc egress on flannel.<VNI> */
+	FB_HOOK_XDP_DECAP = 1, /* XDP on the uplink */
+	FB_HOOK_TC_DECAP = 2,  /* tc ingress on the uplink */
+	FB_HOOK_MAX = 3,
+};
+
+/* What happened to a packet. 0-7: handled; 8-23: passed on to the kernel untouched; 24-31: dropped. */
+enum fb_reason {
+	FB_ENCAP_REDIRECT = 0,       /* encapsulated, outer MACs from the FIB, sent on the uplink */
+	FB_ENCAP_REDIRECT_NEIGH = 1, /* encapsulated, next hop resolved by the neighbour layer */
+	FB_DECAP_PASS = 2,           /* decapsulated, inner packet handed to the stack (XDP) */
+	FB_DECAP_REDIRECT = 3,       /* decapsulated, redirected into flannel.<VNI> ingress (tc) */
+
+	FB_PASS_NOT_IPV4 = 8,        /* not IPv4 (ARP, IPv6, ...) */
+	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */
+	FB_PASS_NO_REMOTE = 10,      /* encap: destination in no known remote subnet */
+	FB_PASS_NO_CONFIG = 11,      /* the agent has not written fb_config */
+	FB_PASS_NO_ROUTE = 12,       /* encap: no usable underlay route or neighbour to the peer */
+	FB_PASS_TOO_BIG = 13,        /* encap: would exceed the uplink MTU; the kernel fragments */
+	FB_PASS_SHORT = 14,          /* shorter than the headers it claims, or headers not linear */
+	FB_PASS_NOT_OURS = 15,       /* decap: not UDP to our address and VXLAN port */
+	FB_PASS_FRAGMENT = 16,       /* decap: an IP fragment; the kernel reassembles */
+	FB_PASS_BAD_FLAGS = 17,      /* decap: VXLAN flags other than I alone */
+	FB_PASS_OTHER_VNI = 18,      /* decap: another VNI */
+	FB_PASS_OTHER_MAC = 19,      /* decap: inner destination is not our VtepMAC */
+	FB_PASS_INNER_NOT_IPV4 = 20, /* decap: inner frame is not IPv4 */
+	FB_PASS_ADJUST_FAILED = 21,  /* the kernel refused to resize the packet; unchanged */
+	FB_PASS_SKIP = 22,           /* encap: remote marked FB_REMOTE_SKIP */
+
+	FB_DROP_INNER_MALFORMED = 24, /* decap: inner IPv4 header invalid or truncated */
+	FB_DROP_WRITE_FAILED = 25,    /* header write failed after the packet was resized */
+
+	FB_REASON_MAX = 32,
+};
+
+/* fb_stats: per-CPU, indexed by hook * FB_REASON_MAX + reason. */
+struct fb_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#define FB_STATS_ENTRIES (FB_HOOK_MAX * FB_REASON_MAX)
+
+#endif /* FLANNEL_BPF_H */

@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Protocol headers and constants, including uapi values newer than the build headers. */
+#ifndef FB_COMMON_H
+#define FB_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/udp.h>
+
+/* The build may use older uapi headers than the running kernel (Debian's 6.1 for 6.18). */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#endif
+
+#define FB_IP_MF 0x2000
+#define FB_IP_OFFSET 0x1fff
+#define FB_ECN_MASK 0x03
+#define FB_ECN_CE 0x03
+#define FB_ECN_ECT_0 0x02
+
+struct fb_vxlanhdr {
+	__be32 flags;
+	__be32 vni; /* VNI in the upper 24 bits, the low byte reserved */
+};
+
+/* Outer Ethernet + IPv4 + UDP + VXLAN + inner Ethernet: the 64 bytes encapsulation writes. */
+struct fb_encap_headers {
+	struct ethhdr outer_eth;
+	struct iphdr ip;
+	struct udphdr udp;
+	struct fb_vxlanhdr vxlan;
+	struct ethhdr inner_eth;
+} __attribute__((packed));
+
+/* The minimum a VXLAN frame for us must hold: all of the above plus an inner IPv4 header. */
+#define FB_DECAP_MIN_LEN (sizeof(struct fb_encap_headers) + sizeof(struct iphdr))
+
+/*
+ * bcc 0.26 declares bpf_redirect_neigh without the plen argument, which leaves R3/R4 garbage.
+ * Our own prototype with the kernel's four arguments.
+ */
+static long (*fb_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+static __always_inline int fb_mac_equal(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		(a[5] ^ b[5])) == 0;
+}
+
+static __always_inline void fb_mac_copy(__u8 *dst, const __u8 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+	dst[4] = src[4];
+	dst[5] = src[5];
+}
+
+/* RFC 1071 over a 20-byte IPv4 header whose check field is zero; unrolled for the verifier. */
+static __always_inline __u16 fb_ipv4_csum(const struct iphdr *ip)
+{
+	const __u16 *words = (const __u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += words[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* RFC 6040 / INET_ECN_encapsulate: the outer header carries the inner ECN, CE as ECT(0). */
+static __always_inline __u8 fb_outer_tos(__u8 inner_tos)
+{
+	__u8 ecn = inner_tos & FB_ECN_MASK;
+
+	return ecn == FB_ECN_CE ? FB_ECN_ECT_0 : ecn;
+}
+
+/* The kernel's udp_flow_src_port(): a flow hash folded into [min, max). */
+static __always_inline __be16 fb_flow_sport(__u32 hash, __u16 min, __u16 max)
+{
+	hash ^= hash << 16;
+	return bpf_htons((__u16)((((__u64)hash * (max - min)) >> 32) + min));
+}
+
+#endif /* FB_COMMON_H */

@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Every map, declared once. FB_PIN_DIR is set by the loader to this agent instance's versioned
+ * pin directory, so two agents on one machine never share maps and a restarted agent finds its
+ * own again (bcc reopens an existing pin instead of creating a new map).
+ */
+#ifndef FB_MAPS_H
+#define FB_MAPS_H
+
+#include "flannel_bpf.h"
+
+#ifndef FB_PIN_DIR
+#error "FB_PIN_DIR must be defined by the loader"
+#endif
+
+BPF_TABLE_PINNED("lpm_trie", struct fb_remote_key, struct fb_remote, fb_remotes, FB_MAX_REMOTES,
+		 FB_PIN_DIR "/fb_remotes", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct fb_config, fb_config, 1, FB_PIN_DIR "/fb_config");
+BPF_TABLE_PINNED("percpu_array", __u32, struct fb_counter, fb_stats, FB_STATS_ENTRIES,
+		 FB_PIN_DIR "/fb_stats");
+
+static __always_inline struct fb_config *fb_get_config(void)
+{
+	__u32 zero = 0;
+	struct fb_config *cfg = fb_config.lookup(&zero);
+
+	/* An all-zero entry exists from creation on: not configured until the VNI is set. */
+	if (cfg && cfg->vni == 0)
+		return NULL;
+	return cfg;
+}
+
+static __always_inline void fb_count(__u32 hook, __u32 reason, __u64 bytes)
+{
+	__u32 index = hook * FB_REASON_MAX + reason;
+	struct fb_counter *counter = fb_stats.lookup(&index);
+
+	/* Per-CPU slots: plain increments are safe and cheaper than atomics. */
+	if (counter) {
+		counter->packets++;
+		counter->bytes += bytes;
+	}
+}
+
+#endif /* FB_MAPS_H */

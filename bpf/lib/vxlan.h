@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Recognising VXLAN frames meant for this host's flannel VTEP; shared by both decap hooks. */
+#ifndef FB_VXLAN_H
+#define FB_VXLAN_H
+
+#include "common.h"
+#include "flannel_bpf.h"
+
+/*
+ * Classify a frame starting at data. Returns FB_DECAP_PASS when it is flannel VXLAN for us and
+ * safe to strip, otherwise the reason to leave it alone (or drop it). frame_len is the whole
+ * frame, linear part and fragments, so truncated inner packets are caught even with XDP frags.
+ */
+static __always_inline __u32 fb_classify_vxlan(void *data, void *data_end, __u64 frame_len,
+						const struct fb_config *cfg)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return FB_PASS_NOT_IPV4;
+
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (ip->protocol != IPPROTO_UDP || ip->daddr != cfg->local_ip)
+		return FB_PASS_NOT_OURS;
+	if (ip->version != 4 || ip->ihl != 5)
+		return FB_PASS_IP_OPTIONS;
+	if (ip->frag_off & bpf_htons(FB_IP_MF | FB_IP_OFFSET))
+		return FB_PASS_FRAGMENT;
+
+	struct udphdr *udp = (void *)(ip + 1);
+
+	if ((void *)(udp + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (udp->dest != cfg->port)
+		return FB_PASS_NOT_OURS;
+
+	struct fb_encap_headers *hdr = data;
+	struct iphdr *inner = (void *)(hdr + 1);
+
+	if ((void *)(inner + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (hdr->vxlan.flags != bpf_htonl(FB_VXLAN_FLAGS_VNI))
+		return FB_PASS_BAD_FLAGS;
+	if (hdr->vxlan.vni != bpf_htonl(cfg->vni << 8))
+		return FB_PASS_OTHER_VNI;
+	if (!fb_mac_equal(hdr->inner_eth.h_dest, cfg->vtep_mac))
+		return FB_PASS_OTHER_MAC;
+	if (hdr->inner_eth.h_proto != bpf_htons(ETH_P_IP))
+		return FB_PASS_INNER_NOT_IPV4;
+
+	/* What ip_rcv() would reject anyway; dropping here keeps it visible in our counters. */
+	__u32 inner_len = bpf_ntohs(inner->tot_len);
+
+	if (inner->version != 4 || inner->ihl < 5 || inner_len < inner->ihl * 4u ||
+	    inner_len > frame_len - sizeof(struct fb_encap_headers))
+		return FB_DROP_INNER_MALFORMED;
+	return FB_DECAP_PASS;
+}
+
+#endif /* FB_VXLAN_H */

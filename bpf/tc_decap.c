@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * VXLAN decapsulation at tc ingress on the uplink: the fallback where native XDP cannot attach,
+ * and the choice under a strict reverse-path filter.
+ *
+ * The packet is stripped in place and redirected into flannel.<VNI>'s ingress, so to the rest of
+ * the stack it looks exactly like a vxlan.ko decapsulation: iif flannel.<VNI>, PACKET_HOST,
+ * reverse path via the flannel route. GSO packets stay GSO (FIXED_GSO).
+ */
+#include "common.h"
+#include "maps.h"
+#include "vxlan.h"
+
+#define FB_DECAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
+
+static __always_inline int fb_tc_decap_pass(__u32 reason, __u64 bytes)
+{
+	fb_count(FB_HOOK_TC_DECAP, reason, bytes);
+	return TC_ACT_UNSPEC; /* next filter, or on to the kernel untouched */
+}
+
+int fb_tc_decap(struct __sk_buff *skb)
+{
+	__u64 bytes = skb->len;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return fb_tc_decap_pass(FB_PASS_NOT_IPV4, bytes);
+
+	struct fb_config *cfg = fb_get_config();
+
+	if (!cfg)
+		return fb_tc_decap_pass(FB_PASS_NO_CONFIG, bytes);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	/* Headers outside the linear part: pull them in, but never on GSO packets (corrupts them). */
+	if (data + FB_DECAP_MIN_LEN > data_end && skb->gso_segs <= 1 && skb->len >= FB_DECAP_MIN_LEN) {
+		if (bpf_skb_pull_data(skb, FB_DECAP_MIN_LEN))
+			return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+
+	__u32 verdict = fb_classify_vxlan(data, data_end, bytes, cfg);
+
+	if (verdict == FB_DROP_INNER_MALFORMED) {
+		fb_count(FB_HOOK_TC_DECAP, verdict, bytes);
+		return TC_ACT_SHOT;
+	}
+	if (verdict != FB_DECAP_PASS)
+		return fb_tc_decap_pass(verdict, bytes);
+
+	struct fb_encap_headers *hdr = data;
+	struct ethhdr eth;
+
+	/* Addressed to flannel.<VNI> from the peer's VTEP, as vxlan.ko would deliver it. */
+	fb_mac_copy(eth.h_dest, cfg->vtep_mac);
+	fb_mac_copy(eth.h_source, hdr->inner_eth.h_source);
+	eth.h_proto = bpf_htons(ETH_P_IP);
+
+	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FB_DECAP_FLAGS))
+		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0)) {
+		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
+		return TC_ACT_SHOT;
+	}
+	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
+	return bpf_redirect(cfg->vtep_ifindex, BPF_F_INGRESS);
+}

@@ -1,0 +1,297 @@
+"""The agent's side of bpf/include/flannel_bpf.h: map layouts, hooks, reasons, and the pinned maps.
+
+tests/test_bpf_layout.py checks every number here against the C header, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Final
+
+from . import bpf_sys
+
+LAYOUT_VERSION: Final = 1
+VXLAN_OVERHEAD: Final = 50
+MAX_REMOTES: Final = 65536
+REASON_MAX: Final = 32
+FB_REMOTE_SKIP: Final = 0x0001
+
+
+class Hook(enum.IntEnum):
+    TC_ENCAP = 0
+    XDP_DECAP = 1
+    TC_DECAP = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+HOOK_MAX: Final = len(Hook)
+STATS_ENTRIES: Final = HOOK_MAX * REASON_MAX
+
+
+class Reason(enum.IntEnum):
+    """Stable numbers (they index pinned counters): append, never renumber."""
+
+    ENCAP_REDIRECT = 0
+    ENCAP_REDIRECT_NEIGH = 1
+    DECAP_PASS = 2
+    DECAP_REDIRECT = 3
+
+    PASS_NOT_IPV4 = 8
+    PASS_IP_OPTIONS = 9
+    PASS_NO_REMOTE = 10
+    PASS_NO_CONFIG = 11
+    PASS_NO_ROUTE = 12
+    PASS_TOO_BIG = 13
+    PASS_SHORT = 14
+    PASS_NOT_OURS = 15
+    PASS_FRAGMENT = 16
+    PASS_BAD_FLAGS = 17
+    PASS_OTHER_VNI = 18
+    PASS_OTHER_MAC = 19
+    PASS_INNER_NOT_IPV4 = 20
+    PASS_ADJUST_FAILED = 21
+    PASS_SKIP = 22
+
+    DROP_INNER_MALFORMED = 24
+    DROP_WRITE_FAILED = 25
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @property
+    def outcome(self) -> str:
+        """handled / passed (to the kernel, untouched) / dropped."""
+        if self < 8:
+            return "handled"
+        return "passed" if self < 24 else "dropped"
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+REMOTE_KEY = struct.Struct("<I4s")  # prefixlen (host order), subnet (network order)
+REMOTE_VALUE = struct.Struct("<4s6sH")  # vtep_ip, vtep_mac, flags
+CONFIG = struct.Struct("<4sI2sHHBBII6s6s")
+COUNTER = struct.Struct("<QQ")
+INDEX = struct.Struct("<I")
+
+REMOTES = MapSpec(
+    "fb_remotes",
+    bpf_sys.BPF_MAP_TYPE_LPM_TRIE,
+    REMOTE_KEY.size,
+    REMOTE_VALUE.size,
+    MAX_REMOTES,
+    bpf_sys.BPF_F_NO_PREALLOC,
+)
+CONFIG_MAP = MapSpec("fb_config", bpf_sys.BPF_MAP_TYPE_ARRAY, 4, CONFIG.size, 1)
+STATS = MapSpec("fb_stats", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size, STATS_ENTRIES)
+ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS)
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_text(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One fb_remotes entry: a remote subnet and the VTEP that serves it."""
+
+    subnet: IPv4Network
+    vtep_ip: IPv4Address
+    vtep_mac: str
+    flags: int = 0
+
+    def key(self) -> bytes:
+        return remote_key(self.subnet)
+
+    def value(self) -> bytes:
+        return REMOTE_VALUE.pack(self.vtep_ip.packed, mac_bytes(self.vtep_mac), self.flags)
+
+
+def remote_key(subnet: IPv4Network) -> bytes:
+    return REMOTE_KEY.pack(subnet.prefixlen, subnet.network_address.packed)
+
+
+def decode_remote(key: bytes, value: bytes) -> Remote:
+    prefixlen, addr = REMOTE_KEY.unpack(key)
+    ip, mac, flags = REMOTE_VALUE.unpack(value)
+    return Remote(
+        IPv4Network((IPv4Address(addr), prefixlen)), IPv4Address(ip), mac_text(mac), flags
+    )
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """fb_config: everything the programs need that is not per peer."""
+
+    local_ip: IPv4Address
+    vni: int
+    port: int
+    uplink_ifindex: int
+    uplink_mac: str
+    vtep_ifindex: int
+    vtep_mac: str
+    sport_min: int = 32768
+    sport_max: int = 60999
+    ttl: int = 64
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return CONFIG.pack(
+            self.local_ip.packed,
+            self.vni,
+            socket.htons(self.port).to_bytes(2, "little"),
+            self.sport_min,
+            self.sport_max,
+            self.ttl,
+            self.flags,
+            self.uplink_ifindex,
+            self.vtep_ifindex,
+            mac_bytes(self.vtep_mac),
+            mac_bytes(self.uplink_mac),
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> DatapathConfig:
+        ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac = CONFIG.unpack(
+            raw
+        )
+        return cls(
+            local_ip=IPv4Address(ip),
+            vni=vni,
+            port=int.from_bytes(port, "big"),
+            uplink_ifindex=up_idx,
+            uplink_mac=mac_text(up_mac),
+            vtep_ifindex=vtep_idx,
+            vtep_mac=mac_text(vtep_mac),
+            sport_min=smin,
+            sport_max=smax,
+            ttl=ttl,
+            flags=flags,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Pinned maps
+
+
+class LayoutMismatch(Exception):
+    """A pin exists under our name but holds a map of another shape."""
+
+
+def check_layout(fd: int, spec: MapSpec) -> None:
+    info = bpf_sys.map_info(fd)
+    found = (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
+    wanted = (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+    if found != wanted:
+        raise LayoutMismatch(
+            f"{spec.name}: (type, key, value, max_entries, flags) is {found}, expected {wanted}"
+        )
+
+
+@dataclass(frozen=True)
+class CounterKey:
+    hook: Hook
+    reason: Reason
+
+
+class PinnedMaps:
+    """Open fds of one agent instance's maps, checked against our layout."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        try:
+            for spec in ALL_MAPS:
+                fd = bpf_sys.obj_get(pin_dir / spec.name)
+                self._fds[spec.name] = fd
+                check_layout(fd, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def fd(self, spec: MapSpec) -> int:
+        return self._fds[spec.name]
+
+    @property
+    def stats_map_id(self) -> int:
+        """Counters reset only when this changes (the map was recreated)."""
+        return bpf_sys.map_info(self.fd(STATS)).id
+
+    # fb_config
+    def write_config(self, cfg: DatapathConfig) -> None:
+        bpf_sys.map_update(self.fd(CONFIG_MAP), INDEX.pack(0), cfg.pack())
+
+    def read_config(self) -> DatapathConfig | None:
+        raw = bpf_sys.map_lookup(self.fd(CONFIG_MAP), INDEX.pack(0), CONFIG.size)
+        if raw is None or raw == bytes(CONFIG.size):
+            return None
+        return DatapathConfig.unpack(raw)
+
+    # fb_remotes
+    def set_remote(self, remote: Remote) -> None:
+        bpf_sys.map_update(self.fd(REMOTES), remote.key(), remote.value())
+
+    def delete_remote(self, subnet: IPv4Network) -> bool:
+        return bpf_sys.map_delete(self.fd(REMOTES), remote_key(subnet))
+
+    def remotes(self) -> Iterator[Remote]:
+        fd = self.fd(REMOTES)
+        for key in list(bpf_sys.map_keys(fd, REMOTE_KEY.size)):
+            value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
+            if value is not None:
+                yield decode_remote(key, value)
+
+    # fb_stats
+    def counters(self) -> dict[CounterKey, tuple[int, int]]:
+        """Packets and bytes per (hook, reason), summed over CPUs; only the known reasons."""
+        fd = self.fd(STATS)
+        totals: dict[CounterKey, tuple[int, int]] = {}
+        for hook in Hook:
+            for reason in Reason:
+                index = hook * REASON_MAX + reason
+                per_cpu = bpf_sys.map_lookup_percpu(fd, INDEX.pack(index), COUNTER.size) or []
+                packets = bytes_ = 0
+                for raw in per_cpu:
+                    p, b = COUNTER.unpack(raw)
+                    packets += p
+                    bytes_ += b
+                totals[CounterKey(hook, reason)] = (packets, bytes_)
+        return totals

@@ -1,0 +1,600 @@
+"""Compile, load, attach and drive the BPF data path (bpf/), and take it down again.
+
+The life cycle, as an operator sees it:
+
+- ``BPFDatapath.load()`` compiles bpf/ with bcc, opens this agent instance's pinned maps (checking
+  their layout, recreating any that changed shape), loads the programs through bpf(2) (XDP with
+  frags, which bcc 0.26 cannot ask for), writes fb_config and attaches: encapsulation at tc egress
+  of flannel.<VNI>, decapsulation at native XDP on the uplink or, where that cannot work, at tc
+  ingress. Programs already attached by an earlier run are replaced in place, so traffic never
+  sees a gap.
+- ``sync_remotes()`` makes fb_remotes equal the lease set (mark and sweep); ``set_remote()`` and
+  ``delete_remote()`` apply single lease events.
+- A normal stop leaves everything attached and pinned: the data path outlives the agent.
+  ``cleanup()`` (``flannel-bpf cleanup``) detaches and unpins it all.
+
+Everything here is blocking (compiling takes about a second): the agent calls it from a thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any, Final
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpf_sys
+from .bpf_maps import (
+    ALL_MAPS,
+    LAYOUT_VERSION,
+    DatapathConfig,
+    LayoutMismatch,
+    PinnedMaps,
+    Remote,
+    check_layout,
+)
+
+log = logging.getLogger(__name__)
+
+BPF_SOURCE_DIR: Final = Path(
+    os.environ.get("FLANNEL_BPF_SOURCE_DIR", Path(__file__).resolve().parent.parent / "bpf")
+)
+ENTRY_FILES: Final = ("tc_encap.c", "xdp_decap.c", "tc_decap.c")
+DEFAULT_BPFFS: Final = Path("/run/flannel-bpf/bpffs")
+
+PROG_ENCAP: Final = "fb_tc_encap"
+PROG_XDP_DECAP: Final = "fb_xdp_decap"
+PROG_TC_DECAP: Final = "fb_tc_decap"
+OUR_PREFIX: Final = "fb_"
+
+# tc: a fixed priority and handle, so a restart replaces our filter instead of adding another.
+TC_PRIO: Final = 1
+TC_HANDLE: Final = 0xFB
+TC_EGRESS: Final = 0xFFFFFFF3
+TC_INGRESS: Final = 0xFFFFFFF2
+ETH_P_ALL: Final = 0x0003
+
+# linux/if_link.h
+XDP_FLAGS_UPDATE_IF_NOEXIST: Final = 1 << 0
+XDP_FLAGS_SKB_MODE: Final = 1 << 1
+XDP_FLAGS_DRV_MODE: Final = 1 << 2
+
+# linux/ethtool.h, linux/sockios.h
+SIOCETHTOOL: Final = 0x8946
+ETHTOOL_GGRO: Final = 0x0000002B
+ETHTOOL_SGRO: Final = 0x0000002C
+
+DECAP_MODES: Final = ("auto", "xdp", "tc", "xdp-generic")
+
+
+class LoaderError(Exception):
+    """The BPF data path cannot be set up; the message says why, for the fallback log line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Source and build environment
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def program_source(source_dir: Path = BPF_SOURCE_DIR) -> str:
+    """The entry programs as one translation unit, local headers inlined.
+
+    bcc only rewrites map accesses written in its main file, so headers cannot stay separate
+    files; ``#line`` keeps compiler and verifier messages pointing at the real file and line.
+    """
+    search = (source_dir, source_dir / "include", source_dir / "lib")
+    seen: set[Path] = set()
+    out: list[str] = []
+
+    def emit(path: Path) -> None:
+        path = path.resolve()
+        if path in seen:
+            return
+        seen.add(path)
+        rel = path.relative_to(source_dir.resolve())
+        out.append(f'#line 1 "{rel}"')
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _INCLUDE.match(line)
+            if match is None:
+                out.append(line)
+                continue
+            target = next((d / match[1] for d in search if (d / match[1]).is_file()), None)
+            if target is None:
+                raise LoaderError(f"{rel}:{number}: cannot find included file {match[1]!r}")
+            emit(target)
+            out.append(f'#line {number + 1} "{rel}"')
+
+    for entry in ENTRY_FILES:
+        emit(source_dir / entry)
+    return "\n".join(out) + "\n"
+
+
+def kernel_headers_problem() -> str | None:
+    """Why bcc would fail to find kernel headers, or None. Checked first for a clear message."""
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        path = Path(os.environ["BCC_KERNEL_SOURCE"])
+        return None if path.is_dir() else f"BCC_KERNEL_SOURCE={path} does not exist"
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        return (
+            f"no kernel headers at {build} (run `make setup`: it installs linux-headers-amd64 "
+            f"and links them there)"
+        )
+    return None
+
+
+def ensure_bpffs(root: Path = DEFAULT_BPFFS) -> None:
+    """Mount a bpf filesystem at root unless one is there (the pins must live on bpffs)."""
+    if bpf_sys.is_bpffs(root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpffs", os.fsencode(str(root)), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise LoaderError(f"cannot mount bpffs at {root}: {os.strerror(err)}")
+    log.info("mounted bpffs at %s", root)
+
+
+def netns_tag() -> str:
+    """'host' in the initial network namespace, else 'netns-<inode>' of ours."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    try:
+        init = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        init = -1
+    return "host" if own == init else f"netns-{own}"
+
+
+def pin_dir_for(device: str, root: Path = DEFAULT_BPFFS) -> Path:
+    """This agent instance's pins: per network namespace and VTEP device, per layout version."""
+    # bpffs refuses names with dots (flannel.1): keep the pin path readable without them.
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", device)
+    return root / netns_tag() / safe / f"v{LAYOUT_VERSION}"
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling and loading
+
+
+@dataclass
+class Programs:
+    """Loaded program fds; closed once attached (the attachment keeps them alive)."""
+
+    encap: int
+    xdp_decap: int
+    tc_decap: int
+
+    def close(self) -> None:
+        for fd in (self.encap, self.xdp_decap, self.tc_decap):
+            if fd >= 0:
+                os.close(fd)
+        self.encap = self.xdp_decap = self.tc_decap = -1
+
+
+def prepare_pins(pin_dir: Path) -> list[str]:
+    """Remove pins whose map no longer has our layout; returns what was removed and why."""
+    removed = []
+    for spec in ALL_MAPS:
+        path = pin_dir / spec.name
+        try:
+            fd = bpf_sys.obj_get(path)
+        except FileNotFoundError:
+            continue
+        try:
+            check_layout(fd, spec)
+        except LayoutMismatch as exc:
+            log.warning("pinned map %s has another layout (%s); recreating it", path, exc)
+            path.unlink()
+            removed.append(str(exc))
+        finally:
+            os.close(fd)
+    return removed
+
+
+def compile_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> Programs:
+    """Compile with bcc (which opens or creates the pinned maps) and load through bpf(2)."""
+    problem = kernel_headers_problem()
+    if problem:
+        raise LoaderError(problem)
+    try:
+        from bcc import BPF  # the system's python3-bpfcc
+    except ImportError as exc:
+        raise LoaderError(
+            f"bcc is not importable ({exc}); install python3-bpfcc and use a venv "
+            f"with --system-site-packages"
+        ) from None
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    cflags = [f'-DFB_PIN_DIR="{pin_dir}"', "-Wno-unused-function"]
+    text = program_source(source_dir)
+    try:
+        module: Any = BPF(text=text.encode(), cflags=cflags)
+    except Exception as exc:  # bcc raises bare Exception for compile errors
+        raise LoaderError(f"compiling bpf/ failed: {exc}") from None
+    try:
+        bytecode = {
+            name: bytes(module.dump_func(name.encode()))
+            for name in (PROG_ENCAP, PROG_XDP_DECAP, PROG_TC_DECAP)
+        }
+        fds: dict[str, int] = {}
+        try:
+            fds[PROG_ENCAP] = bpf_sys.prog_load(
+                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[PROG_ENCAP], PROG_ENCAP
+            )
+            fds[PROG_TC_DECAP] = bpf_sys.prog_load(
+                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[PROG_TC_DECAP], PROG_TC_DECAP
+            )
+            # Frags: jumbo underlays and multi-buffer NICs reach the program instead of failing.
+            fds[PROG_XDP_DECAP] = bpf_sys.prog_load(
+                bpf_sys.BPF_PROG_TYPE_XDP,
+                bytecode[PROG_XDP_DECAP],
+                PROG_XDP_DECAP,
+                prog_flags=bpf_sys.BPF_F_XDP_HAS_FRAGS,
+            )
+        except bpf_sys.BPFError as exc:
+            for fd in fds.values():
+                os.close(fd)
+            raise LoaderError(f"the kernel refused a program: {exc}") from None
+    finally:
+        module.cleanup()
+    return Programs(fds[PROG_ENCAP], fds[PROG_XDP_DECAP], fds[PROG_TC_DECAP])
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching
+
+
+def _link(ipr: Any, ifindex: int) -> Any:
+    links = ipr.link("get", index=ifindex)
+    return links[0]
+
+
+def xdp_program(ipr: Any, ifindex: int) -> tuple[str | None, int]:
+    """The XDP attachment of a device: (mode 'xdp'/'xdpgeneric'/..., program id) or (None, 0)."""
+    xdp = _link(ipr, ifindex).get_attr("IFLA_XDP")
+    if xdp is None:
+        return None, 0
+    mode = xdp.get_attr("IFLA_XDP_ATTACHED")
+    prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    return (mode if prog_id else None), int(prog_id)
+
+
+def _ours(prog_id: int) -> bool:
+    info = bpf_sys.prog_info_by_id(prog_id) if prog_id else None
+    return info is not None and info.name.startswith(OUR_PREFIX)
+
+
+def attach_xdp(ipr: Any, ifindex: int, fd: int, flags: int) -> None:
+    ipr.link("set", index=ifindex, xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flags]]})
+
+
+def detach_xdp(ipr: Any, ifindex: int, flags: int = 0) -> None:
+    ipr.link("set", index=ifindex, xdp={"attrs": [["IFLA_XDP_FD", -1], ["IFLA_XDP_FLAGS", flags]]})
+
+
+def ensure_clsact(ipr: Any, ifindex: int) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def tc_filter(ipr: Any, ifindex: int, parent: int) -> tuple[str, int] | None:
+    """Our filter slot's program (name, id) on a hook, or None when the slot is empty."""
+    try:
+        filters = ipr.get_filters(index=ifindex, parent=parent)
+    except NetlinkError:
+        return None
+    for msg in filters:
+        if msg.get_attr("TCA_KIND") != "bpf" or int(msg["handle"]) != TC_HANDLE:
+            continue
+        if (int(msg["info"]) >> 16) != TC_PRIO:
+            continue
+        options = msg.get_attr("TCA_OPTIONS")
+        name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+        return str(name or ""), 0
+    return None
+
+
+def attach_tc(ipr: Any, ifindex: int, parent: int, fd: int, name: str) -> None:
+    """Create or atomically replace our filter (fixed prio and handle), direct action."""
+    ensure_clsact(ipr, ifindex)
+    ipr.tc(
+        "replace-filter",
+        "bpf",
+        ifindex,
+        TC_HANDLE,
+        parent=parent,
+        prio=TC_PRIO,
+        protocol=ETH_P_ALL,
+        fd=fd,
+        name=name,
+        classid=1,
+        direct_action=True,
+    )
+
+
+def detach_tc(ipr: Any, ifindex: int, parent: int) -> bool:
+    if tc_filter(ipr, ifindex, parent) is None:
+        return False
+    try:
+        ipr.tc(
+            "del-filter",
+            "bpf",
+            ifindex,
+            TC_HANDLE,
+            parent=parent,
+            prio=TC_PRIO,
+            protocol=ETH_P_ALL,
+        )
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.EINVAL):
+            raise
+        return False
+    return True
+
+
+def set_gro(ifname: str, enabled: bool) -> bool:
+    """ethtool -K <dev> gro on|off; returns whether GRO was on before."""
+    value = (ctypes.c_uint32 * 2)(ETHTOOL_GGRO, 0)
+    ifreq = struct.pack("16sQ8x", ifname.encode(), ctypes.addressof(value))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+        before = bool(value[1])
+        if before != enabled:
+            value[0], value[1] = ETHTOOL_SGRO, int(enabled)
+            fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    return before
+
+
+def rp_filter(ifname: str) -> int:
+    """The effective reverse-path filter for a device: max(all, device), as the kernel uses."""
+    base = Path("/proc/sys/net/ipv4/conf")
+    values = []
+    for name in ("all", ifname):
+        try:
+            values.append(int((base / name / "rp_filter").read_text()))
+        except (OSError, ValueError):
+            values.append(0)
+    return max(values)
+
+
+def local_port_range() -> tuple[int, int]:
+    """The namespace's ephemeral range: where vxlan.ko picks outer source ports."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def default_ttl() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_default_ttl").read_text())
+    except (OSError, ValueError):
+        return 64
+
+
+# --------------------------------------------------------------------------------------------
+# The data path
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    index: int
+    mac: str
+
+
+@dataclass
+class AttachState:
+    """What load() did: for logs, status and the lab."""
+
+    decap: str = ""  # "xdp", "xdp-generic" or "tc"
+    decap_reason: str = ""  # why not native XDP, when it is not
+    replaced: list[str] = field(default_factory=list)
+    recreated_maps: list[str] = field(default_factory=list)
+
+
+class BPFDatapath:
+    """One agent instance's BPF data path: its pins, its programs, its maps."""
+
+    def __init__(
+        self,
+        *,
+        vtep: Device,
+        uplink: Device,
+        config: DatapathConfig,
+        pin_dir: Path,
+        decap_mode: str = "auto",
+    ) -> None:
+        if decap_mode not in DECAP_MODES:
+            raise LoaderError(f"unknown decapsulation mode {decap_mode!r}")
+        self.vtep = vtep
+        self.uplink = uplink
+        self.config = config
+        self.pin_dir = pin_dir
+        self.decap_mode = decap_mode
+        self.state = AttachState()
+        self.maps: PinnedMaps | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def load(self) -> AttachState:
+        ensure_bpffs(self.pin_dir.parents[2])
+        self.state.recreated_maps = prepare_pins(self.pin_dir)
+        programs = compile_programs(self.pin_dir)
+        try:
+            try:
+                self.maps = PinnedMaps(self.pin_dir)
+            except (OSError, LayoutMismatch) as exc:
+                raise LoaderError(f"cannot open the pinned maps in {self.pin_dir}: {exc}") from None
+            # Config first: programs attached from here on must never run unconfigured.
+            self.maps.write_config(self.config)
+            with IPRoute() as ipr:
+                self._attach_decap(ipr, programs)
+                self._attach_encap(ipr, programs)
+        except NetlinkError as exc:
+            self.close()
+            raise LoaderError(f"attaching failed: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            programs.close()
+        return self.state
+
+    def _attach_encap(self, ipr: Any, programs: Programs) -> None:
+        current = tc_filter(ipr, self.vtep.index, TC_EGRESS)
+        attach_tc(ipr, self.vtep.index, TC_EGRESS, programs.encap, PROG_ENCAP)
+        if current is not None:
+            self.state.replaced.append(f"tc egress {self.vtep.name}")
+
+    def _attach_decap(self, ipr: Any, programs: Programs) -> None:
+        uplink = self.uplink
+        mode, prog_id = xdp_program(ipr, uplink.index)
+        foreign = mode is not None and not _ours(prog_id)
+        strict = rp_filter(uplink.name) == 1
+        want = self.decap_mode
+        reason = ""
+        if want == "auto":
+            if strict:
+                want, reason = "tc", f"rp_filter is strict (1) on {uplink.name}"
+            elif foreign:
+                want, reason = "tc", f"another XDP program (id {prog_id}) is attached"
+            else:
+                want = "xdp"
+        elif want in ("xdp", "xdp-generic") and foreign:
+            raise LoaderError(
+                f"another XDP program (id {prog_id}) is attached to {uplink.name}; not replacing it"
+            )
+
+        if want in ("xdp", "xdp-generic"):
+            flags = XDP_FLAGS_DRV_MODE if want == "xdp" else XDP_FLAGS_SKB_MODE
+            if mode is not None and mode != ("xdp" if want == "xdp" else "xdpgeneric"):
+                # The other mode's program of ours would keep running beside the new one.
+                detach_xdp(
+                    ipr,
+                    uplink.index,
+                    XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE,
+                )
+                mode = None
+            try:
+                attach_xdp(ipr, uplink.index, programs.xdp_decap, flags)
+            except NetlinkError as exc:
+                if self.decap_mode != "auto":
+                    raise LoaderError(
+                        f"cannot attach {want} to {uplink.name}: {os.strerror(exc.code)}"
+                    ) from None
+                want, reason = (
+                    "tc",
+                    f"native XDP cannot attach to {uplink.name}: {os.strerror(exc.code)}",
+                )
+            else:
+                if mode is not None:
+                    self.state.replaced.append(f"xdp {uplink.name}")
+                if want == "xdp" and not set_gro(uplink.name, True):
+                    log.info("enabled GRO on %s for XDP decapsulation", uplink.name)
+                if detach_tc(ipr, uplink.index, TC_INGRESS):
+                    log.info("removed the tc-ingress decapsulation left on %s", uplink.name)
+                self.state.decap = want
+                self.state.decap_reason = reason
+                return
+
+        # tc ingress: either chosen, or where XDP could not go.
+        current = tc_filter(ipr, uplink.index, TC_INGRESS)
+        attach_tc(ipr, uplink.index, TC_INGRESS, programs.tc_decap, PROG_TC_DECAP)
+        if current is not None:
+            self.state.replaced.append(f"tc ingress {uplink.name}")
+        if mode is not None and not foreign:
+            detach_xdp(
+                ipr,
+                uplink.index,
+                XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE,
+            )
+            log.info("removed the XDP decapsulation left on %s", uplink.name)
+        self.state.decap = "tc"
+        self.state.decap_reason = reason
+
+    def close(self) -> None:
+        """Release our fds. The data path stays attached and pinned."""
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+
+    # -- remotes -------------------------------------------------------------------------------
+
+    def _require_maps(self) -> PinnedMaps:
+        if self.maps is None:
+            raise LoaderError("the BPF data path is not loaded")
+        return self.maps
+
+    def set_remote(self, remote: Remote) -> None:
+        self._require_maps().set_remote(remote)
+
+    def delete_remote(self, subnet: IPv4Network) -> bool:
+        return self._require_maps().delete_remote(subnet)
+
+    def sync_remotes(self, wanted: Iterable[Remote]) -> tuple[int, int]:
+        """Mark and sweep: fb_remotes becomes exactly ``wanted``. Returns (written, removed)."""
+        maps = self._require_maps()
+        desired = {r.subnet: r for r in wanted}
+        present = {r.subnet: r for r in maps.remotes()}
+        removed = 0
+        for subnet in present.keys() - desired.keys():
+            if maps.delete_remote(subnet):
+                removed += 1
+        written = 0
+        for subnet, remote in desired.items():
+            if present.get(subnet) != remote:
+                maps.set_remote(remote)
+                written += 1
+        return written, removed
+
+
+def cleanup(pin_dir: Path, devices: Iterable[str]) -> list[str]:
+    """Detach our programs from the named devices and remove the pins. Returns what it did."""
+    done: list[str] = []
+    with IPRoute() as ipr:
+        for name in devices:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                continue
+            index = found[0]
+            mode, prog_id = xdp_program(ipr, index)
+            if mode is not None and _ours(prog_id):
+                detach_xdp(
+                    ipr, index, XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE
+                )
+                done.append(f"detached XDP from {name}")
+            for parent, hook in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress")):
+                current = tc_filter(ipr, index, parent)
+                if current is not None and current[0].startswith(OUR_PREFIX):
+                    detach_tc(ipr, index, parent)
+                    done.append(f"detached tc {hook} from {name}")
+    if pin_dir.is_dir():
+        for spec in ALL_MAPS:
+            pin = pin_dir / spec.name
+            if pin.exists():
+                pin.unlink()
+                done.append(f"unpinned {pin}")
+        for directory in (pin_dir, pin_dir.parent, pin_dir.parent.parent):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+    return done

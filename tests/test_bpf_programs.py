@@ -1,0 +1,440 @@
+"""The BPF programs, run by the kernel on crafted frames (BPF_PROG_TEST_RUN).
+
+Encapsulation is compared byte for byte with what vxlan.ko emits for the same inner packet: once
+against the stored capture (tests/fixtures/kernel_vxlan_encap.json) and once against a capture
+made live in this run. Every pass-through and drop reason is provoked and its counter checked,
+except three defensive ones no test run can reach: PASS_ADJUST_FAILED and DROP_WRITE_FAILED (the
+kernel refusing to resize or write a packet it just accepted) and PASS_SHORT at encapsulation
+(non-linear headers; BPF_PROG_TEST_RUN builds linear skbs and refuses IPv4 frames under 34 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flannel_bpf import bpf_sys, loader
+from flannel_bpf.bpf_maps import (
+    ALL_MAPS,
+    FB_REMOTE_SKIP,
+    CounterKey,
+    DatapathConfig,
+    Hook,
+    PinnedMaps,
+    Reason,
+    Remote,
+)
+from flannel_bpf.lab.netns import add_netns, delete_netns, entered, run
+
+from . import packets as pk
+from .conftest import requires_root, unique
+
+pytestmark = requires_root
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "kernel_vxlan_encap.json").read_text())
+TOPO = FIXTURE["topology"]
+INNER_FRAME = bytes.fromhex(FIXTURE["inner_frame"])
+KERNEL_FRAME = bytes.fromhex(FIXTURE["outer_frame"])
+
+TC_ACT_UNSPEC = 0xFFFFFFFF
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+XDP_DROP = 1
+XDP_PASS = 2
+
+A_SUBNET, B_SUBNET = "10.5.1.0/24", "10.5.2.0/24"
+UNROUTED_VTEP = "198.19.77.1"  # no underlay route to it in either namespace
+
+
+@dataclass
+class Node:
+    """One side's namespace, pins, loaded (not attached) programs and maps."""
+
+    ns: str
+    pin_dir: Path
+    programs: loader.Programs
+    maps: PinnedMaps
+    config: DatapathConfig
+
+    def run(self, hook: Hook, frame: bytes) -> tuple[int, bytes, dict[Reason, tuple[int, int]]]:
+        fd = {
+            Hook.TC_ENCAP: self.programs.encap,
+            Hook.XDP_DECAP: self.programs.xdp_decap,
+            Hook.TC_DECAP: self.programs.tc_decap,
+        }[hook]
+        before = self.maps.counters()
+        with entered(self.ns):
+            result = bpf_sys.prog_test_run(fd, frame)
+        after = self.maps.counters()
+        delta = {
+            key.reason: (after[key][0] - before[key][0], after[key][1] - before[key][1])
+            for key in after
+            if key.hook is hook and after[key] != before[key]
+        }
+        return result.retval, result.data, delta
+
+    def close(self) -> None:
+        self.maps.close()
+        self.programs.close()
+        loader.cleanup(self.pin_dir, [])
+
+
+def _ip(ns: str, *args: str) -> None:
+    run(["ip", "-n", ns, *args])
+
+
+def _make_node(ns: str, tag: str, config_for: dict[str, Any] | None) -> Node:
+    pin_dir = loader.DEFAULT_BPFFS / f"test-{unique(tag)}" / "v1"
+    loader.ensure_bpffs()
+    programs = loader.compile_programs(pin_dir)
+    maps = PinnedMaps(pin_dir)
+    with entered(ns):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            up = ipr.link("get", ifname="u0")[0]
+            vtep = ipr.link("get", ifname="flannel.1")[0]
+    cfg = DatapathConfig(
+        local_ip=IPv4Address(config_for["local"]) if config_for else IPv4Address(0),
+        vni=1,
+        port=8472,
+        uplink_ifindex=int(up["index"]),
+        uplink_mac=str(up.get_attr("IFLA_ADDRESS")),
+        vtep_ifindex=int(vtep["index"]),
+        vtep_mac=str(vtep.get_attr("IFLA_ADDRESS")),
+    )
+    if config_for:
+        maps.write_config(cfg)
+    return Node(ns, pin_dir, programs, maps, cfg)
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[dict[str, Node]]:
+    """Two hosts as in the fixture: same addresses, same MACs, flanneld's vxlan device on A."""
+    a, b = unique("pa"), unique("pb")
+    nodes: list[Node] = []
+    try:
+        add_netns(a)
+        add_netns(b)
+        run(
+            [
+                "ip", "link", "add", "u0", "netns", a, "address", TOPO["local_underlay_mac"],
+                "type", "veth", "peer", "name", "u0", "netns", b,
+                "address", TOPO["remote_underlay_mac"],
+            ]
+        )  # fmt: skip
+        for ns, addr, vtep_mac in (
+            (a, TOPO["local_underlay"], TOPO["local_vtep_mac"]),
+            (b, TOPO["remote_underlay"], TOPO["remote_vtep_mac"]),
+        ):
+            _ip(ns, "addr", "add", f"{addr}/24", "dev", "u0")
+            _ip(ns, "link", "set", "u0", "up")
+            _ip(
+                ns, "link", "add", "flannel.1", "address", vtep_mac, "type", "vxlan", "id", "1",
+                "dev", "u0", "local", addr, "dstport", "8472", "nolearning",
+            )  # fmt: skip
+            _ip(ns, "link", "set", "flannel.1", "mtu", "1450", "up")
+            run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        _ip(a, "addr", "add", "10.5.1.0/32", "dev", "flannel.1")
+        _ip(a, "neigh", "add", "10.5.2.0", "lladdr", TOPO["remote_vtep_mac"], "dev", "flannel.1",
+            "nud", "permanent")  # fmt: skip
+        _ip(a, "route", "add", B_SUBNET, "via", "10.5.2.0", "dev", "flannel.1", "onlink")
+        run(["bridge", "-n", a, "fdb", "add", TOPO["remote_vtep_mac"], "dev", "flannel.1",
+             "dst", TOPO["remote_underlay"]])  # fmt: skip
+        _ip(a, "neigh", "add", TOPO["remote_underlay"], "lladdr", TOPO["remote_underlay_mac"],
+            "dev", "u0", "nud", "permanent")  # fmt: skip
+        node_a = _make_node(a, "a", {"local": TOPO["local_underlay"]})
+        nodes.append(node_a)
+        node_b = _make_node(b, "b", {"local": TOPO["remote_underlay"]})
+        nodes.append(node_b)
+        unconfigured = _make_node(a, "u", None)
+        nodes.append(unconfigured)
+        node_a.maps.set_remote(
+            Remote(IPv4Network(B_SUBNET), IPv4Address(TOPO["remote_underlay"]),
+                   TOPO["remote_vtep_mac"])
+        )  # fmt: skip
+        node_a.maps.set_remote(
+            Remote(IPv4Network("10.5.3.0/24"), IPv4Address(UNROUTED_VTEP), "0e:fb:00:00:03:01")
+        )
+        node_a.maps.set_remote(
+            Remote(IPv4Network("10.5.4.0/24"), IPv4Address("198.18.0.4"), "0e:fb:00:00:04:01")
+        )
+        node_a.maps.set_remote(
+            Remote(IPv4Network("10.5.5.0/24"), IPv4Address("198.18.0.2"), "0e:fb:00:00:05:01",
+                   FB_REMOTE_SKIP)
+        )  # fmt: skip
+        yield {"a": node_a, "b": node_b, "unconfigured": unconfigured}
+    finally:
+        for node in nodes:
+            node.close()
+        delete_netns(a)
+        delete_netns(b)
+
+
+def inner_frame(dst: str = "10.5.2.7", *, payload: bytes = b"x" * 32, **ip: Any) -> bytes:
+    return pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"]) + pk.ipv4(
+        "10.5.1.5", dst, pk.udp(40000, 7777, payload), **ip
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Encapsulation
+
+
+def test_encap_matches_stored_kernel_capture(topo: dict[str, Node]) -> None:
+    retval, out, delta = topo["a"].run(Hook.TC_ENCAP, INNER_FRAME)
+    assert (retval, delta) == (TC_ACT_REDIRECT, {Reason.ENCAP_REDIRECT: (1, len(INNER_FRAME))})
+    assert delta == {Reason.ENCAP_REDIRECT: (1, len(INNER_FRAME))}
+    assert len(out) == len(KERNEL_FRAME) == len(INNER_FRAME) + 50
+    # Identical but for the per-packet and per-boot fields, which are checked one by one.
+    assert pk.masked(out, source_port=True) == pk.masked(KERNEL_FRAME, source_port=True)
+    fields = pk.outer_fields(out)
+    assert pk.header_checksum_ok(out)
+    assert fields.udp_check == 0
+    assert 32768 <= fields.udp_source < 60999
+
+
+def _kernel_encapsulate(topo: dict[str, Node], inner_ip: bytes) -> bytes:
+    """Send inner_ip through vxlan.ko on A and capture what arrives on B's underlay."""
+    with entered(topo["b"].ns):
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        capture.bind(("u0", 0))
+        capture.settimeout(5)
+        with entered(topo["a"].ns):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with sender:
+            sender.sendto(inner_ip, (socket.inet_ntoa(inner_ip[16:20]), 0))
+        while True:
+            frame = capture.recv(65535)
+            if frame[12:14] == b"\x08\x00" and frame[23] == 17 and frame[36:38] == b"\x21\x18":
+                return frame
+    finally:
+        capture.close()
+
+
+@pytest.mark.parametrize(
+    "ip_args",
+    [
+        {},
+        {"tos": 0x03},  # CE: the outer header carries ECT(0), as INET_ECN_encapsulate does
+        {"tos": 0xB9},  # DSCP stays inside, ECN ECT(1) is copied out
+        {"payload": b"y" * 1300},
+        {"ttl": 1},
+    ],
+    ids=["plain", "ecn-ce", "dscp-ect1", "large", "ttl1"],
+)
+def test_encap_matches_live_kernel_capture(topo: dict[str, Node], ip_args: dict[str, Any]) -> None:
+    frame = inner_frame(**ip_args)
+    kernel = _kernel_encapsulate(topo, frame[14:])
+    retval, out, _ = topo["a"].run(Hook.TC_ENCAP, frame)
+    assert retval == TC_ACT_REDIRECT
+    # Same boot, same flow hash: the source port must match too.
+    assert pk.masked(out, source_port=False) == pk.masked(kernel, source_port=False)
+    assert pk.header_checksum_ok(out)
+
+
+def test_encap_source_port_follows_the_flow(topo: dict[str, Node]) -> None:
+    ports = set()
+    for sport in range(40000, 40064):
+        frame = pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"]) + pk.ipv4(
+            "10.5.1.5", "10.5.2.7", pk.udp(sport, 7777, b"z")
+        )
+        first = pk.outer_fields(topo["a"].run(Hook.TC_ENCAP, frame)[1]).udp_source
+        again = pk.outer_fields(topo["a"].run(Hook.TC_ENCAP, frame)[1]).udp_source
+        assert first == again
+        ports.add(first)
+    assert len(ports) > 48  # spread over the range (entropy for ECMP and RSS)
+
+
+def test_encap_without_neighbour_leaves_the_next_hop_to_the_kernel(topo: dict[str, Node]) -> None:
+    frame = inner_frame("10.5.4.9")  # VTEP 198.18.0.4: routed, but no neighbour entry
+    retval, out, delta = topo["a"].run(Hook.TC_ENCAP, frame)
+    assert retval == TC_ACT_REDIRECT
+    assert delta == {Reason.ENCAP_REDIRECT_NEIGH: (1, len(frame))}
+    assert out[:12] == bytes(12)  # the neighbour layer writes the outer MACs
+    assert out[30:34] == socket.inet_aton("198.18.0.4")
+    assert out[64 - 14 : 64 - 8] == pk.mac("0e:fb:00:00:04:01")
+
+
+def test_encap_on_a_host_that_does_not_forward(topo: dict[str, Node]) -> None:
+    """bpf_fib_lookup() refuses without forwarding; the kernel then routes the outer packet."""
+    sysctl = ["ip", "netns", "exec", topo["a"].ns, "sysctl", "-qw"]
+    run([*sysctl, "net.ipv4.conf.u0.forwarding=0"])
+    try:
+        retval, out, delta = topo["a"].run(Hook.TC_ENCAP, INNER_FRAME)
+    finally:
+        run([*sysctl, "net.ipv4.conf.u0.forwarding=1"])
+    assert (retval, delta) == (
+        TC_ACT_REDIRECT,
+        {Reason.ENCAP_REDIRECT_NEIGH: (1, len(INNER_FRAME))},
+    )
+    assert pk.masked(out, source_port=True)[12:] == pk.masked(KERNEL_FRAME, source_port=True)[12:]
+
+
+def _passes(node: Node, hook: Hook, frame: bytes, reason: Reason) -> None:
+    retval, out, delta = node.run(hook, frame)
+    expected = TC_ACT_UNSPEC if hook is not Hook.XDP_DECAP else XDP_PASS
+    assert (retval, delta) == (expected, {reason: (1, len(frame))})
+    assert out == frame  # untouched
+
+
+ARP = pk.eth("ff:ff:ff:ff:ff:ff", TOPO["local_vtep_mac"], pk.ETH_P_ARP) + bytes(28)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (ARP, Reason.PASS_NOT_IPV4),
+        (inner_frame(options=b"\x01\x01\x01\x00"), Reason.PASS_IP_OPTIONS),
+        (inner_frame("10.5.9.9"), Reason.PASS_NO_REMOTE),
+        (inner_frame("10.5.3.9"), Reason.PASS_NO_ROUTE),
+        (inner_frame(payload=b"b" * 1500), Reason.PASS_TOO_BIG),
+        (inner_frame("10.5.5.5"), Reason.PASS_SKIP),
+    ],
+    ids=lambda v: v.name if isinstance(v, Reason) else "",
+)
+def test_encap_passes_what_it_does_not_handle(
+    topo: dict[str, Node], frame: bytes, reason: Reason
+) -> None:
+    _passes(topo["a"], Hook.TC_ENCAP, frame, reason)
+
+
+def test_unconfigured_programs_pass_everything(topo: dict[str, Node]) -> None:
+    node = topo["unconfigured"]
+    _passes(node, Hook.TC_ENCAP, INNER_FRAME, Reason.PASS_NO_CONFIG)
+    _passes(node, Hook.XDP_DECAP, KERNEL_FRAME, Reason.PASS_NO_CONFIG)
+    _passes(node, Hook.TC_DECAP, KERNEL_FRAME, Reason.PASS_NO_CONFIG)
+
+
+# --------------------------------------------------------------------------------------------
+# Decapsulation
+
+
+def test_xdp_decap_of_a_kernel_frame(topo: dict[str, Node]) -> None:
+    retval, out, delta = topo["b"].run(Hook.XDP_DECAP, KERNEL_FRAME)
+    assert retval == XDP_PASS
+    assert delta == {Reason.DECAP_PASS: (1, len(KERNEL_FRAME))}
+    # The inner packet, under the outer MACs: addressed to this host's uplink.
+    assert out == KERNEL_FRAME[:12] + b"\x08\x00" + KERNEL_FRAME[64:]
+
+
+def test_tc_decap_of_a_kernel_frame(topo: dict[str, Node]) -> None:
+    retval, out, delta = topo["b"].run(Hook.TC_DECAP, KERNEL_FRAME)
+    assert retval == TC_ACT_REDIRECT
+    assert delta == {Reason.DECAP_REDIRECT: (1, len(KERNEL_FRAME))}
+    # As vxlan.ko delivers it on flannel.1: to our VtepMAC, from the peer's.
+    expected_eth = pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"])
+    assert out == expected_eth + KERNEL_FRAME[64:]
+
+
+def test_encap_then_decap_round_trip(topo: dict[str, Node]) -> None:
+    frame = inner_frame(payload=bytes(range(256)) * 4)
+    _, wire, _ = topo["a"].run(Hook.TC_ENCAP, frame)
+    retval, out, _ = topo["b"].run(Hook.TC_DECAP, wire)
+    assert retval == TC_ACT_REDIRECT
+    assert out == frame
+    retval, out, _ = topo["b"].run(Hook.XDP_DECAP, wire)
+    assert retval == XDP_PASS
+    assert out[14:] == frame[14:]
+
+
+def _vxlan_frame(
+    *,
+    dst_ip: str = TOPO["remote_underlay"],
+    proto: int = 17,
+    port: int = 8472,
+    flags: int = 0x08000000,
+    vni: int = 1,
+    inner_mac: str = TOPO["remote_vtep_mac"],
+    inner_proto: int = pk.ETH_P_IP,
+    inner: bytes | None = None,
+    frag: int = 0,
+    options: bytes = b"",
+) -> bytes:
+    if inner is None:
+        inner = pk.ipv4("10.5.1.5", "10.5.2.7", pk.udp(1, 2, b"hello"))
+    payload = pk.vxlan(vni, flags) + pk.eth(inner_mac, TOPO["local_vtep_mac"], inner_proto) + inner
+    outer = pk.ipv4(
+        TOPO["local_underlay"], dst_ip, pk.udp(50000, port, payload), proto=proto, frag=frag,
+        options=options,
+    )  # fmt: skip
+    return pk.eth(TOPO["remote_underlay_mac"], TOPO["local_underlay_mac"]) + outer
+
+
+DECAP_PASSES = [
+    (ARP, Reason.PASS_NOT_IPV4),
+    (_vxlan_frame(dst_ip="198.18.0.9"), Reason.PASS_NOT_OURS),
+    (_vxlan_frame(proto=6), Reason.PASS_NOT_OURS),
+    (_vxlan_frame(port=4789), Reason.PASS_NOT_OURS),
+    (_vxlan_frame(options=b"\x01\x01\x01\x00"), Reason.PASS_IP_OPTIONS),
+    (_vxlan_frame(frag=0x2000), Reason.PASS_FRAGMENT),
+    (_vxlan_frame(frag=0x0010), Reason.PASS_FRAGMENT),
+    (_vxlan_frame(flags=0x08000001), Reason.PASS_BAD_FLAGS),
+    (_vxlan_frame(flags=0x88000000), Reason.PASS_BAD_FLAGS),
+    (_vxlan_frame(vni=2), Reason.PASS_OTHER_VNI),
+    (_vxlan_frame(inner_mac="0e:fb:00:00:09:09"), Reason.PASS_OTHER_MAC),
+    (_vxlan_frame(inner_proto=pk.ETH_P_ARP, inner=bytes(28)), Reason.PASS_INNER_NOT_IPV4),
+    (_vxlan_frame()[:60], Reason.PASS_SHORT),
+]
+
+
+@pytest.mark.parametrize("hook", [Hook.XDP_DECAP, Hook.TC_DECAP], ids=lambda h: h.label)
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    DECAP_PASSES,
+    ids=[f"{r.label}-{i}" for i, (_, r) in enumerate(DECAP_PASSES)],
+)
+def test_decap_passes_what_is_not_ours(
+    topo: dict[str, Node], hook: Hook, frame: bytes, reason: Reason
+) -> None:
+    _passes(topo["b"], hook, frame, reason)
+
+
+MALFORMED_INNER = [
+    pk.ipv4("10.5.1.5", "10.5.2.7", b"abc", total_length=400),  # claims more than there is
+    pk.ipv4("10.5.1.5", "10.5.2.7", b"abc", total_length=12),  # shorter than its header
+    b"\x65" + pk.ipv4("10.5.1.5", "10.5.2.7", b"abc")[1:],  # version 6, ihl 5
+    b"\x44" + pk.ipv4("10.5.1.5", "10.5.2.7", b"abc")[1:],  # ihl 4
+]
+
+
+@pytest.mark.parametrize("hook", [Hook.XDP_DECAP, Hook.TC_DECAP], ids=lambda h: h.label)
+@pytest.mark.parametrize("inner", MALFORMED_INNER, ids=["long", "short", "version", "ihl"])
+def test_decap_drops_malformed_inner_packets(
+    topo: dict[str, Node], hook: Hook, inner: bytes
+) -> None:
+    frame = _vxlan_frame(inner=inner)
+    retval, _, delta = topo["b"].run(hook, frame)
+    assert retval == (XDP_DROP if hook is Hook.XDP_DECAP else TC_ACT_SHOT)
+    assert delta == {Reason.DROP_INNER_MALFORMED: (1, len(frame))}
+
+
+def test_decap_accepts_nonzero_outer_udp_checksums(topo: dict[str, Node]) -> None:
+    # vxlan.ko peers send udpcsum; the fixture frame carries one.
+    assert pk.outer_fields(KERNEL_FRAME).udp_check != 0
+    assert topo["b"].run(Hook.XDP_DECAP, KERNEL_FRAME)[0] == XDP_PASS
+
+
+def test_counters_sum_over_cpus_and_keep_bytes(topo: dict[str, Node]) -> None:
+    node = topo["b"]
+    before = node.maps.counters()[CounterKey(Hook.XDP_DECAP, Reason.DECAP_PASS)]
+    for _ in range(5):
+        node.run(Hook.XDP_DECAP, KERNEL_FRAME)
+    after = node.maps.counters()[CounterKey(Hook.XDP_DECAP, Reason.DECAP_PASS)]
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 5 * len(KERNEL_FRAME))
+
+
+def test_struct_sizes_match_the_kernel_maps(topo: dict[str, Node]) -> None:
+    info = {spec.name: bpf_sys.map_info(topo["a"].maps.fd(spec)) for spec in ALL_MAPS}
+    assert info["fb_remotes"].key_size == 8 and info["fb_remotes"].value_size == 12
+    assert info["fb_config"].value_size == struct.calcsize("<4sI2sHHBBII6s6s") == 36
+    assert info["fb_stats"].value_size == 16 and info["fb_stats"].max_entries == 96
