@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
 from typing import TypeVar
 
 from .backends import BackendError, ExternalContext, Network, make_backend
 from .config import NetworkConfig
 from .flags import AgentOptions
 from .iface import InterfaceError, find_external_interface
-from .lease import Lease
+from .lease import Lease, LeaseEventType
 from .lease_manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
+from .status import AgentStatus
 from .store import EtcdSettings, EtcdStore, StoreAuthError, StoreError, StoreUnavailable
 from .subnet_file import (
     PreviousSubnets,
@@ -44,6 +47,7 @@ class AgentError(Exception):
 @dataclass
 class Agent:
     options: AgentOptions
+    _status: AgentStatus | None = field(default=None, init=False)
 
     async def run(self) -> int:
         """Run until SIGTERM (returns 0), lease revocation (0) or a fatal error (AgentError)."""
@@ -96,6 +100,11 @@ class Agent:
         except BackendError as exc:
             raise AgentError(str(exc)) from None
         log.info("backend %s selected", backend.type)
+        if opts.datapath != "auto" and opts.datapath not in backend.datapaths:
+            raise AgentError(
+                f"--datapath={opts.datapath} is not available for the {backend.type} backend "
+                f"(it offers: {', '.join(backend.datapaths)})"
+            )
 
         try:
             network = await _retry_unavailable("acquire lease", backend.register_network)
@@ -123,6 +132,17 @@ class Agent:
         except OSError as exc:
             # flanneld carries on without readiness; so do we, loudly.
             log.error("failed to write subnet file %s: %s", opts.subnet_file, exc)
+        for reason in network.fallbacks:
+            log.warning("data path fallback: %s", reason)
+        detail = " ".join(f"{k}={v}" for k, v in network.datapath_status().items() if v != "")
+        log.info("datapath=%s backend=%s %s", network.datapath, backend.type, detail)
+        self._status = AgentStatus(
+            path=Path(opts.status_file),
+            backend=backend.type,
+            iface=iface.name,
+            public_ip=str(iface.ext_addr),
+        )
+        self._status.write(network)
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
 
         try:
@@ -197,9 +217,24 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _follow_peers(self, manager: LeaseManager, network: Network) -> None:
+        first = True
+        peers: set[IPv4Network] = set()
         async for events in manager.watch_leases(network.lease.subnet, network.accepts):
-            if events:
+            if first:
+                await network.apply_snapshot(events)
+                first = False
+            elif events:
                 await network.apply(events)
+            else:
+                continue
+            for event in events:
+                if event.type is LeaseEventType.ADDED:
+                    peers.add(event.lease.subnet)
+                else:
+                    peers.discard(event.lease.subnet)
+            if self._status is not None:
+                self._status.peers = len(peers)
+                self._status.write(network)
 
 
 async def _retry_unavailable(what: str, operation: Callable[[], Awaitable[T]]) -> T:

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 from .agent import Agent, AgentError
@@ -24,6 +25,10 @@ usage: flannel-bpf COMMAND [ARGS]
 
 commands:
   run [FLAGS]     run the agent (flanneld's flags and FLANNELD_* environment; run -h lists them)
+  status [--status-file PATH] [-o json]
+                  the running agent: data path and why, lease, BPF hooks, remotes, counters
+  cleanup [--bpffs PATH]
+                  detach and unpin this namespace's BPF data path (a normal stop leaves it)
   lab up|status|exec|down
                   a multi-node lab on network namespaces (lab -h for its options)
   version         print the version
@@ -44,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     commands: dict[str, Callable[[list[str]], int]] = {
         "run": cmd_run,
+        "status": cmd_status,
+        "cleanup": cmd_cleanup,
         "lab": cmd_lab,
         "version": cmd_version,
     }
@@ -84,6 +91,53 @@ def cmd_run(args: list[str]) -> int:
     return status
 
 
+def cmd_status(args: list[str]) -> int:
+    from .status import StatusError, collect, format_status
+
+    parser = argparse.ArgumentParser(prog="flannel-bpf status", description="agent status")
+    parser.add_argument("--status-file", default="/run/flannel-bpf/status.json")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        info = collect(Path(opts.status_file))
+    except StatusError as exc:
+        print(f"flannel-bpf status: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(info, indent=2) if opts.output == "json" else format_status(info))
+    return EXIT_OK if info.get("running") else EXIT_FAILURE
+
+
+def cmd_cleanup(args: list[str]) -> int:
+    from . import loader
+
+    parser = argparse.ArgumentParser(
+        prog="flannel-bpf cleanup",
+        description="detach every flannel-bpf program in this network namespace and remove its "
+        "pinned maps; also unpins maps of namespaces that no longer exist",
+    )
+    parser.add_argument("--bpffs", default=str(loader.DEFAULT_BPFFS))
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    root = Path(opts.bpffs)
+    done: list[str] = []
+    try:
+        for pin_dir in loader.instance_dirs(root):
+            done += loader.cleanup(pin_dir)
+        done += loader.remove_orphans(root)
+    except OSError as exc:
+        print(f"flannel-bpf cleanup: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in done:
+        print(line)
+    print(f"cleanup: {len(done)} actions" if done else "cleanup: nothing to do")
+    return EXIT_OK
+
+
 def cmd_lab(args: list[str]) -> int:
     from .lab import lab
 
@@ -96,6 +150,14 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument("--backend", default="vxlan")
     p_up.add_argument("--network", default="10.244.0.0/16")
     p_up.add_argument("--underlay-mtu", type=int, default=1500)
+    p_up.add_argument(
+        "--datapath",
+        default="",
+        help="--datapath for the agents, or a comma list cycled over the nodes (bpf,kernel)",
+    )
+    p_up.add_argument(
+        "--agent-arg", action="append", default=[], help="extra flag for every agent (repeatable)"
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -117,6 +179,8 @@ def cmd_lab(args: list[str]) -> int:
                 opts.backend,
                 opts.network,
                 opts.underlay_mtu,
+                tuple(opts.agent_arg),
+                tuple(d for d in opts.datapath.split(",") if d),
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

@@ -48,6 +48,7 @@ from enum import Enum
 ENV_PREFIX = "FLANNELD"
 
 DATAPATHS = ("auto", "bpf", "kernel", "userspace")
+BPF_DECAP_MODES = ("auto", "xdp", "tc", "xdp-generic")
 LOG_FORMATS = ("text", "json")
 
 # flanneld's own wording, kept so that existing log searches and runbooks still match.
@@ -111,6 +112,9 @@ class AgentOptions:
     log_backtrace_at: str = ""
     log_format: str = "text"
     datapath: str = "auto"
+    bpf_decap: str = "auto"
+    bpffs: str = "/run/flannel-bpf/bpffs"
+    status_file: str = "/run/flannel-bpf/status.json"
     metrics_addr: str = ""
 
 
@@ -388,6 +392,26 @@ _FLAGS: tuple[_Flag, ...] = (
         check=_one_of(DATAPATHS),
     ),
     _Flag(
+        "bpf-decap",
+        _Kind.STRING,
+        "auto",
+        "BPF decapsulation hook: auto (native XDP, else tc ingress), xdp, tc, or xdp-generic "
+        "(tests only) (flannel-bpf)",
+        check=_one_of(BPF_DECAP_MODES),
+    ),
+    _Flag(
+        "bpffs",
+        _Kind.STRING,
+        "/run/flannel-bpf/bpffs",
+        "bpf filesystem for the pinned maps, mounted when missing (flannel-bpf)",
+    ),
+    _Flag(
+        "status-file",
+        _Kind.STRING,
+        "/run/flannel-bpf/status.json",
+        "where the agent records its state for `flannel-bpf status` (flannel-bpf)",
+    ),
+    _Flag(
         "metrics-addr",
         _Kind.STRING,
         "",
@@ -624,6 +648,9 @@ def parse_run_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOpti
         log_backtrace_at=state.string("log_backtrace_at"),
         log_format=state.string("log-format"),
         datapath=state.string("datapath"),
+        bpf_decap=state.string("bpf-decap"),
+        bpffs=state.string("bpffs"),
+        status_file=state.string("status-file"),
         metrics_addr=state.string("metrics-addr"),
     )
 

@@ -18,6 +18,7 @@ Everything here is blocking (compiling takes about a second): the agent calls it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -293,8 +294,8 @@ def ensure_clsact(ipr: Any, ifindex: int) -> None:
             raise
 
 
-def tc_filter(ipr: Any, ifindex: int, parent: int) -> tuple[str, int] | None:
-    """Our filter slot's program (name, id) on a hook, or None when the slot is empty."""
+def tc_filter(ipr: Any, ifindex: int, parent: int) -> str | None:
+    """The program name in our filter slot (prio and handle) on a hook; None when empty."""
     try:
         filters = ipr.get_filters(index=ifindex, parent=parent)
     except NetlinkError:
@@ -306,7 +307,7 @@ def tc_filter(ipr: Any, ifindex: int, parent: int) -> tuple[str, int] | None:
             continue
         options = msg.get_attr("TCA_OPTIONS")
         name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-        return str(name or ""), 0
+        return str(name or "")
     return None
 
 
@@ -420,6 +421,7 @@ class BPFDatapath:
         uplink: Device,
         config: DatapathConfig,
         pin_dir: Path,
+        bpffs_root: Path = DEFAULT_BPFFS,
         decap_mode: str = "auto",
     ) -> None:
         if decap_mode not in DECAP_MODES:
@@ -428,6 +430,7 @@ class BPFDatapath:
         self.uplink = uplink
         self.config = config
         self.pin_dir = pin_dir
+        self.bpffs_root = bpffs_root
         self.decap_mode = decap_mode
         self.state = AttachState()
         self.maps: PinnedMaps | None = None
@@ -435,7 +438,7 @@ class BPFDatapath:
     # -- setup ---------------------------------------------------------------------------------
 
     def load(self) -> AttachState:
-        ensure_bpffs(self.pin_dir.parents[2])
+        ensure_bpffs(self.bpffs_root)
         self.state.recreated_maps = prepare_pins(self.pin_dir)
         programs = compile_programs(self.pin_dir)
         try:
@@ -566,35 +569,119 @@ class BPFDatapath:
         return written, removed
 
 
-def cleanup(pin_dir: Path, devices: Iterable[str]) -> list[str]:
-    """Detach our programs from the named devices and remove the pins. Returns what it did."""
+def attached(vtep_index: int, uplink_index: int) -> dict[str, str]:
+    """What runs where now, for status: hook -> program name (and XDP mode)."""
+    found: dict[str, str] = {}
+    with IPRoute() as ipr:
+        encap = tc_filter(ipr, vtep_index, TC_EGRESS)
+        if encap:
+            found["tc_encap"] = encap
+        decap = tc_filter(ipr, uplink_index, TC_INGRESS)
+        if decap:
+            found["tc_decap"] = decap
+        mode, prog_id = xdp_program(ipr, uplink_index)
+        if mode is not None:
+            info = bpf_sys.prog_info_by_id(prog_id)
+            found[mode] = info.name if info else f"id {prog_id}"
+    return found
+
+
+def _devices_of(pin_dir: Path) -> list[int]:
+    """The uplink and VTEP ifindexes the instance recorded in its fb_config, if readable."""
+    try:
+        with PinnedMaps(pin_dir) as maps:
+            cfg = maps.read_config()
+    except (OSError, LayoutMismatch):
+        return []
+    return [cfg.uplink_ifindex, cfg.vtep_ifindex] if cfg else []
+
+
+def detach_ours(ifindexes: Iterable[int]) -> list[str]:
+    """Detach every program of ours (by name) from these devices; returns what it did."""
     done: list[str] = []
     with IPRoute() as ipr:
-        for name in devices:
-            found = ipr.link_lookup(ifname=name)
-            if not found:
+        for index in ifindexes:
+            try:
+                name = _link(ipr, index).get_attr("IFLA_IFNAME")
+            except (NetlinkError, IndexError):
                 continue
-            index = found[0]
             mode, prog_id = xdp_program(ipr, index)
             if mode is not None and _ours(prog_id):
-                detach_xdp(
-                    ipr, index, XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE
-                )
+                flags = XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE
+                detach_xdp(ipr, index, flags)
                 done.append(f"detached XDP from {name}")
             for parent, hook in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress")):
                 current = tc_filter(ipr, index, parent)
-                if current is not None and current[0].startswith(OUR_PREFIX):
+                if current is not None and current.startswith(OUR_PREFIX):
                     detach_tc(ipr, index, parent)
                     done.append(f"detached tc {hook} from {name}")
-    if pin_dir.is_dir():
-        for spec in ALL_MAPS:
-            pin = pin_dir / spec.name
-            if pin.exists():
-                pin.unlink()
-                done.append(f"unpinned {pin}")
-        for directory in (pin_dir, pin_dir.parent, pin_dir.parent.parent):
+    return done
+
+
+def unpin(pin_dir: Path) -> list[str]:
+    """Remove an instance's pins and its now empty directories up to the netns level."""
+    done: list[str] = []
+    if not pin_dir.is_dir():
+        return done
+    for pin in sorted(pin_dir.iterdir()):
+        pin.unlink()
+        done.append(f"unpinned {pin}")
+    for directory in (pin_dir, pin_dir.parent, pin_dir.parent.parent):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+    return done
+
+
+def cleanup(pin_dir: Path, extra_devices: Iterable[int] = ()) -> list[str]:
+    """Take one instance's data path down: detach (devices from its fb_config), then unpin."""
+    done = detach_ours({*_devices_of(pin_dir), *extra_devices})
+    return done + unpin(pin_dir)
+
+
+def instance_dirs(root: Path = DEFAULT_BPFFS) -> list[Path]:
+    """Every agent instance's pin directory in this network namespace (all layout versions)."""
+    base = root / netns_tag()
+    if not base.is_dir():
+        return []
+    return sorted(d for inst in base.iterdir() if inst.is_dir() for d in inst.glob("v*"))
+
+
+def _live_netns_inodes() -> set[int]:
+    inodes: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             try:
-                directory.rmdir()
+                inodes.add(os.stat(entry / "ns" / "net").st_ino)
             except OSError:
-                break
+                continue
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        for entry in netns_dir.iterdir():
+            try:
+                inodes.add(entry.stat().st_ino)
+            except OSError:
+                continue
+    return inodes
+
+
+def remove_orphans(root: Path = DEFAULT_BPFFS) -> list[str]:
+    """Unpin the maps of network namespaces that no longer exist (their programs died with them)."""
+    if not root.is_dir():
+        return []
+    live = _live_netns_inodes()
+    done: list[str] = []
+    for netns_dir in sorted(root.glob("netns-*")):
+        try:
+            inode = int(netns_dir.name.removeprefix("netns-"))
+        except ValueError:
+            continue
+        if inode in live:
+            continue
+        for pin_dir in sorted(netns_dir.glob("*/v*")):
+            done += unpin(pin_dir)
+        for leftover in (*netns_dir.glob("*"), netns_dir):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
     return done

@@ -145,3 +145,13 @@ def host(netns: Callable[[str], str], tag: str, addr: str = "198.18.0.1") -> str
     link_up(ns, "u0")
     link_up(ns, "u1")
     return ns
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_orphaned_pins() -> Iterator[None]:
+    """Maps pinned by agents in test namespaces outlive them on the shared bpffs: sweep them."""
+    yield
+    if os.geteuid() == 0:
+        from flannel_bpf.loader import remove_orphans
+
+        remove_orphans()

@@ -364,6 +364,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 from flannel_bpf.backends import ExternalContext, make_backend
 from flannel_bpf.config import BackendConfig
+from flannel_bpf.flags import AgentOptions
 from flannel_bpf.iface import ExternalInterface
 from flannel_bpf.lease import Lease, LeaseAttrs
 from flannel_bpf.subnet_file import PreviousSubnets
@@ -380,9 +381,10 @@ async def main() -> None:
     addr = IPv4Address("198.18.0.1")
     iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1500, addr, addr)
     previous = PreviousSubnets()
-    ctx = ExternalContext(iface, None, Manager(), Config(), previous)  # type: ignore[arg-type]
+    options = AgentOptions(datapath=sys.argv[1])
+    ctx = ExternalContext(iface, options, Manager(), Config(), previous)  # type: ignore[arg-type]
     net = await make_backend("vxlan", ctx).register_network()
-    print(net.mtu, net.lease.subnet, net.lease.attrs.to_json().decode())
+    print(net.mtu, net.lease.subnet, net.lease.attrs.to_json().decode(), net.datapath)
     await net.close()
 
 asyncio.run(main())
@@ -390,15 +392,23 @@ asyncio.run(main())
 
 
 @requires_root
-def test_register_network(netns: Callable[[str], str]) -> None:
+@pytest.mark.parametrize("datapath", ["kernel", "bpf"])
+def test_register_network(netns: Callable[[str], str], datapath: str) -> None:
     ns = host(netns, "vx")
-    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER])
-    mtu, subnet, value = out.split()
+    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER, datapath])
+    mtu, subnet, value, chosen = out.split()
     link = sh(ns, "-d", "link", "show", "flannel.3")
     mac = link.split("link/ether ")[1].split()[0]
-    assert (mtu, subnet) == ("1450", "10.5.7.0/24")
+    assert (mtu, subnet, chosen) == ("1450", "10.5.7.0/24", datapath)
     assert value == (
         '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan",'
         f'"BackendData":{{"VNI":3,"VtepMAC":"{mac}"}}}}'
     )
+    encap = run(["tc", "-n", ns, "filter", "show", "dev", "flannel.3", "egress"])
+    assert ("fb_tc_encap" in encap) == (datapath == "bpf")
+    if datapath == "bpf":  # the data path outlives the process that set it up
+        run(["ip", "netns", "exec", ns, sys.executable, "-m", "flannel_bpf", "cleanup"])
+        assert "fb_tc_encap" not in run(
+            ["tc", "-n", ns, "filter", "show", "dev", "flannel.3", "egress"]
+        )
     assert "inet 10.5.7.0/32" in sh(ns, "-4", "-o", "addr", "show", "dev", "flannel.3")

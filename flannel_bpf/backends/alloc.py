@@ -7,6 +7,8 @@ from .base import Backend, Network
 
 
 class AllocNetwork(Network):
+    datapath = "none"
+
     def __init__(self, lease: Lease, mtu: int) -> None:
         self.lease = lease
         self.mtu = mtu
@@ -18,6 +20,7 @@ class AllocNetwork(Network):
 
 class AllocBackend(Backend):
     type = "alloc"
+    datapaths = ("kernel", "userspace", "bpf")  # there is no data path to choose
 
     async def register_network(self) -> Network:
         # flanneld's alloc writes PublicIP only: no BackendType, no BackendData.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..config import NetworkConfig
 from ..flags import AgentOptions
@@ -34,6 +34,14 @@ class Network(abc.ABC):
 
     lease: Lease
     mtu: int
+    # What carries the packets ("bpf", "kernel", "userspace", "none") and, when that is not the
+    # first choice, why: shown in the log, `flannel-bpf status` and `flannel-bpf lab status`.
+    datapath: str = "kernel"
+    fallbacks: tuple[str, ...] = ()
+
+    def datapath_status(self) -> dict[str, Any]:
+        """Data path details for the status file (e.g. BPF pins and hooks)."""
+        return {}
 
     def accepts(self, lease: Lease) -> bool:
         """Whether a peer's lease is one this data path can reach (flanneld: same type)."""
@@ -47,12 +55,21 @@ class Network(abc.ABC):
     async def apply(self, events: list[LeaseEvent]) -> None:  # noqa: B027 - optional hook
         """Program a batch of peer changes; must be idempotent (renewals re-send Added)."""
 
+    async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
+        """The first batch after start: every peer lease there is, as Added (maybe none).
+
+        Data paths whose state outlives the agent (pinned BPF maps) reconcile against it here.
+        """
+        await self.apply(events)
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work. The data path itself stays in place (flanneld leaves it)."""
 
 
 class Backend(abc.ABC):
     type: ClassVar[str]
+    # The --datapath values this backend can honour besides "auto".
+    datapaths: ClassVar[tuple[str, ...]] = ("kernel",)
 
     def __init__(self, ctx: ExternalContext) -> None:
         self.ctx = ctx

@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -132,19 +132,22 @@ def build_net_unreachable(offender: bytes | bytearray | memoryview, source: int)
 
 
 NextHop = tuple[str, int]
+V = TypeVar("V")
 
 
-class RouteTable:
-    """Peer subnets to UDP next hops, looked up by longest prefix match.
+class PrefixTable(Generic[V]):
+    """Peer subnets to per-peer values, looked up by longest prefix match.
 
     flanneld keeps a list scanned linearly; here each prefix length present has one dict keyed by
     network address, so a lookup costs one dict probe per distinct length (normally just one).
+    Generic over the value so that other userspace planes (vxlan) can keep precomputed per-peer
+    state in it and still pay a single lookup per packet.
     """
 
     def __init__(self) -> None:
-        self._routes: dict[IPv4Network, NextHop] = {}
-        # (mask, {network int: next hop}), longest prefix first: the hot path iterates this.
-        self._levels: list[tuple[int, dict[int, NextHop]]] = []
+        self._routes: dict[IPv4Network, V] = {}
+        # (mask, {network int: value}), longest prefix first: the hot path iterates this.
+        self._levels: list[tuple[int, dict[int, V]]] = []
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -152,7 +155,7 @@ class RouteTable:
     def __contains__(self, net: object) -> bool:
         return net in self._routes
 
-    def set(self, net: IPv4Network, next_hop: NextHop) -> None:
+    def set(self, net: IPv4Network, next_hop: V) -> None:
         self._routes[net] = next_hop
         self._rebuild()
 
@@ -164,7 +167,7 @@ class RouteTable:
 
     def _rebuild(self) -> None:
         # Rebuilt whole on every change: changes come from lease events, lookups from packets.
-        by_len: dict[int, dict[int, NextHop]] = {}
+        by_len: dict[int, dict[int, V]] = {}
         for net, hop in self._routes.items():
             by_len.setdefault(net.prefixlen, {})[int(net.network_address)] = hop
         self._levels = [
@@ -172,12 +175,16 @@ class RouteTable:
             for plen in sorted(by_len, reverse=True)
         ]
 
-    def lookup(self, dst: int) -> NextHop | None:
+    def lookup(self, dst: int) -> V | None:
         for mask, table in self._levels:
             hop = table.get(dst & mask)
             if hop is not None:
                 return hop
         return None
+
+
+class RouteTable(PrefixTable[NextHop]):
+    """The udp plane's table: peer subnets to (PublicIP, port) UDP next hops."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +488,8 @@ async def start_udp_dataplane(
 
 
 class UDPNetwork(Network):
+    datapath = "userspace"
+
     def __init__(self, lease: Lease, plane: UDPDataPlane) -> None:
         self.lease = lease
         self.mtu = plane.mtu
@@ -510,6 +519,7 @@ class UDPNetwork(Network):
 
 class UDPBackend(Backend):
     type = BACKEND_TYPE
+    datapaths = ("userspace",)
 
     async def register_network(self) -> Network:
         ctx = self.ctx
@@ -525,6 +535,7 @@ class UDPBackend(Backend):
 __all__ = [
     "BACKEND_TYPE",
     "DEFAULT_PORT",
+    "PrefixTable",
     "RouteTable",
     "UDPBackend",
     "UDPCounters",

@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..bpf_maps import FB_REMOTE_SKIP, Remote
 from ..config import BackendConfig
 from ..iface import ExternalInterface
 from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from ..loader import BPFDatapath, Device, LoaderError
 from .base import Backend, BackendError, Network
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,11 @@ def peer_vtep(lease: Lease) -> PeerVtep:
     if not isinstance(mac, str):
         raise ValueError(f"VtepMAC is not a string: {mac!r}")
     return PeerVtep(lease.subnet, lease.attrs.public_ip, parse_mac(mac))
+
+
+def remote_entry(peer: PeerVtep, direct: bool) -> Remote:
+    """A peer as fb_remotes holds it; direct-routing peers are left to the kernel's route."""
+    return Remote(peer.subnet, peer.public_ip, peer.mac, FB_REMOTE_SKIP if direct else 0)
 
 
 def _go_get(obj: dict[str, Any], key: str) -> Any:
@@ -350,7 +357,11 @@ def vxlan_lease_attrs(cfg: VXLANConfig, public_ip: IPv4Address, device: VtepDevi
 
 
 class VXLANNetwork(Network):
-    """Our lease plus flannel.<VNI>; programs one neighbour, FDB entry and route per peer."""
+    """Our lease plus flannel.<VNI>; programs one neighbour, FDB entry and route per peer.
+
+    With a BPF data path, each peer also gets an fb_remotes entry (written after the kernel
+    entries, removed before them), so anything the programs pass on still finds vxlan.ko ready.
+    """
 
     def __init__(
         self,
@@ -358,6 +369,8 @@ class VXLANNetwork(Network):
         device: VtepDevice,
         *,
         direct_routing: bool = False,
+        bpf: BPFDatapath | None = None,
+        fallbacks: tuple[str, ...] = (),
         retry_attempts: int = 10,
         retry_delay: float = 0.05,
     ) -> None:
@@ -365,8 +378,74 @@ class VXLANNetwork(Network):
         self.device = device
         self.mtu = device.mtu
         self.direct_routing = direct_routing
+        self.bpf = bpf
+        self.datapath = "bpf" if bpf is not None else "kernel"
+        self.fallbacks = fallbacks
         self._attempts = max(1, retry_attempts)
         self._delay = retry_delay
+
+    def datapath_status(self) -> dict[str, Any]:
+        if self.bpf is None:
+            return {"device": self.device.name}
+        state = self.bpf.state
+        return {
+            "device": self.device.name,
+            "pin_dir": str(self.bpf.pin_dir),
+            "decap": state.decap,
+            "decap_reason": state.decap_reason,
+            "uplink": self.bpf.uplink.name,
+        }
+
+    async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
+        await self.apply(events)
+        if self.bpf is None:
+            return
+        wanted = []
+        async with AsyncIPRoute() as ipr:
+            for event in events:
+                lease = event.lease
+                if event.type is not LeaseEventType.ADDED or lease.subnet == self.lease.subnet:
+                    continue
+                try:
+                    peer = peer_vtep(lease)
+                except ValueError:
+                    continue  # warned about in apply()
+                direct = self.direct_routing and await self._directly_connected(ipr, peer)
+                wanted.append(remote_entry(peer, direct))
+        try:
+            written, removed = self.bpf.sync_remotes(wanted)
+        except (OSError, LoaderError) as exc:
+            log.error("reconciling fb_remotes with the lease set failed: %s", exc)
+            return
+        log.info(
+            "BPF remotes reconciled with %d leases: %d written, %d stale removed",
+            len(wanted),
+            written,
+            removed,
+        )
+
+    def _bpf_set(self, peer: PeerVtep, direct: bool) -> None:
+        if self.bpf is None:
+            return
+        try:
+            self.bpf.set_remote(remote_entry(peer, direct))
+        except (OSError, LoaderError) as exc:
+            # The kernel entries are in place: vxlan.ko carries this peer meanwhile.
+            log.error(
+                "fb_remotes update for %s failed (kernel path serves it): %s", peer.subnet, exc
+            )
+
+    def _bpf_delete(self, peer: PeerVtep) -> None:
+        if self.bpf is None:
+            return
+        try:
+            self.bpf.delete_remote(peer.subnet)
+        except (OSError, LoaderError) as exc:
+            log.error("fb_remotes delete for %s failed: %s", peer.subnet, exc)
+
+    async def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.close()  # fds only: the data path stays attached and pinned
 
     def accepts(self, lease: Lease) -> bool:
         if lease.attrs.backend_type != BACKEND_TYPE:
@@ -389,7 +468,9 @@ class VXLANNetwork(Network):
                 direct = self.direct_routing and await self._directly_connected(ipr, peer)
                 if event.type is LeaseEventType.ADDED:
                     await self._add_peer(ipr, peer, direct)
+                    self._bpf_set(peer, direct)
                 else:
+                    self._bpf_delete(peer)
                     await self._remove_peer(ipr, peer, direct)
 
     async def _directly_connected(self, ipr: Any, peer: PeerVtep) -> bool:
@@ -507,8 +588,65 @@ class VXLANNetwork(Network):
         raise AssertionError("unreachable")
 
 
+async def remove_bpf_datapath(device: str, bpffs: Path) -> None:
+    from ..loader import cleanup, pin_dir_for
+
+    pin_dir = pin_dir_for(device, bpffs)
+    if pin_dir.exists():
+        for line in await asyncio.to_thread(cleanup, pin_dir):
+            log.info("BPF data path not wanted: %s", line)
+
+
+async def remove_vxlan_device(name: str) -> None:
+    """Delete a kernel flannel.<VNI> left by an earlier run (its socket holds the VXLAN port)."""
+    async with AsyncIPRoute() as ipr:
+        link = await _get_link(ipr, name)
+        if link is not None and _linkinfo(link)[0] == "vxlan":
+            log.info("removing the kernel VXLAN device %s for the userspace data path", name)
+            await ipr.link("del", index=int(link["index"]))
+
+
+class VXLANUserspaceNetwork(Network):
+    """A vxlan network served from userspace (TUN + UDP socket) when vxlan.ko is unavailable."""
+
+    datapath = "userspace"
+
+    def __init__(self, lease: Lease, plane: Any, fallbacks: tuple[str, ...]) -> None:
+        self.lease = lease
+        self.plane = plane
+        self.mtu = int(plane.mtu)
+        self.fallbacks = fallbacks
+
+    def accepts(self, lease: Lease) -> bool:
+        return lease.attrs.backend_type == BACKEND_TYPE
+
+    def datapath_status(self) -> dict[str, Any]:
+        return {"device": self.plane.tun_name, "counters": self.plane.counters.as_dict()}
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        for event in events:
+            lease = event.lease
+            if lease.subnet == self.lease.subnet:
+                continue
+            if event.type is LeaseEventType.REMOVED:
+                self.plane.del_peer(lease.subnet)
+                continue
+            try:
+                peer = peer_vtep(lease)
+            except ValueError as exc:
+                log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
+                continue
+            self.plane.set_peer(peer.subnet, peer.public_ip, peer.mac)
+
+    async def close(self) -> None:
+        self.plane.close()
+
+
 class VXLANBackend(Backend):
+    """flanneld's vxlan, on the data path --datapath asks for (auto: BPF, kernel, userspace)."""
+
     type = BACKEND_TYPE
+    datapaths = ("bpf", "kernel", "userspace")
 
     async def register_network(self) -> Network:
         cfg = parse_vxlan_config(self.ctx.config.backend)
@@ -516,8 +654,73 @@ class VXLANBackend(Backend):
         network = self.ctx.config.network
         if network is None:
             raise BackendError("the vxlan backend needs an IPv4 Network")
-        iface = self.ctx.iface
-        device = await ensure_vxlan_device(cfg, iface)
+        opts, iface = self.ctx.options, self.ctx.iface
+        wanted = opts.datapath
+        if wanted in ("kernel", "userspace"):
+            # Switching away from BPF: programs left attached would keep decapsulating.
+            await remove_bpf_datapath(cfg.device_name, Path(opts.bpffs))
+        if wanted == "userspace":
+            await remove_vxlan_device(cfg.device_name)
+            return await self._userspace(cfg, network, ())
+
+        try:
+            device = await ensure_vxlan_device(cfg, iface)
+        except BackendError as exc:
+            if wanted != "auto":
+                raise
+            reason = f"kernel vxlan unavailable: {exc}"
+            log.warning("%s; falling back to the userspace data path", reason)
+            return await self._userspace(cfg, network, (reason,))
+
+        bpf: BPFDatapath | None = None
+        fallbacks: tuple[str, ...] = ()
+        if wanted in ("auto", "bpf"):
+            from .vxlan_bpf import load_bpf_datapath
+
+            try:
+                bpf = await load_bpf_datapath(
+                    iface,
+                    Device(device.name, device.index, device.mac),
+                    vni=cfg.vni,
+                    port=cfg.port,
+                    gbp=cfg.gbp,
+                    bpffs=Path(opts.bpffs),
+                    decap_mode=opts.bpf_decap,
+                )
+            except (LoaderError, BackendError) as exc:
+                if wanted == "bpf":
+                    raise BackendError(f"BPF data path: {exc}") from None
+                reason = f"BPF data path unavailable: {exc}"
+                log.warning("%s; falling back to kernel vxlan", reason)
+                fallbacks = (reason,)
+
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface.ext_addr, device))
         await configure_vxlan_device(device, lease.subnet, network)
-        return VXLANNetwork(lease, device, direct_routing=cfg.direct_routing)
+        return VXLANNetwork(
+            lease, device, direct_routing=cfg.direct_routing, bpf=bpf, fallbacks=fallbacks
+        )
+
+    async def _userspace(
+        self, cfg: VXLANConfig, network: IPv4Network, fallbacks: tuple[str, ...]
+    ) -> Network:
+        from .vxlan_userspace import start_vxlan_userspace_dataplane
+
+        iface = self.ctx.iface
+        # The MAC is ours to choose; a restart picks a new one and peers follow the lease.
+        mac = random_mac()
+        attrs = LeaseAttrs(
+            public_ip=iface.ext_addr,
+            backend_type=BACKEND_TYPE,
+            backend_data=f'{{"VNI":{cfg.vni},"VtepMAC":"{mac}"}}'.encode(),
+        )
+        lease = await self.acquire(attrs)
+        plane = await start_vxlan_userspace_dataplane(
+            lease.subnet,
+            network,
+            iface,
+            vni=cfg.vni,
+            port=cfg.port or 8472,
+            mac=mac,
+            device_name=cfg.device_name,
+        )
+        return VXLANUserspaceNetwork(lease, plane, fallbacks)

@@ -113,6 +113,8 @@ class LabSpec:
     network: str = "10.244.0.0/16"
     underlay_mtu: int = 1500
     agent_args: tuple[str, ...] = ()
+    # --datapath per node, cycled over the nodes (e.g. ("bpf", "kernel")); empty: the default.
+    datapaths: tuple[str, ...] = ()
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -232,6 +234,13 @@ def _build(spec: LabSpec, state: LabState) -> None:
                 state.etcd_endpoint,
                 "--subnet-file",
                 str(state.dir / ns / "subnet.env"),
+                "--status-file",
+                str(state.dir / ns / "status.json"),
+                *(
+                    ["--datapath", spec.datapaths[(i - 1) % len(spec.datapaths)]]
+                    if spec.datapaths
+                    else []
+                ),
                 *spec.agent_args,
             ],
             state.dir / ns / "agent.log",
@@ -254,7 +263,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
         env = read_env(subnet_file)
         node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
         node.mtu = int(env["FLANNEL_MTU"])
-        node.datapath = _datapath(state.dir / node.name / "agent.log", spec.backend)
+        node.datapath = node_datapath(state.dir / node.name)["datapath"]
         cni_config = flannel_cni_config(env, state.dir / node.name / "ipam")
         for j in range(1, spec.pods_per_node + 1):
             pod = PodState(f"{node.name}p{j}", node.name)
@@ -266,13 +275,18 @@ def _build(spec: LabSpec, state: LabState) -> None:
     state.save()
 
 
-def _datapath(log_path: Path, backend: str) -> str:
-    """What the agent said it runs; the BPF data path will report itself in its log."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    for line in reversed(text.splitlines()):
-        if "datapath=" in line:
-            return line.split("datapath=", 1)[1].split()[0]
-    return {"vxlan": "kernel", "host-gw": "kernel", "udp": "userspace"}.get(backend, "none")
+def node_datapath(node_dir: Path) -> dict[str, Any]:
+    """What the node's agent reports it runs (its status file): data path, decap hook, fallbacks."""
+    try:
+        info = json.loads((node_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {"datapath": "?", "decap": "", "fallbacks": []}
+    details = info.get("details") or {}
+    return {
+        "datapath": str(info.get("datapath", "?")),
+        "decap": str(details.get("decap", "")),
+        "fallbacks": list(info.get("fallbacks") or []),
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -304,7 +318,7 @@ def status(name: str) -> dict[str, Any]:
                 "underlay_ip": n.underlay_ip,
                 "subnet": n.subnet,
                 "backend": n.backend,
-                "datapath": n.datapath,
+                **node_datapath(state.dir / n.name),
                 "mtu": n.mtu,
                 "agent_pid": n.agent_pid,
                 "agent_running": _alive(n.agent_pid),
@@ -320,14 +334,19 @@ def format_status(info: dict[str, Any]) -> str:
         f"lab {info['name']}: network {info['network']}, backend {info['backend']}, "
         f"etcd {info['etcd']['endpoint']} ({'up' if info['etcd']['running'] else 'DOWN'})",
         "",
-        f"{'NODE':<14}{'UNDERLAY':<15}{'SUBNET':<17}{'BACKEND':<9}{'DATAPATH':<10}{'MTU':<6}AGENT",
+        f"{'NODE':<14}{'UNDERLAY':<15}{'SUBNET':<17}{'BACKEND':<9}{'DATAPATH':<14}{'MTU':<6}AGENT",
     ]
+    notes = []
     for n in info["nodes"]:
         agent = f"{n['agent_pid']}" + ("" if n["agent_running"] else " (exited)")
+        datapath = n["datapath"] + (f"/{n['decap']}" if n.get("decap") else "")
         lines.append(
             f"{n['namespace']:<14}{n['underlay_ip']:<15}{n['subnet']:<17}"
-            f"{n['backend']:<9}{n['datapath']:<10}{n['mtu']:<6}{agent}"
+            f"{n['backend']:<9}{datapath:<14}{n['mtu']:<6}{agent}"
         )
+        notes += [f"  {n['namespace']}: {reason}" for reason in n.get("fallbacks", [])]
+    if notes:
+        lines += ["", "fallbacks:", *notes]
     lines += ["", f"{'POD':<16}{'NODE':<14}IP"]
     lines += [f"{p['namespace']:<16}{p['node']:<14}{p['ip']}" for p in info["pods"]]
     return "\n".join(lines)
@@ -356,6 +375,10 @@ def down(name: str, quiet: bool = False) -> list[str]:
                 os.kill(int(pid), signal.SIGKILL)
     for ns in removed:
         delete_netns(ns)
+    # The agents' pinned maps outlive their namespaces on the shared bpffs: sweep the orphans.
+    from ..loader import remove_orphans
+
+    remove_orphans()
     shutil.rmtree(STATE_ROOT / name, ignore_errors=True)
     if not quiet:
         print(f"lab {name} removed ({len(removed)} namespaces)")
