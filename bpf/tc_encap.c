@@ -68,21 +68,23 @@ int fb_tc_encap(struct __sk_buff *skb)
 	int fib_rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 
 	/*
-	 * bpf_fib_lookup() refuses with FWD_DISABLED when the uplink does not forward; the kernel's
-	 * own output route lookup (redirect_neigh without a next hop) has no such condition.
+	 * Only a complete answer is used. An unresolved neighbour goes to vxlan.ko, which resolves it
+	 * (bpf_redirect_neigh would queue the packet with its inner route attached, and the queue
+	 * flush would then write the inner next hop's MACs as the outer ones).
 	 */
-	if (fib_rc != BPF_FIB_LKUP_RET_SUCCESS && fib_rc != BPF_FIB_LKUP_RET_NO_NEIGH &&
-	    fib_rc != BPF_FIB_LKUP_RET_FWD_DISABLED)
+	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return fb_encap_pass(FB_PASS_NO_NEIGH, bytes);
+	if (fib_rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return fb_encap_pass(FB_PASS_NOT_FORWARDING, bytes);
+	if (fib_rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return fb_encap_pass(FB_PASS_NO_ROUTE, bytes);
 
 	struct fb_encap_headers h = {};
 	__u32 inner_len = skb->len; /* the inner frame, Ethernet header included */
 	__u8 inner_tos = ip->tos;
 
-	if (fib_rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		fb_mac_copy(h.outer_eth.h_dest, fib.dmac);
-		fb_mac_copy(h.outer_eth.h_source, fib.smac);
-	}
+	fb_mac_copy(h.outer_eth.h_dest, fib.dmac);
+	fb_mac_copy(h.outer_eth.h_source, fib.smac);
 	h.outer_eth.h_proto = bpf_htons(ETH_P_IP);
 
 	h.ip.version = 4;
@@ -118,18 +120,6 @@ int fb_tc_encap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
-	if (fib_rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes);
-		return bpf_redirect(fib.ifindex, 0);
-	}
-	fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT_NEIGH, bytes);
-	if (fib_rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return fb_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
-
-	/* No neighbour entry yet: the neighbour layer resolves it and queues meanwhile. */
-	struct bpf_redir_neigh nh = {};
-
-	nh.nh_family = AF_INET;
-	nh.ipv4_nh = fib.ipv4_dst;
-	return fb_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes);
+	return bpf_redirect(fib.ifindex, 0);
 }

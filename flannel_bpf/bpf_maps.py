@@ -20,7 +20,7 @@ from . import bpf_sys
 LAYOUT_VERSION: Final = 1
 VXLAN_OVERHEAD: Final = 50
 MAX_REMOTES: Final = 65536
-REASON_MAX: Final = 32
+REASON_MAX: Final = 64
 FB_REMOTE_SKIP: Final = 0x0001
 
 
@@ -42,28 +42,29 @@ class Reason(enum.IntEnum):
     """Stable numbers (they index pinned counters): append, never renumber."""
 
     ENCAP_REDIRECT = 0
-    ENCAP_REDIRECT_NEIGH = 1
-    DECAP_PASS = 2
-    DECAP_REDIRECT = 3
+    DECAP_PASS = 1
+    DECAP_REDIRECT = 2
 
     PASS_NOT_IPV4 = 8
     PASS_IP_OPTIONS = 9
     PASS_NO_REMOTE = 10
     PASS_NO_CONFIG = 11
     PASS_NO_ROUTE = 12
-    PASS_TOO_BIG = 13
-    PASS_SHORT = 14
-    PASS_NOT_OURS = 15
-    PASS_FRAGMENT = 16
-    PASS_BAD_FLAGS = 17
-    PASS_OTHER_VNI = 18
-    PASS_OTHER_MAC = 19
-    PASS_INNER_NOT_IPV4 = 20
-    PASS_ADJUST_FAILED = 21
-    PASS_SKIP = 22
+    PASS_NO_NEIGH = 13
+    PASS_NOT_FORWARDING = 14
+    PASS_TOO_BIG = 15
+    PASS_SHORT = 16
+    PASS_NOT_OURS = 17
+    PASS_FRAGMENT = 18
+    PASS_BAD_FLAGS = 19
+    PASS_OTHER_VNI = 20
+    PASS_OTHER_MAC = 21
+    PASS_INNER_NOT_IPV4 = 22
+    PASS_ADJUST_FAILED = 23
+    PASS_SKIP = 24
 
-    DROP_INNER_MALFORMED = 24
-    DROP_WRITE_FAILED = 25
+    DROP_INNER_MALFORMED = 40
+    DROP_WRITE_FAILED = 41
 
     @property
     def label(self) -> str:
@@ -74,7 +75,7 @@ class Reason(enum.IntEnum):
         """handled / passed (to the kernel, untouched) / dropped."""
         if self < 8:
             return "handled"
-        return "passed" if self < 24 else "dropped"
+        return "passed" if self < 40 else "dropped"
 
 
 # --------------------------------------------------------------------------------------------

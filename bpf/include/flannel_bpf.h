@@ -54,33 +54,34 @@ enum fb_hook {
 	FB_HOOK_MAX = 3,
 };
 
-/* What happened to a packet. 0-7: handled; 8-23: passed on to the kernel untouched; 24-31: dropped. */
+/* What happened to a packet. 0-7: handled; 8-39: passed on to the kernel untouched; 40-63: dropped. */
 enum fb_reason {
 	FB_ENCAP_REDIRECT = 0,       /* encapsulated, outer MACs from the FIB, sent on the uplink */
-	FB_ENCAP_REDIRECT_NEIGH = 1, /* encapsulated, next hop resolved by the neighbour layer */
-	FB_DECAP_PASS = 2,           /* decapsulated, inner packet handed to the stack (XDP) */
-	FB_DECAP_REDIRECT = 3,       /* decapsulated, redirected into flannel.<VNI> ingress (tc) */
+	FB_DECAP_PASS = 1,           /* decapsulated, inner packet handed to the stack (XDP) */
+	FB_DECAP_REDIRECT = 2,       /* decapsulated, redirected into flannel.<VNI> ingress (tc) */
 
 	FB_PASS_NOT_IPV4 = 8,        /* not IPv4 (ARP, IPv6, ...) */
 	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */
 	FB_PASS_NO_REMOTE = 10,      /* encap: destination in no known remote subnet */
 	FB_PASS_NO_CONFIG = 11,      /* the agent has not written fb_config */
-	FB_PASS_NO_ROUTE = 12,       /* encap: no usable underlay route or neighbour to the peer */
-	FB_PASS_TOO_BIG = 13,        /* encap: would exceed the uplink MTU; the kernel fragments */
-	FB_PASS_SHORT = 14,          /* shorter than the headers it claims, or headers not linear */
-	FB_PASS_NOT_OURS = 15,       /* decap: not UDP to our address and VXLAN port */
-	FB_PASS_FRAGMENT = 16,       /* decap: an IP fragment; the kernel reassembles */
-	FB_PASS_BAD_FLAGS = 17,      /* decap: VXLAN flags other than I alone */
-	FB_PASS_OTHER_VNI = 18,      /* decap: another VNI */
-	FB_PASS_OTHER_MAC = 19,      /* decap: inner destination is not our VtepMAC */
-	FB_PASS_INNER_NOT_IPV4 = 20, /* decap: inner frame is not IPv4 */
-	FB_PASS_ADJUST_FAILED = 21,  /* the kernel refused to resize the packet; unchanged */
-	FB_PASS_SKIP = 22,           /* encap: remote marked FB_REMOTE_SKIP */
+	FB_PASS_NO_ROUTE = 12,       /* encap: no usable underlay route to the peer */
+	FB_PASS_NO_NEIGH = 13,       /* encap: underlay neighbour unresolved; vxlan.ko resolves it */
+	FB_PASS_NOT_FORWARDING = 14, /* encap: forwarding is off on the uplink (no FIB result) */
+	FB_PASS_TOO_BIG = 15,        /* encap: would exceed the uplink MTU; the kernel fragments */
+	FB_PASS_SHORT = 16,          /* shorter than the headers it claims, or headers not linear */
+	FB_PASS_NOT_OURS = 17,       /* decap: not UDP to our address and VXLAN port */
+	FB_PASS_FRAGMENT = 18,       /* decap: an IP fragment; the kernel reassembles */
+	FB_PASS_BAD_FLAGS = 19,      /* decap: VXLAN flags other than I alone */
+	FB_PASS_OTHER_VNI = 20,      /* decap: another VNI */
+	FB_PASS_OTHER_MAC = 21,      /* decap: inner destination is not our VtepMAC */
+	FB_PASS_INNER_NOT_IPV4 = 22, /* decap: inner frame is not IPv4 */
+	FB_PASS_ADJUST_FAILED = 23,  /* the kernel refused to resize the packet; unchanged */
+	FB_PASS_SKIP = 24,           /* encap: remote marked FB_REMOTE_SKIP */
 
-	FB_DROP_INNER_MALFORMED = 24, /* decap: inner IPv4 header invalid or truncated */
-	FB_DROP_WRITE_FAILED = 25,    /* header write failed after the packet was resized */
+	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
+	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */
 
-	FB_REASON_MAX = 32,
+	FB_REASON_MAX = 64,
 };
 
 /* fb_stats: per-CPU, indexed by hook * FB_REASON_MAX + reason. */

@@ -38,13 +38,6 @@ struct fb_encap_headers {
 /* The minimum a VXLAN frame for us must hold: all of the above plus an inner IPv4 header. */
 #define FB_DECAP_MIN_LEN (sizeof(struct fb_encap_headers) + sizeof(struct iphdr))
 
-/*
- * bcc 0.26 declares bpf_redirect_neigh without the plen argument, which leaves R3/R4 garbage.
- * Our own prototype with the kernel's four arguments.
- */
-static long (*fb_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
-				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
-
 static __always_inline int fb_mac_equal(const __u8 *a, const __u8 *b)
 {
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
