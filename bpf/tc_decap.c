@@ -5,13 +5,19 @@
  *
  * The packet is stripped in place and redirected into flannel.<VNI>'s ingress, so to the rest of
  * the stack it looks exactly like a vxlan.ko decapsulation: iif flannel.<VNI>, PACKET_HOST,
- * reverse path via the flannel route. GSO packets stay GSO (FIXED_GSO).
+ * reverse path via the flannel route.
+ *
+ * Aggregates (GRO on the uplink, or GSO packets arriving over veth) are left to vxlan.ko: stripping
+ * them here keeps skb->encapsulation and the tunnel GSO type (no helper clears them), so every
+ * device on the way to the pod then segments them in software. Measured in the lab: 3.5 Gbit/s
+ * that way against 10 for vxlan.ko, which clears that state. Native XDP runs before GRO and has
+ * no such problem.
  */
 #include "common.h"
 #include "maps.h"
 #include "vxlan.h"
 
-#define FB_DECAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4)
+#define FB_DECAP_FLAGS BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 
 static __always_inline int fb_tc_decap_pass(__u32 reason, __u64 bytes)
 {
@@ -35,7 +41,7 @@ int fb_tc_decap(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 
 	/* Headers outside the linear part: pull them in, but never on GSO packets (corrupts them). */
-	if (data + FB_DECAP_MIN_LEN > data_end && skb->gso_segs <= 1 && skb->len >= FB_DECAP_MIN_LEN) {
+	if (data + FB_DECAP_MIN_LEN > data_end && !skb->gso_size && skb->len >= FB_DECAP_MIN_LEN) {
 		if (bpf_skb_pull_data(skb, FB_DECAP_MIN_LEN))
 			return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
 		data = (void *)(long)skb->data;
@@ -50,6 +56,9 @@ int fb_tc_decap(struct __sk_buff *skb)
 	}
 	if (verdict != FB_DECAP_PASS)
 		return fb_tc_decap_pass(verdict, bytes);
+
+	if (skb->gso_size)
+		return fb_tc_decap_pass(FB_PASS_GSO, bytes);
 
 	struct fb_encap_headers *hdr = data;
 	struct ethhdr eth;

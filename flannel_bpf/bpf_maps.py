@@ -62,6 +62,7 @@ class Reason(enum.IntEnum):
     PASS_INNER_NOT_IPV4 = 22
     PASS_ADJUST_FAILED = 23
     PASS_SKIP = 24
+    PASS_GSO = 25
 
     DROP_INNER_MALFORMED = 40
     DROP_WRITE_FAILED = 41

@@ -64,7 +64,9 @@ class Node:
     maps: PinnedMaps
     config: DatapathConfig
 
-    def run(self, hook: Hook, frame: bytes) -> tuple[int, bytes, dict[Reason, tuple[int, int]]]:
+    def run(
+        self, hook: Hook, frame: bytes, ctx: bytes | None = None
+    ) -> tuple[int, bytes, dict[Reason, tuple[int, int]]]:
         fd = {
             Hook.TC_ENCAP: self.programs.encap,
             Hook.XDP_DECAP: self.programs.xdp_decap,
@@ -72,7 +74,7 @@ class Node:
         }[hook]
         before = self.maps.counters()
         with entered(self.ns):
-            result = bpf_sys.prog_test_run(fd, frame)
+            result = bpf_sys.prog_test_run(fd, frame, ctx=ctx)
         after = self.maps.counters()
         delta = {
             key.reason: (after[key][0] - before[key][0], after[key][1] - before[key][1])
@@ -320,6 +322,23 @@ def test_tc_decap_of_a_kernel_frame(topo: dict[str, Node]) -> None:
     # As vxlan.ko delivers it on flannel.1: to our VtepMAC, from the peer's.
     expected_eth = pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"])
     assert out == expected_eth + KERNEL_FRAME[64:]
+
+
+def skb_ctx(*, gso_size: int = 0, gso_segs: int = 0) -> bytes:
+    """A struct __sk_buff for BPF_PROG_TEST_RUN: only the fields the kernel lets us set."""
+    ctx = bytearray(192)
+    struct.pack_into("<I", ctx, 164, gso_segs)
+    struct.pack_into("<I", ctx, 176, gso_size)
+    return bytes(ctx)
+
+
+def test_tc_decap_leaves_aggregates_to_vxlan_ko(topo: dict[str, Node]) -> None:
+    frame = _vxlan_frame(inner=pk.ipv4("10.5.1.5", "10.5.2.7", pk.udp(1, 2, b"a" * 2800)))
+    retval, out, delta = topo["b"].run(Hook.TC_DECAP, frame, skb_ctx(gso_size=1400, gso_segs=2))
+    assert (retval, delta) == (TC_ACT_UNSPEC, {Reason.PASS_GSO: (1, len(frame))})
+    assert out == frame
+    # The same frame, not an aggregate, is ours.
+    assert topo["b"].run(Hook.TC_DECAP, frame)[0] == TC_ACT_REDIRECT
 
 
 def test_encap_then_decap_round_trip(topo: dict[str, Node]) -> None:

@@ -77,6 +77,7 @@ enum fb_reason {
 	FB_PASS_INNER_NOT_IPV4 = 22, /* decap: inner frame is not IPv4 */
 	FB_PASS_ADJUST_FAILED = 23,  /* the kernel refused to resize the packet; unchanged */
 	FB_PASS_SKIP = 24,           /* encap: remote marked FB_REMOTE_SKIP */
+	FB_PASS_GSO = 25,            /* tc decap: a GRO/GSO aggregate, left to vxlan.ko (see tc_decap.c) */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */
