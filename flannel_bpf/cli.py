@@ -158,11 +158,15 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument(
         "--agent-arg", action="append", default=[], help="extra flag for every agent (repeatable)"
     )
+    p_up.add_argument("--rp-filter", type=int, choices=(0, 1, 2), help="hosts' rp_filter")
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
     p_exec.add_argument("pod")
     p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    p_restart = sub.add_parser("restart", help="restart a node's agent (--kill: SIGKILL it)")
+    p_restart.add_argument("node")
+    p_restart.add_argument("--kill", action="store_true")
     sub.add_parser("down", help="remove everything the lab made")
     try:
         opts = parser.parse_args(args)
@@ -181,12 +185,17 @@ def cmd_lab(args: list[str]) -> int:
                 opts.underlay_mtu,
                 tuple(opts.agent_arg),
                 tuple(d for d in opts.datapath.split(",") if d),
+                opts.rp_filter,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))
         elif opts.action == "status":
             info = lab.status(opts.name)
             print(json.dumps(info, indent=2) if opts.output == "json" else lab.format_status(info))
+        elif opts.action == "restart":
+            sig = signal.SIGKILL if opts.kill else signal.SIGTERM
+            pid = lab.restart_agent(opts.name, opts.node, sig)
+            print(f"agent on {opts.node} restarted: pid {pid}")
         elif opts.action == "exec":
             command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
             return lab.exec_in_pod(opts.name, opts.pod, command)

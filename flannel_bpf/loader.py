@@ -486,6 +486,12 @@ class BPFDatapath:
                 f"another XDP program (id {prog_id}) is attached to {uplink.name}; not replacing it"
             )
 
+        if want in ("xdp", "xdp-generic") and strict:
+            log.warning(
+                "rp_filter is strict on %s: XDP-decapsulated packets will fail the reverse-path "
+                "check; use --bpf-decap=auto or tc, or rp_filter 0/2",
+                uplink.name,
+            )
         if want in ("xdp", "xdp-generic"):
             flags = XDP_FLAGS_DRV_MODE if want == "xdp" else XDP_FLAGS_SKB_MODE
             if mode is not None and mode != ("xdp" if want == "xdp" else "xdpgeneric"):

@@ -68,14 +68,20 @@ def seconds_until(predicate: Callable[[], bool], limit: float = 5.0) -> float:
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "host-gw", "udp"])
+@pytest.mark.parametrize(
+    ("backend", "datapath"),
+    [("vxlan", "bpf"), ("vxlan", "kernel"), ("host-gw", "kernel"), ("udp", "userspace")],
+)
 def test_backend_end_to_end(
     backend: str,
+    datapath: str,
     lab_name: str,
     lab_up: Callable[..., dict[str, Any]],
 ) -> None:
-    info = lab_up("--nodes", "3", "--backend", backend)
+    extra = ["--datapath", datapath] if backend == "vxlan" else []
+    info = lab_up("--nodes", "3", "--backend", backend, *extra)
     assert all(n["backend"] == backend and n["agent_running"] for n in info["nodes"])
+    assert {n["datapath"] for n in info["nodes"]} == {datapath}
     pods = info["pods"]
     for src in pods:
         for dst in pods:
@@ -97,7 +103,7 @@ def test_backend_end_to_end(
         assert client.returncode == 0, client.stdout[-2000:]
         result = json.loads(client.stdout)
         print(
-            f"\n{backend}: 200 MB pod to pod at "
+            f"\n{backend}/{datapath}: 200 MB pod to pod at "
             f"{result['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s"
         )
         # TCP delivered all of it; iperf3's receiver tally stops a moment before the end.

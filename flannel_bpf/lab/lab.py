@@ -65,6 +65,7 @@ class NodeState:
     mtu: int = 0
     backend: str = ""
     datapath: str = ""
+    agent_args: list[str] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
 
 
@@ -115,6 +116,8 @@ class LabSpec:
     agent_args: tuple[str, ...] = ()
     # --datapath per node, cycled over the nodes (e.g. ("bpf", "kernel")); empty: the default.
     datapaths: tuple[str, ...] = ()
+    # net.ipv4.conf.{all,default}.rp_filter on the hosts, set before the agents start.
+    rp_filter: int | None = None
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -224,10 +227,16 @@ def _build(spec: LabSpec, state: LabState) -> None:
         add_netns(ns)
         plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i))
         run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        node = NodeState(ns, str(UNDERLAY.network_address + 10 + i), backend=spec.backend)
-        agent = AgentProcess(
+        if spec.rp_filter is not None:
+            for scope in ("all", "default", "eth1"):
+                sysctl = f"net.ipv4.conf.{scope}.rp_filter={spec.rp_filter}"
+                run(["ip", "netns", "exec", ns, "sysctl", "-qw", sysctl])
+        datapath = spec.datapaths[(i - 1) % len(spec.datapaths)] if spec.datapaths else ""
+        node = NodeState(
             ns,
-            [
+            str(UNDERLAY.network_address + 10 + i),
+            backend=spec.backend,
+            agent_args=[
                 "--iface",
                 "eth1",
                 "--etcd-endpoints",
@@ -236,15 +245,11 @@ def _build(spec: LabSpec, state: LabState) -> None:
                 str(state.dir / ns / "subnet.env"),
                 "--status-file",
                 str(state.dir / ns / "status.json"),
-                *(
-                    ["--datapath", spec.datapaths[(i - 1) % len(spec.datapaths)]]
-                    if spec.datapaths
-                    else []
-                ),
+                *(["--datapath", datapath] if datapath else []),
                 *spec.agent_args,
             ],
-            state.dir / ns / "agent.log",
         )
+        agent = AgentProcess(ns, node.agent_args, state.dir / ns / "agent.log")
         agent.start()
         node.agent_pid = agent.pid or 0
         state.nodes.append(node)
@@ -360,6 +365,26 @@ def exec_in_pod(name: str, pod: str, command: list[str]) -> int:
     if not command:
         raise LabError("no command given: flannel-bpf lab exec POD -- CMD")
     return subprocess.call(in_netns(pod, command))
+
+
+def restart_agent(name: str, node_name: str, sig: int = signal.SIGTERM) -> int:
+    """Stop a node's agent with sig (SIGKILL: a crash) and start it again as before; new pid."""
+    state = LabState.load(name)
+    node = next((n for n in state.nodes if n.name == node_name), None)
+    if node is None:
+        raise LabError(f"no node {node_name!r} in lab {name!r}")
+    if _alive(node.agent_pid):
+        os.kill(node.agent_pid, sig)
+        deadline = time.monotonic() + 15
+        while _alive(node.agent_pid):
+            if time.monotonic() > deadline:
+                os.kill(node.agent_pid, signal.SIGKILL)
+            time.sleep(0.02)
+    agent = AgentProcess(node.name, node.agent_args, state.dir / node.name / "agent.log")
+    agent.start()
+    node.agent_pid = agent.pid or 0
+    state.save()
+    return node.agent_pid
 
 
 def down(name: str, quiet: bool = False) -> list[str]:
