@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -37,17 +38,47 @@ def up(backend: str = "vxlan") -> int:
             )
             ok = ok and proc.returncode == 0
     first, last = pods[0], pods[-1]
+    status_file = lab.STATE_ROOT / NAME / first["node"] / "status.json"
+    ok = _show_bpf_counters(first["node"], status_file) and ok
     print(f"""
 look around:
   flannel-bpf lab status                      nodes, subnets, data paths, pods
   flannel-bpf lab exec {first["namespace"]} -- ping {last["ip"]}
+  ip netns exec {first["node"]} flannel-bpf status --status-file {status_file}
+                                              data path, hooks, remotes, BPF counters
+  ip netns exec {first["node"]} tc filter show dev flannel.1 egress    the encap program
+  ip netns exec {first["node"]} ip link show eth1                      the XDP decap program
+  bpftool prog show name fb_tc_encap; bpftool map show name fb_remotes
   ip netns exec {first["node"]} ip route       the per-peer routes the agent programmed
-  ip netns exec {first["node"]} bridge fdb show dev flannel.1
   tail -f {lab.STATE_ROOT / NAME / first["node"] / "agent.log"}
   (flannel-bpf is .venv/bin/flannel-bpf)
 tear it all down:
   make demo-down""")
     return 0 if ok else 1
+
+
+def _show_bpf_counters(node: str, status_file: object) -> bool:
+    """Print node 1's BPF counters: the proof that the programs, not vxlan.ko, moved the pings."""
+    proc = subprocess.run(
+        in_netns(
+            node,
+            [sys.executable, "-m", "flannel_bpf", "status", "-o", "json", "--status-file",
+             str(status_file)],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError:
+        print(f"\n{node}: no status ({proc.stderr.strip()})")
+        return False
+    print(f"\n{node} runs the {info.get('datapath')} data path; its BPF counters:")
+    for c in (info.get("bpf") or {}).get("counters", []):
+        if c["reason"] in ("encap_redirect", "decap_pass", "decap_redirect"):
+            print(f"  {c['hook']:<10} {c['reason']:<16} {c['packets']:>6} packets")
+    return bool(info.get("datapath") == "bpf")
 
 
 def down() -> int:
