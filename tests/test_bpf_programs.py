@@ -11,6 +11,7 @@ kernel refusing to resize or write a packet it just accepted) and PASS_SHORT at 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -443,3 +444,25 @@ def test_struct_sizes_match_the_kernel_maps(topo: dict[str, Node]) -> None:
     assert info["fb_remotes"].key_size == 8 and info["fb_remotes"].value_size == 12
     assert info["fb_config"].value_size == struct.calcsize("<4sI2sHHBBII6s6s") == 36
     assert info["fb_stats"].value_size == 16 and info["fb_stats"].max_entries == 3 * 64
+
+
+def test_a_pin_with_another_layout_is_recreated_not_reused() -> None:
+    from bcc import BPF
+
+    pin_dir = loader.DEFAULT_BPFFS / f"test-{unique('lay')}" / "v1"
+    pin_dir.mkdir(parents=True)
+    try:
+        # An older agent's fb_config: same name, another value size.
+        text = f'BPF_TABLE_PINNED("array", u32, u64, fb_config, 1, "{pin_dir}/fb_config");'
+        BPF(text=text.encode()).cleanup()
+        fd = bpf_sys.obj_get(pin_dir / "fb_config")
+        assert bpf_sys.map_info(fd).value_size == 8
+        os.close(fd)
+        removed = loader.prepare_pins(pin_dir)
+        assert len(removed) == 1 and "fb_config" in removed[0]
+        programs = loader.compile_programs(pin_dir)
+        programs.close()
+        with PinnedMaps(pin_dir) as maps:  # opens only if every layout is ours
+            assert maps.read_config() is None
+    finally:
+        loader.cleanup(pin_dir)

@@ -11,14 +11,18 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flannel_bpf.bpf_maps import PinnedMaps, Remote
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import STATE_ROOT
 
 from .conftest import cli, pod_exec, requires_root
+from .test_lab_backends import FAKE_KEY, FAKE_SUBNET, etcdctl
 
 pytestmark = [pytest.mark.root, requires_root]
 
@@ -90,6 +94,15 @@ def ping_all(lab_name: str, pods: list[dict[str, Any]]) -> None:
                 assert ping.returncode == 0, f"{src['namespace']} -> {dst['ip']}: {ping.stdout}"
 
 
+def wait_for(predicate: Callable[[], bool], limit: float = 10.0) -> bool:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def by_node(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["node"]: p for p in info["pods"]}
 
@@ -152,15 +165,34 @@ def test_reverse_path_filter_picks_the_decap_hook(
     hook, reason = ("tc_decap", "pass_gso") if decap == "tc" else ("xdp_decap", "decap_pass")
     assert delta(after, before, hook, reason)[1] >= 200 * 1024**2
 
+    # Lease events reach fb_remotes one entry at a time: a node joins, then leaves.
+    def remotes() -> list[str]:
+        return [r["subnet"] for r in node_status(lab_name, n1)["bpf"]["remotes"]]
+
+    value = (
+        '{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:99"}}'
+    )
+    etcdctl(lab_name, "put", FAKE_KEY, value)
+    assert wait_for(lambda: FAKE_SUBNET in remotes())
+    etcdctl(lab_name, "del", FAKE_KEY)
+    assert wait_for(lambda: FAKE_SUBNET not in remotes())
+
 
 def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str, Any]]) -> None:
     """The data path outlives the agent: SIGKILL and restart under load lose nothing."""
     info = lab_up("--nodes", "2")
     n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
     pods = by_node(info)
-    lease = node_status(lab_name, n1)["lease"]
+    status = node_status(lab_name, n1)
+    lease, pin_dir = status["lease"], status["details"]["pin_dir"]
     before = counters(lab_name, n1)
     log = STATE_ROOT / lab_name / n1 / "agent.log"
+    # A remote whose lease went away while no agent watched: the restart must sweep it.
+    with PinnedMaps(Path(pin_dir)) as maps:
+        maps.set_remote(
+            Remote(IPv4Network("10.244.251.0/24"), IPv4Address("198.18.0.251"), "0e:00:00:00:02:51")
+        )
     with iperf_server(pods[n2]["namespace"]):
         client = subprocess.Popen(
             ["ip", "netns", "exec", pods[n1]["namespace"], "iperf3", "-c", pods[n2]["ip"],
@@ -187,7 +219,9 @@ def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str
     assert node_status(lab_name, n1)["lease"] == lease
     text = log.read_text()
     assert "replaced the running BPF program" in text
-    assert "BPF remotes reconciled with 1 leases" in text
+    assert "BPF remotes reconciled with 1 leases: 0 written, 1 stale removed" in text
+    remotes = [r["subnet"] for r in node_status(lab_name, n1)["bpf"]["remotes"]]
+    assert remotes == [node_status(lab_name, n2)["lease"]]
     # The pinned counters kept counting across the restart.
     gained = delta(counters(lab_name, n1), before, "tc_encap", "encap_redirect")[1]
     assert gained >= 0.9 * sent
