@@ -133,6 +133,10 @@ def test_bpf_nodes_with_a_kernel_vxlan_node(
     # n1 encapsulated both outgoing gigabytes itself.
     assert delta(after[n1], before[n1], "tc_encap", "encap_redirect")[1] >= 2 * GB
     if decap == "xdp":
+        gro = subprocess.run(
+            ["ip", "netns", "exec", n1, "ethtool", "-k", "eth1"], capture_output=True, text=True
+        ).stdout
+        assert "generic-receive-offload: on" in gro  # switched on with the XDP program
         # ... and XDP decapsulated what came in: n2's gigabyte from n1, n1's from kernel n3.
         assert delta(after[n2], before[n2], "xdp_decap", "decap_pass")[1] >= GB
         assert delta(after[n1], before[n1], "xdp_decap", "decap_pass")[1] >= GB
@@ -301,3 +305,18 @@ def test_userspace_fallback_node_talks_to_kernel_and_bpf_nodes(
     info = lab_up("--nodes", "3", "--datapath", "userspace,kernel,bpf")
     assert [n["datapath"] for n in info["nodes"]] == ["userspace", "kernel", "bpf"]
     ping_all(lab_name, info["pods"])
+
+
+def test_generic_xdp_only_when_asked(lab_name: str, lab_up: Callable[..., dict[str, Any]]) -> None:
+    info = lab_up("--nodes", "2", "--agent-arg=--bpf-decap=xdp-generic")
+    assert [n["decap"] for n in info["nodes"]] == ["xdp-generic"] * 2
+    n1 = f"{lab_name}-n1"
+    assert (
+        "xdpgeneric"
+        in subprocess.run(
+            ["ip", "-n", n1, "link", "show", "eth1"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    before = counters(lab_name, n1)
+    ping_all(lab_name, info["pods"])
+    assert delta(counters(lab_name, n1), before, "xdp_decap", "decap_pass")[0] >= 2
