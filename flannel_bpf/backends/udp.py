@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -267,8 +267,17 @@ async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4
     return index
 
 
-class UDPDataPlane:
-    """The TUN device, the UDP socket and the forwarding loop between them."""
+class PlaneCounters(Protocol):
+    icmp_sent: int
+    rx_errors: int
+
+
+class TunSocketPlane:
+    """What every TUN-and-UDP-socket data plane shares: the two fds, the loop hookup, ICMP net
+    unreachable into the TUN, and shutdown. Subclasses supply the two per-packet loops, which
+    stay hand-inlined because they are the hot path."""
+
+    counters: PlaneCounters
 
     def __init__(
         self,
@@ -285,20 +294,65 @@ class UDPDataPlane:
         self.mtu = mtu
         self.port = port
         self.sock = sock
-        self.routes = RouteTable()
-        self.counters = UDPCounters()
         self._tun_addr_int = int(tun_addr)
-        # One buffer per direction: both callbacks run on the same loop, but separate buffers keep
-        # a future change (e.g. answering from the receive path) from clobbering the other.
-        self._tun_buf = bytearray(mtu + READ_HEADROOM)
-        self._sock_buf = bytearray(mtu + READ_HEADROOM)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Forward on the loop itself: no thread, so peers can change between batches safely."""
         self._loop = loop or asyncio.get_running_loop()
         self._loop.add_reader(self.tun_fd, self._on_tun_readable)
         self._loop.add_reader(self.sock.fileno(), self._on_sock_readable)
+
+    def _on_tun_readable(self) -> None:
+        raise NotImplementedError
+
+    def _on_sock_readable(self) -> None:
+        raise NotImplementedError
+
+    def _net_unreachable(self, offender: memoryview) -> None:
+        reply = build_net_unreachable(offender, self._tun_addr_int)
+        if reply is None:
+            return
+        try:
+            os.write(self.tun_fd, reply)
+        except OSError as exc:
+            self.counters.rx_errors += 1
+            log.debug("failed to send ICMP net unreachable: %s", exc)
+            return
+        self.counters.icmp_sent += 1
+
+    def close(self) -> None:
+        """Stop forwarding and close both fds; the kernel removes the TUN device with its fd."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.tun_fd)
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        os.close(self.tun_fd)
+
+
+class UDPDataPlane(TunSocketPlane):
+    """flanneld's udp forwarding: one raw inner IPv4 packet per datagram, TTL decremented."""
+
+    def __init__(
+        self,
+        tun_fd: int,
+        tun_name: str,
+        tun_addr: IPv4Address,
+        mtu: int,
+        sock: socket.socket,
+        port: int,
+    ) -> None:
+        super().__init__(tun_fd, tun_name, tun_addr, mtu, sock, port)
+        self.routes = RouteTable()
+        self.counters: UDPCounters = UDPCounters()
+        # One buffer per direction: both callbacks run on the same loop, but separate buffers keep
+        # a future change (e.g. answering from the receive path) from clobbering the other.
+        self._tun_buf = bytearray(mtu + READ_HEADROOM)
+        self._sock_buf = bytearray(mtu + READ_HEADROOM)
 
     def set_route(self, subnet: IPv4Network, public_ip: IPv4Address) -> None:
         self.routes.set(subnet, (str(public_ip), self.port))
@@ -362,18 +416,6 @@ class UDPDataPlane:
             c.tx_invalid += invalid
             c.tx_errors += errors
 
-    def _net_unreachable(self, offender: memoryview) -> None:
-        reply = build_net_unreachable(offender, self._tun_addr_int)
-        if reply is None:
-            return
-        try:
-            os.write(self.tun_fd, reply)
-        except OSError as exc:
-            self.counters.rx_errors += 1
-            log.debug("failed to send ICMP net unreachable: %s", exc)
-            return
-        self.counters.icmp_sent += 1
-
     def _on_sock_readable(self) -> None:
         buf = self._sock_buf
         view = memoryview(buf)
@@ -422,17 +464,6 @@ class UDPDataPlane:
             c.rx_invalid += invalid
             c.ttl_expired += expired
             c.rx_errors += errors
-
-    def close(self) -> None:
-        """Stop forwarding and close both fds; the kernel removes the TUN device with its fd."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.tun_fd)
-            self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        os.close(self.tun_fd)
 
 
 async def start_udp_dataplane(
@@ -537,6 +568,7 @@ __all__ = [
     "DEFAULT_PORT",
     "PrefixTable",
     "RouteTable",
+    "TunSocketPlane",
     "UDPBackend",
     "UDPCounters",
     "UDPDataPlane",

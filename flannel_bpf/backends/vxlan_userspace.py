@@ -27,7 +27,6 @@ the wire. On a veth underlay, turn tx checksumming off on the kernel peer's unde
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -39,7 +38,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..iface import ExternalInterface
 from .base import BackendError
-from .udp import BATCH, READ_HEADROOM, PrefixTable, build_net_unreachable, configure_tun, open_tun
+from .udp import BATCH, READ_HEADROOM, PrefixTable, TunSocketPlane, configure_tun, open_tun
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ class VXLANCounters:
 PeerHop = tuple[bytes, tuple[str, int]]
 
 
-class VXLANUserspacePlane:
+class VXLANUserspacePlane(TunSocketPlane):
     """The TUN device, the UDP socket and the forwarding loop between them."""
 
     def __init__(
@@ -183,18 +182,12 @@ class VXLANUserspacePlane:
         port: int,
         mac: str,
     ) -> None:
-        self.tun_fd = tun_fd
-        self.tun_name = tun_name
-        self.tun_addr = tun_addr
-        self.mtu = mtu
-        self.sock = sock
+        super().__init__(tun_fd, tun_name, tun_addr, mtu, sock, port)
         self.vni = vni
-        self.port = port
         self._mac_bytes = mac_to_bytes(mac)
         self.mac = format_mac(self._mac_bytes)
         self.routes: PrefixTable[PeerHop] = PrefixTable()
-        self.counters = VXLANCounters()
-        self._tun_addr_int = int(tun_addr)
+        self.counters: VXLANCounters = VXLANCounters()
         # VXLAN header and our MAC are contiguous in an accepted datagram: one comparison checks
         # flags, VNI, the reserved byte and the inner destination at once.
         self._rx_expect = vxlan_header(vni) + self._mac_bytes
@@ -202,14 +195,6 @@ class VXLANUserspacePlane:
         # as large as any datagram so that nothing is silently truncated.
         self._tun_buf = bytearray(mtu + READ_HEADROOM)
         self._sock_buf = bytearray(MAX_DATAGRAM)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Forward on the loop itself: no thread, so peers can change between batches safely."""
-        self._loop = loop or asyncio.get_running_loop()
-        self._loop.add_reader(self.tun_fd, self._on_tun_readable)
-        self._loop.add_reader(self.sock.fileno(), self._on_sock_readable)
 
     def set_peer(self, subnet: IPv4Network, public_ip: IPv4Address, mac: str) -> None:
         """Route ``subnet`` to the VTEP at ``public_ip`` with VtepMAC ``mac`` (replacing any).
@@ -273,18 +258,6 @@ class VXLANUserspacePlane:
             c.tx_not_ipv4 += invalid
             c.tx_errors += errors
 
-    def _net_unreachable(self, offender: memoryview) -> None:
-        reply = build_net_unreachable(offender, self._tun_addr_int)
-        if reply is None:
-            return
-        try:
-            os.write(self.tun_fd, reply)
-        except OSError as exc:
-            self.counters.rx_errors += 1
-            log.debug("failed to send ICMP net unreachable: %s", exc)
-            return
-        self.counters.icmp_sent += 1
-
     def _on_sock_readable(self) -> None:
         buf = self._sock_buf
         view = memoryview(buf)
@@ -336,17 +309,6 @@ class VXLANUserspacePlane:
         # Off the hot path: only datagrams the fast check refused get here.
         reason = drop_reason(datagram, self.vni, self._mac_bytes) or "rx_errors"
         setattr(self.counters, reason, getattr(self.counters, reason) + 1)
-
-    def close(self) -> None:
-        """Stop forwarding and close both fds; the kernel removes the TUN device with its fd."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.tun_fd)
-            self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        os.close(self.tun_fd)
 
 
 def _check_device_name(name: str) -> None:
