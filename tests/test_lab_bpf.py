@@ -166,8 +166,11 @@ def test_reverse_path_filter_picks_the_decap_hook(
     before = counters(lab_name, n2)
     transfer(lab_name, pods[n1], pods[n2], "200M")
     after = counters(lab_name, n2)
-    hook, reason = ("tc_decap", "pass_gso") if decap == "tc" else ("xdp_decap", "decap_pass")
-    assert delta(after, before, hook, reason)[1] >= 200 * 1024**2
+    if decap == "tc":  # aggregates left to vxlan.ko plus single packets stripped in tc
+        seen = sum(delta(after, before, "tc_decap", r)[1] for r in ("pass_gso", "decap_redirect"))
+    else:
+        seen = delta(after, before, "xdp_decap", "decap_pass")[1]
+    assert seen >= 200 * 1024**2
 
     # Lease events reach fb_remotes one entry at a time: a node joins, then leaves.
     def remotes() -> list[str]:
