@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Final
 
 from . import bpf_sys
+from .vxlan_wire import VXLAN_OVERHEAD as VXLAN_OVERHEAD  # mirrored in flannel_bpf.h
+from .vxlan_wire import format_mac, mac_to_bytes
 
 LAYOUT_VERSION: Final = 1
-VXLAN_OVERHEAD: Final = 50
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
 FB_REMOTE_SKIP: Final = 0x0001
@@ -112,14 +113,6 @@ STATS = MapSpec("fb_stats", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size, 
 ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS)
 
 
-def mac_bytes(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
-
-
-def mac_text(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
-
-
 @dataclass(frozen=True)
 class Remote:
     """One fb_remotes entry: a remote subnet and the VTEP that serves it."""
@@ -133,7 +126,7 @@ class Remote:
         return remote_key(self.subnet)
 
     def value(self) -> bytes:
-        return REMOTE_VALUE.pack(self.vtep_ip.packed, mac_bytes(self.vtep_mac), self.flags)
+        return REMOTE_VALUE.pack(self.vtep_ip.packed, mac_to_bytes(self.vtep_mac), self.flags)
 
 
 def remote_key(subnet: IPv4Network) -> bytes:
@@ -144,7 +137,7 @@ def decode_remote(key: bytes, value: bytes) -> Remote:
     prefixlen, addr = REMOTE_KEY.unpack(key)
     ip, mac, flags = REMOTE_VALUE.unpack(value)
     return Remote(
-        IPv4Network((IPv4Address(addr), prefixlen)), IPv4Address(ip), mac_text(mac), flags
+        IPv4Network((IPv4Address(addr), prefixlen)), IPv4Address(ip), format_mac(mac), flags
     )
 
 
@@ -175,8 +168,8 @@ class DatapathConfig:
             self.flags,
             self.uplink_ifindex,
             self.vtep_ifindex,
-            mac_bytes(self.vtep_mac),
-            mac_bytes(self.uplink_mac),
+            mac_to_bytes(self.vtep_mac),
+            mac_to_bytes(self.uplink_mac),
         )
 
     @classmethod
@@ -189,9 +182,9 @@ class DatapathConfig:
             vni=vni,
             port=int.from_bytes(port, "big"),
             uplink_ifindex=up_idx,
-            uplink_mac=mac_text(up_mac),
+            uplink_mac=format_mac(up_mac),
             vtep_ifindex=vtep_idx,
-            vtep_mac=mac_text(vtep_mac),
+            vtep_mac=format_mac(vtep_mac),
             sport_min=smin,
             sport_max=smax,
             ttl=ttl,

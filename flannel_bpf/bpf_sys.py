@@ -134,14 +134,19 @@ class ProgInfo:
     tag: str
 
 
-def prog_info(fd: int) -> ProgInfo:
-    info = ctypes.create_string_buffer(256)
+def _obj_info(fd: int, size: int, what: str) -> bytes:
+    """BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer of size bytes."""
+    info = ctypes.create_string_buffer(size)
     attr = _attr()
     _put(attr, 0, 4, fd)
-    _put(attr, 4, 4, ctypes.sizeof(info))
+    _put(attr, 4, 4, size)
     _put(attr, 8, 8, _addr(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "reading program info")
-    raw = info.raw
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading {what} info")
+    return info.raw
+
+
+def prog_info(fd: int) -> ProgInfo:
+    raw = _obj_info(fd, 256, "program")
     return ProgInfo(
         type=int.from_bytes(raw[0:4], "little"),
         id=int.from_bytes(raw[4:8], "little"),
@@ -232,13 +237,7 @@ class MapInfo:
 
 
 def map_info(fd: int) -> MapInfo:
-    info = ctypes.create_string_buffer(128)
-    attr = _attr()
-    _put(attr, 0, 4, fd)
-    _put(attr, 4, 4, ctypes.sizeof(info))
-    _put(attr, 8, 8, _addr(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "reading map info")
-    raw = info.raw
+    raw = _obj_info(fd, 128, "map")
 
     def u32(offset: int) -> int:
         return int.from_bytes(raw[offset : offset + 4], "little")

@@ -408,7 +408,6 @@ class AttachState:
     decap: str = ""  # "xdp", "xdp-generic" or "tc"
     decap_reason: str = ""  # why not native XDP, when it is not
     replaced: list[str] = field(default_factory=list)
-    recreated_maps: list[str] = field(default_factory=list)
 
 
 class BPFDatapath:
@@ -439,7 +438,7 @@ class BPFDatapath:
 
     def load(self) -> AttachState:
         ensure_bpffs(self.bpffs_root)
-        self.state.recreated_maps = prepare_pins(self.pin_dir)
+        prepare_pins(self.pin_dir)
         programs = compile_programs(self.pin_dir)
         try:
             try:
@@ -640,10 +639,9 @@ def unpin(pin_dir: Path) -> list[str]:
     return done
 
 
-def cleanup(pin_dir: Path, extra_devices: Iterable[int] = ()) -> list[str]:
+def cleanup(pin_dir: Path) -> list[str]:
     """Take one instance's data path down: detach (devices from its fb_config), then unpin."""
-    done = detach_ours({*_devices_of(pin_dir), *extra_devices})
-    return done + unpin(pin_dir)
+    return detach_ours(_devices_of(pin_dir)) + unpin(pin_dir)
 
 
 def instance_dirs(root: Path = DEFAULT_BPFFS) -> list[Path]:

@@ -8,6 +8,7 @@ kernel knows now: which programs are attached where and the BPF counters from th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .backends.base import Network
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,10 +54,8 @@ class AgentStatus:
                 json.dump(self.document(network), out, indent=2)
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
-        except OSError:
-            import logging
-
-            logging.getLogger(__name__).warning("cannot write status file %s", self.path)
+        except OSError as exc:
+            log.warning("cannot write status file %s: %s", self.path, exc)
 
 
 class StatusError(Exception):

@@ -87,10 +87,12 @@ def netns() -> Iterator[Callable[[str], str]]:
             delete_netns(name)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flannel_bpf", *args], capture_output=True, text=True, timeout=180
-    )
+def cli(*args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`flannel-bpf ARGS`, in netns when given."""
+    from flannel_bpf.lab.netns import in_netns
+
+    command = in_netns(netns, [sys.executable, "-m", "flannel_bpf", *args])
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from flannel_bpf.backends.udp import (
 from flannel_bpf.config import BackendConfig
 from flannel_bpf.lab.netns import add_address, add_veth, in_netns, link_up, run
 
+from . import packets as pk
 from .conftest import requires_root
 
 PYTHON = sys.executable
@@ -48,26 +49,9 @@ def ipv4_header(
     options: bytes = b"",
     payload: bytes = b"ABCDEFGHIJ",
 ) -> bytearray:
-    ihl = 5 + len(options) // 4
-    total = ihl * 4 + len(payload)
-    hdr = bytearray(
-        struct.pack(
-            "!BBHHHBBH4s4s",
-            0x40 | ihl,
-            0,
-            total,
-            ident,
-            frag,
-            ttl,
-            proto,
-            0,
-            socket.inet_aton(src),
-            socket.inet_aton(dst),
-        )
-        + options
+    return bytearray(
+        pk.ipv4(src, dst, payload, proto=proto, ident=ident, ttl=ttl, frag=frag, options=options)
     )
-    struct.pack_into("!H", hdr, 10, ip_checksum(hdr))
-    return hdr + payload
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Node:
     def close(self) -> None:
         self.maps.close()
         self.programs.close()
-        loader.cleanup(self.pin_dir, [])
+        loader.cleanup(self.pin_dir)
 
 
 def _ip(ns: str, *args: str) -> None:

@@ -31,20 +31,11 @@ Counters = dict[tuple[str, str], tuple[int, int]]
 
 
 def node_status(lab_name: str, node: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", node, *cli_args("status", "-o", "json", "--status-file",
-                                                str(STATE_ROOT / lab_name / node / "status.json"))],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    status_file = str(STATE_ROOT / lab_name / node / "status.json")
+    proc = cli("status", "-o", "json", "--status-file", status_file, netns=node)
     assert proc.stdout, proc.stderr
     info: dict[str, Any] = json.loads(proc.stdout)
     return info
-
-
-def cli_args(*args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "flannel_bpf", *args]
 
 
 def counters(lab_name: str, node: str) -> Counters:
@@ -166,11 +157,17 @@ def test_reverse_path_filter_picks_the_decap_hook(
     before = counters(lab_name, n2)
     transfer(lab_name, pods[n1], pods[n2], "200M")
     after = counters(lab_name, n2)
-    if decap == "tc":  # aggregates left to vxlan.ko plus single packets stripped in tc
+    changed = {k: v for k, v in after.items() if v != before.get(k)}
+    if decap == "tc":
+        # Every frame crossed the tc hook; aggregates went on to vxlan.ko, single packets were
+        # stripped in BPF. (Under a loaded suite a few frames land under another pass reason.)
+        hook_total = sum(delta(after, before, h, r)[1] for h, r in after if h == "tc_decap")
+        assert hook_total >= 200 * 1024**2, changed
         seen = sum(delta(after, before, "tc_decap", r)[1] for r in ("pass_gso", "decap_redirect"))
+        assert seen >= 0.95 * 200 * 1024**2, changed
     else:
         seen = delta(after, before, "xdp_decap", "decap_pass")[1]
-    assert seen >= 200 * 1024**2
+        assert seen >= 200 * 1024**2, changed
 
     # Lease events reach fb_remotes one entry at a time: a node joins, then leaves.
     def remotes() -> list[str]:
@@ -253,9 +250,7 @@ def test_stop_keeps_the_data_path_and_cleanup_removes_it(
     ping_all(lab_name, pods)
     assert delta(counters(lab_name, n1), before, "tc_encap", "encap_redirect")[0] >= 2
 
-    proc = subprocess.run(
-        ["ip", "netns", "exec", n1, *cli_args("cleanup")], capture_output=True, text=True
-    )
+    proc = cli("cleanup", netns=n1)
     assert proc.returncode == 0, proc.stderr
     assert "detached tc egress from flannel.1" in proc.stdout
     assert "unpinned" in proc.stdout
@@ -271,9 +266,7 @@ def test_stop_keeps_the_data_path_and_cleanup_removes_it(
     )
     # vxlan.ko takes over with the entries flanneld would have left: traffic still flows.
     ping_all(lab_name, pods)
-    again = subprocess.run(
-        ["ip", "netns", "exec", n1, *cli_args("cleanup")], capture_output=True, text=True
-    )
+    again = cli("cleanup", netns=n1)
     assert (again.returncode, again.stdout.strip()) == (0, "cleanup: nothing to do")
 
 

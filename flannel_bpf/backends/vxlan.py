@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,16 +24,17 @@ from ..bpf_maps import FB_REMOTE_SKIP, Remote
 from ..config import BackendConfig
 from ..iface import ExternalInterface
 from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from ..loader import BPFDatapath, Device, LoaderError
+from ..loader import BPFDatapath, Device, LoaderError, cleanup, pin_dir_for
+from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, parse_mac, random_mac
 from .base import Backend, BackendError, Network
+from .vxlan_bpf import load_bpf_datapath
+from .vxlan_userspace import start_vxlan_userspace_dataplane
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BACKEND_TYPE = "vxlan"
-# The vxlan header plus outer UDP, IPv4 and Ethernet headers (flanneld subtracts exactly this).
-VXLAN_OVERHEAD = 50
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
@@ -55,6 +55,11 @@ class VXLANConfig:
     gbp: bool = False
     learning: bool = False
     direct_routing: bool = False
+
+    @property
+    def udp_port(self) -> int:
+        """The port on the wire: Port, or vxlan.ko's default when flanneld leaves it out."""
+        return self.port or DEFAULT_VXLAN_PORT
 
     @property
     def device_name(self) -> str:
@@ -105,36 +110,6 @@ def parse_vxlan_config(backend: BackendConfig) -> VXLANConfig:
         learning=bool_key("Learning"),
         direct_routing=bool_key("DirectRouting"),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# MAC addresses
-
-
-def random_mac() -> str:
-    """mac.NewHardwareAddr: random, locally administered, unicast."""
-    raw = bytearray(os.urandom(6))
-    raw[0] = (raw[0] | 0x02) & 0xFE
-    return ":".join(f"{b:02x}" for b in raw)
-
-
-def parse_mac(text: str) -> str:
-    """Go's net.ParseMAC for 48-bit addresses (colon, hyphen or dot form), as lower-case a:b:..
-
-    Longer EUI-64 / InfiniBand forms are refused: a vxlan FDB entry cannot hold them anyway.
-    """
-    hexdigits = "0123456789abcdefABCDEF"
-    if len(text) == 17 and text[2] in ":-":
-        sep = text[2]
-        groups = text.split(sep)
-        if len(groups) == 6 and all(len(g) == 2 and all(c in hexdigits for c in g) for g in groups):
-            return ":".join(g.lower() for g in groups)
-    elif len(text) == 14 and text[4] == ".":
-        groups = text.split(".")
-        if len(groups) == 3 and all(len(g) == 4 and all(c in hexdigits for c in g) for g in groups):
-            flat = "".join(groups).lower()
-            return ":".join(flat[i : i + 2] for i in range(0, 12, 2))
-    raise ValueError(f"invalid MAC address: {text!r}")
 
 
 @dataclass(frozen=True)
@@ -397,42 +372,31 @@ class VXLANNetwork(Network):
         }
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
-        await self.apply(events)
+        """Kernel entries as for any batch; fb_remotes swept to exactly these leases at once."""
+        remotes = await self._program(events, snapshot=True)
         if self.bpf is None:
             return
-        wanted = []
-        async with AsyncIPRoute() as ipr:
-            for event in events:
-                lease = event.lease
-                if event.type is not LeaseEventType.ADDED or lease.subnet == self.lease.subnet:
-                    continue
-                try:
-                    peer = peer_vtep(lease)
-                except ValueError:
-                    continue  # warned about in apply()
-                direct = self.direct_routing and await self._directly_connected(ipr, peer)
-                wanted.append(remote_entry(peer, direct))
         try:
-            written, removed = self.bpf.sync_remotes(wanted)
+            written, removed = self.bpf.sync_remotes(remotes)
         except (OSError, LoaderError) as exc:
             log.error("reconciling fb_remotes with the lease set failed: %s", exc)
             return
         log.info(
             "BPF remotes reconciled with %d leases: %d written, %d stale removed",
-            len(wanted),
+            len(remotes),
             written,
             removed,
         )
 
-    def _bpf_set(self, peer: PeerVtep, direct: bool) -> None:
+    def _bpf_set(self, remote: Remote) -> None:
         if self.bpf is None:
             return
         try:
-            self.bpf.set_remote(remote_entry(peer, direct))
+            self.bpf.set_remote(remote)
         except (OSError, LoaderError) as exc:
             # The kernel entries are in place: vxlan.ko carries this peer meanwhile.
             log.error(
-                "fb_remotes update for %s failed (kernel path serves it): %s", peer.subnet, exc
+                "fb_remotes update for %s failed (kernel path serves it): %s", remote.subnet, exc
             )
 
     def _bpf_delete(self, peer: PeerVtep) -> None:
@@ -454,6 +418,12 @@ class VXLANNetwork(Network):
         return True
 
     async def apply(self, events: list[LeaseEvent]) -> None:
+        await self._program(events, snapshot=False)
+
+    async def _program(self, events: list[LeaseEvent], *, snapshot: bool) -> list[Remote]:
+        """Program each peer's kernel entries, and its fb_remotes entry unless this is the
+        snapshot (reconciled in one sweep afterwards). Returns the remotes of the added peers."""
+        added: list[Remote] = []
         # One netlink socket per batch: a snapshot of hundreds of peers is one round of calls.
         async with AsyncIPRoute() as ipr:
             for event in events:
@@ -468,10 +438,13 @@ class VXLANNetwork(Network):
                 direct = self.direct_routing and await self._directly_connected(ipr, peer)
                 if event.type is LeaseEventType.ADDED:
                     await self._add_peer(ipr, peer, direct)
-                    self._bpf_set(peer, direct)
+                    added.append(remote_entry(peer, direct))
+                    if not snapshot:
+                        self._bpf_set(added[-1])
                 else:
                     self._bpf_delete(peer)
                     await self._remove_peer(ipr, peer, direct)
+        return added
 
     async def _directly_connected(self, ipr: Any, peer: PeerVtep) -> bool:
         """ip.DirectRouting: exactly one route to the PublicIP, and it has no gateway."""
@@ -589,8 +562,6 @@ class VXLANNetwork(Network):
 
 
 async def remove_bpf_datapath(device: str, bpffs: Path) -> None:
-    from ..loader import cleanup, pin_dir_for
-
     pin_dir = pin_dir_for(device, bpffs)
     if pin_dir.exists():
         for line in await asyncio.to_thread(cleanup, pin_dir):
@@ -675,14 +646,12 @@ class VXLANBackend(Backend):
         bpf: BPFDatapath | None = None
         fallbacks: tuple[str, ...] = ()
         if wanted in ("auto", "bpf"):
-            from .vxlan_bpf import load_bpf_datapath
-
             try:
                 bpf = await load_bpf_datapath(
                     iface,
                     Device(device.name, device.index, device.mac),
                     vni=cfg.vni,
-                    port=cfg.port,
+                    port=cfg.udp_port,
                     gbp=cfg.gbp,
                     bpffs=Path(opts.bpffs),
                     decap_mode=opts.bpf_decap,
@@ -703,8 +672,6 @@ class VXLANBackend(Backend):
     async def _userspace(
         self, cfg: VXLANConfig, network: IPv4Network, fallbacks: tuple[str, ...]
     ) -> Network:
-        from .vxlan_userspace import start_vxlan_userspace_dataplane
-
         iface = self.ctx.iface
         # The MAC is ours to choose; a restart picks a new one and peers follow the lease.
         mac = random_mac()
@@ -719,7 +686,7 @@ class VXLANBackend(Backend):
             network,
             iface,
             vni=cfg.vni,
-            port=cfg.port or 8472,
+            port=cfg.udp_port,
             mac=mac,
             device_name=cfg.device_name,
         )

@@ -25,8 +25,6 @@ from .base import BackendError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VXLAN_PORT = 8472  # vxlan.ko's udp_port default, what flanneld's Port 0 means
-
 
 def datapath_config(
     iface: ExternalInterface, vni: int, port: int, uplink_mac: str, vtep: Device
@@ -35,7 +33,7 @@ def datapath_config(
     return DatapathConfig(
         local_ip=iface.ext_addr,
         vni=vni,
-        port=port or DEFAULT_VXLAN_PORT,
+        port=port,
         uplink_ifindex=iface.index,
         uplink_mac=uplink_mac,
         vtep_ifindex=vtep.index,

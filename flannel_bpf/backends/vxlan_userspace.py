@@ -37,6 +37,7 @@ from typing import Final
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..iface import ExternalInterface
+from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, format_mac, mac_to_bytes
 from .base import BackendError
 from .udp import BATCH, READ_HEADROOM, PrefixTable, TunSocketPlane, configure_tun, open_tun
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 VXLAN_HEADER_LEN: Final = 8
 INNER_ETH_LEN: Final = 14
-DEFAULT_VXLAN_PORT: Final = 8472
 # VXLAN header + inner Ethernet header: what precedes the inner packet in every datagram.
 ENCAP_LEN: Final = VXLAN_HEADER_LEN + INNER_ETH_LEN
 IPV4_HEADER_LEN: Final = 20
@@ -53,9 +53,6 @@ MIN_DATAGRAM: Final = ENCAP_LEN + IPV4_HEADER_LEN
 VXLAN_FLAG_I: Final = 0x08
 ETH_P_IP: Final = 0x0800
 MAX_VNI: Final = (1 << 24) - 1
-# vxlan.VXLAN_OVERHEAD, restated rather than imported so that the vxlan backend can import this
-# module without an import cycle.
-VXLAN_OVERHEAD: Final = 50
 IFNAMSIZ: Final = 16
 # The largest UDP payload IPv4 can deliver: a receive buffer this big can never truncate, so an
 # oversized datagram is passed on whole (the kernel's IP checks judge it) instead of cut short.
@@ -71,28 +68,6 @@ _ETHERTYPE_IP: Final = ETH_P_IP.to_bytes(2, "big")
 
 # --------------------------------------------------------------------------------------------
 # Headers (pure, unit tested)
-
-
-def mac_to_bytes(mac: str) -> bytes:
-    """The 6 bytes of a colon- or hyphen-separated MAC (what leases and ``ip link`` show).
-
-    ValueError for anything else: a header built from a misread MAC would be dropped by the peer
-    without a trace, so it is refused up front.
-    """
-    groups = mac.replace("-", ":").split(":")
-    if len(groups) != 6 or any(len(g) != 2 for g in groups):
-        raise ValueError(f"invalid MAC address: {mac!r}")
-    try:
-        raw = bytes.fromhex("".join(groups))
-    except ValueError:
-        raise ValueError(f"invalid MAC address: {mac!r}") from None
-    if len(raw) != 6:  # fromhex skips blanks, so " a:bb:.." would come out short
-        raise ValueError(f"invalid MAC address: {mac!r}")
-    return raw
-
-
-def format_mac(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
 
 
 def vxlan_header(vni: int) -> bytes:
