@@ -19,6 +19,8 @@ from . import bpf_sys
 from .vxlan_wire import VXLAN_OVERHEAD as VXLAN_OVERHEAD  # mirrored in flannel_bpf.h
 from .vxlan_wire import format_mac, mac_to_bytes
 
+UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
+
 LAYOUT_VERSION: Final = 1
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
@@ -64,6 +66,7 @@ class Reason(enum.IntEnum):
     PASS_ADJUST_FAILED = 23
     PASS_SKIP = 24
     PASS_GSO = 25
+    PASS_TTL_EXPIRED = 26
 
     DROP_INNER_MALFORMED = 40
     DROP_WRITE_FAILED = 41

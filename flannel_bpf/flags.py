@@ -388,7 +388,8 @@ _FLAGS: tuple[_Flag, ...] = (
         "datapath",
         _Kind.STRING,
         "auto",
-        "VXLAN data path: auto, bpf, kernel or userspace (flannel-bpf)",
+        "data path: auto, bpf, kernel (vxlan) or userspace; auto tries them in that order "
+        "(flannel-bpf)",
         check=_one_of(DATAPATHS),
     ),
     _Flag(

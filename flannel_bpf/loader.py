@@ -5,9 +5,9 @@ The life cycle, as an operator sees it:
 - ``BPFDatapath.load()`` compiles bpf/ with bcc, opens this agent instance's pinned maps (checking
   their layout, recreating any that changed shape), loads the programs through bpf(2) (XDP with
   frags, which bcc 0.26 cannot ask for), writes fb_config and attaches: encapsulation at tc egress
-  of flannel.<VNI>, decapsulation at native XDP on the uplink or, where that cannot work, at tc
-  ingress. Programs already attached by an earlier run are replaced in place, so traffic never
-  sees a gap.
+  of the flannel device (flannel.<VNI> for VXLAN, flannel0 for the udp format), decapsulation at
+  native XDP on the uplink or, where that cannot work, at tc ingress. Programs already attached
+  by an earlier run are replaced in place, so traffic never sees a gap.
 - ``sync_remotes()`` makes fb_remotes equal the lease set (mark and sweep); ``set_remote()`` and
   ``delete_remote()`` apply single lease events.
 - A normal stop leaves everything attached and pinned: the data path outlives the agent.
@@ -52,13 +52,36 @@ log = logging.getLogger(__name__)
 BPF_SOURCE_DIR: Final = Path(
     os.environ.get("FLANNEL_BPF_SOURCE_DIR", Path(__file__).resolve().parent.parent / "bpf")
 )
-ENTRY_FILES: Final = ("tc_encap.c", "xdp_decap.c", "tc_decap.c")
 DEFAULT_BPFFS: Final = Path("/run/flannel-bpf/bpffs")
-
-PROG_ENCAP: Final = "fb_tc_encap"
-PROG_XDP_DECAP: Final = "fb_xdp_decap"
-PROG_TC_DECAP: Final = "fb_tc_decap"
 OUR_PREFIX: Final = "fb_"
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """One of flannel's wire formats: the entry program for each hook (names = functions)."""
+
+    name: str
+    encap: str  # tc egress on the flannel device
+    xdp_decap: str  # XDP on the uplink
+    tc_decap: str  # tc ingress on the uplink
+
+    @property
+    def programs(self) -> tuple[str, str, str]:
+        return (self.encap, self.xdp_decap, self.tc_decap)
+
+
+VXLAN: Final = WireFormat("vxlan", "fb_tc_encap", "fb_xdp_decap", "fb_tc_decap")
+UDP: Final = WireFormat("udp", "fb_tc_udp_encap", "fb_xdp_udp_decap", "fb_tc_udp_decap")
+WIRE_FORMATS: Final = {w.name: w for w in (VXLAN, UDP)}
+# One file per entry program; all compile as one unit sharing the maps.
+ENTRY_FILES: Final = (
+    "tc_encap.c",
+    "xdp_decap.c",
+    "tc_decap.c",
+    "tc_udp_encap.c",
+    "xdp_udp_decap.c",
+    "tc_udp_decap.c",
+)
 
 # tc: a fixed priority and handle, so a restart replaces our filter instead of adding another.
 TC_PRIO: Final = 1
@@ -206,8 +229,10 @@ def prepare_pins(pin_dir: Path) -> list[str]:
     return removed
 
 
-def compile_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> Programs:
-    """Compile with bcc (which opens or creates the pinned maps) and load through bpf(2)."""
+def compile_programs(
+    pin_dir: Path, wire: WireFormat = VXLAN, source_dir: Path = BPF_SOURCE_DIR
+) -> Programs:
+    """Compile with bcc (which opens or creates the pinned maps); load ``wire``'s programs."""
     problem = kernel_headers_problem()
     if problem:
         raise LoaderError(problem)
@@ -226,23 +251,16 @@ def compile_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> Progra
     except Exception as exc:  # bcc raises bare Exception for compile errors
         raise LoaderError(f"compiling bpf/ failed: {exc}") from None
     try:
-        bytecode = {
-            name: bytes(module.dump_func(name.encode()))
-            for name in (PROG_ENCAP, PROG_XDP_DECAP, PROG_TC_DECAP)
-        }
+        bytecode = {name: bytes(module.dump_func(name.encode())) for name in wire.programs}
         fds: dict[str, int] = {}
         try:
-            fds[PROG_ENCAP] = bpf_sys.prog_load(
-                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[PROG_ENCAP], PROG_ENCAP
-            )
-            fds[PROG_TC_DECAP] = bpf_sys.prog_load(
-                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[PROG_TC_DECAP], PROG_TC_DECAP
-            )
+            for name in (wire.encap, wire.tc_decap):
+                fds[name] = bpf_sys.prog_load(bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[name], name)
             # Frags: jumbo underlays and multi-buffer NICs reach the program instead of failing.
-            fds[PROG_XDP_DECAP] = bpf_sys.prog_load(
+            fds[wire.xdp_decap] = bpf_sys.prog_load(
                 bpf_sys.BPF_PROG_TYPE_XDP,
-                bytecode[PROG_XDP_DECAP],
-                PROG_XDP_DECAP,
+                bytecode[wire.xdp_decap],
+                wire.xdp_decap,
                 prog_flags=bpf_sys.BPF_F_XDP_HAS_FRAGS,
             )
         except bpf_sys.BPFError as exc:
@@ -251,7 +269,7 @@ def compile_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> Progra
             raise LoaderError(f"the kernel refused a program: {exc}") from None
     finally:
         module.cleanup()
-    return Programs(fds[PROG_ENCAP], fds[PROG_XDP_DECAP], fds[PROG_TC_DECAP])
+    return Programs(fds[wire.encap], fds[wire.xdp_decap], fds[wire.tc_decap])
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +440,7 @@ class BPFDatapath:
         pin_dir: Path,
         bpffs_root: Path = DEFAULT_BPFFS,
         decap_mode: str = "auto",
+        wire: WireFormat = VXLAN,
     ) -> None:
         if decap_mode not in DECAP_MODES:
             raise LoaderError(f"unknown decapsulation mode {decap_mode!r}")
@@ -431,6 +450,7 @@ class BPFDatapath:
         self.pin_dir = pin_dir
         self.bpffs_root = bpffs_root
         self.decap_mode = decap_mode
+        self.wire = wire
         self.state = AttachState()
         self.maps: PinnedMaps | None = None
 
@@ -439,7 +459,7 @@ class BPFDatapath:
     def load(self) -> AttachState:
         ensure_bpffs(self.bpffs_root)
         prepare_pins(self.pin_dir)
-        programs = compile_programs(self.pin_dir)
+        programs = compile_programs(self.pin_dir, self.wire)
         try:
             try:
                 self.maps = PinnedMaps(self.pin_dir)
@@ -462,7 +482,7 @@ class BPFDatapath:
 
     def _attach_encap(self, ipr: Any, programs: Programs) -> None:
         current = tc_filter(ipr, self.vtep.index, TC_EGRESS)
-        attach_tc(ipr, self.vtep.index, TC_EGRESS, programs.encap, PROG_ENCAP)
+        attach_tc(ipr, self.vtep.index, TC_EGRESS, programs.encap, self.wire.encap)
         if current is not None:
             self.state.replaced.append(f"tc egress {self.vtep.name}")
 
@@ -525,7 +545,7 @@ class BPFDatapath:
 
         # tc ingress: either chosen, or where XDP could not go.
         current = tc_filter(ipr, uplink.index, TC_INGRESS)
-        attach_tc(ipr, uplink.index, TC_INGRESS, programs.tc_decap, PROG_TC_DECAP)
+        attach_tc(ipr, uplink.index, TC_INGRESS, programs.tc_decap, self.wire.tc_decap)
         if current is not None:
             self.state.replaced.append(f"tc ingress {uplink.name}")
         if mode is not None and not foreign:

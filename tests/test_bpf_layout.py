@@ -38,6 +38,7 @@ def test_hooks_match_the_header() -> None:
 def test_constants_match_the_header() -> None:
     assert _define("FB_LAYOUT_VERSION") == bpf_maps.LAYOUT_VERSION
     assert _define("FB_VXLAN_OVERHEAD") == bpf_maps.VXLAN_OVERHEAD
+    assert _define("FB_UDP_OVERHEAD") == bpf_maps.UDP_OVERHEAD
     assert _define("FB_MAX_REMOTES") == bpf_maps.MAX_REMOTES
     assert _define("FB_REMOTE_SKIP") == bpf_maps.FB_REMOTE_SKIP
 

@@ -70,7 +70,13 @@ def seconds_until(predicate: Callable[[], bool], limit: float = 5.0) -> float:
 
 @pytest.mark.parametrize(
     ("backend", "datapath"),
-    [("vxlan", "bpf"), ("vxlan", "kernel"), ("host-gw", "kernel"), ("udp", "userspace")],
+    [
+        ("vxlan", "bpf"),
+        ("vxlan", "kernel"),
+        ("host-gw", "kernel"),
+        ("udp", "bpf"),
+        ("udp", "userspace"),
+    ],
 )
 def test_backend_end_to_end(
     backend: str,
@@ -78,7 +84,7 @@ def test_backend_end_to_end(
     lab_name: str,
     lab_up: Callable[..., dict[str, Any]],
 ) -> None:
-    extra = ["--datapath", datapath] if backend == "vxlan" else []
+    extra = ["--datapath", datapath] if backend in ("vxlan", "udp") else []
     info = lab_up("--nodes", "3", "--backend", backend, *extra)
     assert all(n["backend"] == backend and n["agent_running"] for n in info["nodes"])
     assert {n["datapath"] for n in info["nodes"]} == {datapath}

@@ -316,3 +316,114 @@ def test_generic_xdp_only_when_asked(lab_name: str, lab_up: Callable[..., dict[s
     before = counters(lab_name, n1)
     ping_all(lab_name, info["pods"])
     assert delta(counters(lab_name, n1), before, "xdp_decap", "decap_pass")[0] >= 2
+
+
+# --------------------------------------------------------------------------------------------
+# flannel's udp wire format
+
+
+def capture_udp(lab_name: str, node: str, send: Callable[[], None]) -> list[bytes]:
+    """Datagrams to port 8285 seen on the underlay bridge while send() runs (outer IPv4 on)."""
+    underlay = f"{lab_name}-ul"
+    pcap = STATE_ROOT / lab_name / f"{node}.pcap"
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", underlay, "tcpdump", "-U", "-n", "-i", "br0", "-w", str(pcap),
+         f"udp dst port 8285 and src host {_underlay_ip(lab_name, node)}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        send()
+        time.sleep(0.5)
+    finally:
+        dump.terminate()
+        dump.wait()
+    data = pcap.read_bytes()
+    pcap.unlink()
+    frames, offset = [], 24  # pcap global header, then (16-byte record header, frame)*
+    while offset + 16 <= len(data):
+        length = int.from_bytes(data[offset + 8 : offset + 12], "little")
+        frames.append(data[offset + 16 + 14 : offset + 16 + length])  # drop Ethernet
+        offset += 16 + length
+    return frames
+
+
+def _underlay_ip(lab_name: str, node: str) -> str:
+    info = lab.status(lab_name)
+    return str(next(n["underlay_ip"] for n in info["nodes"] if n["namespace"] == node))
+
+
+def wire_shape(datagram: bytes) -> dict[str, int]:
+    """The fields of a udp-backend datagram that must not depend on who sent it."""
+    inner = datagram[28:]
+    return {
+        "tos": datagram[1],
+        "df": datagram[6] & 0x40,
+        "ttl": datagram[8],
+        "sport": int.from_bytes(datagram[20:22], "big"),
+        "dport": int.from_bytes(datagram[22:24], "big"),
+        "udp_len_ok": int(int.from_bytes(datagram[24:26], "big") == len(datagram) - 20),
+        "inner_ttl": inner[8],
+        "inner_len_ok": int(int.from_bytes(inner[2:4], "big") == len(inner)),
+    }
+
+
+def test_udp_network_bpf_nodes_interoperate_with_flanneld_udp_nodes(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """n1, n3: the udp format in BPF (XDP decap); n2: flanneld's udp in userspace. Same wire."""
+    info = lab_up("--nodes", "3", "--backend", "udp", "--datapath", "bpf,userspace,bpf")
+    n1, n2, n3 = (f"{lab_name}-n{i}" for i in (1, 2, 3))
+    assert [(n["datapath"], n["decap"]) for n in info["nodes"]] == [
+        ("bpf", "xdp"), ("userspace", ""), ("bpf", "xdp"),
+    ]  # fmt: skip
+    pods = by_node(info)
+    ping_all(lab_name, info["pods"])
+
+    # On the wire a BPF node's datagram looks like flanneld's: same ports, DF, TTLs, lengths.
+    def ping_from(node: str) -> Callable[[], None]:
+        def send() -> None:
+            pod_exec(lab_name, pods[node]["namespace"], "ping", "-c3", "-i0.2", pods[n3]["ip"])
+
+        return send
+
+    from_bpf = capture_udp(lab_name, n1, ping_from(n1))
+    from_userspace = capture_udp(lab_name, n2, ping_from(n2))
+    assert len(from_bpf) >= 3 and len(from_userspace) >= 3
+    shapes = {json.dumps(wire_shape(d), sort_keys=True) for d in from_bpf + from_userspace}
+    assert len(shapes) == 1, shapes
+    shape = json.loads(shapes.pop())
+    assert shape == {"tos": 0, "df": 0x40, "ttl": 64, "sport": 8285, "dport": 8285,
+                     "udp_len_ok": 1, "inner_ttl": 62, "inner_len_ok": 1}  # fmt: skip
+
+    before = {n: counters(lab_name, n) for n in (n1, n3)}
+    bpf_rate = transfer(lab_name, pods[n1], pods[n3], "1G")
+    to_userspace = transfer(lab_name, pods[n1], pods[n2], "100M")
+    from_userspace_rate = transfer(lab_name, pods[n2], pods[n3], "100M")
+    after = {n: counters(lab_name, n) for n in (n1, n3)}
+    print(
+        f"\nudp: bpf->bpf {bpf_rate:.2f} Gbit/s, bpf->userspace {to_userspace:.2f}, "
+        f"userspace->bpf {from_userspace_rate:.2f}"
+    )
+    # n1 encapsulated the data of both of its transfers in BPF; n3 decapsulated it in XDP.
+    assert delta(after[n1], before[n1], "tc_encap", "encap_redirect")[1] >= GB + 100 * 1024**2
+    assert delta(after[n3], before[n3], "xdp_decap", "decap_pass")[1] >= GB + 100 * 1024**2
+    # A destination without a lease is left to the userspace plane (which answers it flanneld's
+    # way, with ICMP net unreachable: tests/test_vxlan_userspace.py).
+    pod_exec(lab_name, pods[n1]["namespace"], "ping", "-c1", "-W1", "10.244.250.1")
+    assert delta(counters(lab_name, n1), after[n1], "tc_encap", "pass_no_remote")[0] >= 1
+
+
+def test_udp_network_with_tc_decap_under_strict_rp_filter(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    info = lab_up("--nodes", "2", "--backend", "udp", "--rp-filter", "1")
+    n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
+    assert [(n["datapath"], n["decap"]) for n in info["nodes"]] == [("bpf", "tc")] * 2
+    pods = by_node(info)
+    ping_all(lab_name, info["pods"])
+    before = counters(lab_name, n2)
+    rate = transfer(lab_name, pods[n1], pods[n2], "1G")
+    after = counters(lab_name, n2)
+    print(f"\nudp, tc decap, rp_filter 1: {rate:.2f} Gbit/s")
+    assert delta(after, before, "tc_decap", "decap_redirect")[1] >= GB

@@ -16,6 +16,9 @@
 #define FB_VXLAN_OVERHEAD 50
 #define FB_VXLAN_FLAGS_VNI 0x08000000 /* the I flag, alone: what vxlan.ko accepts without GBP */
 
+/* Outer IPv4 (20) + UDP (8): flannel's udp backend, raw inner IPv4 as the UDP payload. */
+#define FB_UDP_OVERHEAD 28
+
 #define FB_MAX_REMOTES 65536
 
 /* fb_remotes: one entry per remote lease, longest-prefix matched on the inner destination. */
@@ -32,23 +35,27 @@ struct fb_remote {
 	__u16 flags;      /* FB_REMOTE_* */
 };
 
-/* fb_config: a single entry, written by the agent before the programs are attached. */
+/*
+ * fb_config: a single entry, written by the agent before the programs are attached. Both wire
+ * formats share it; the udp programs ignore vni, vtep_mac and the source port range.
+ */
 struct fb_config {
 	__be32 local_ip;    /* outer source; decapsulation only accepts this destination */
 	__u32 vni;          /* host order, 24 bits */
-	__be16 port;        /* VXLAN UDP port, network order */
+	__be16 port;        /* VXLAN or udp-backend port, network order; 0 = not configured yet */
 	__u16 sport_min;    /* outer UDP source ports: [sport_min, sport_max), the kernel's range */
 	__u16 sport_max;
 	__u8 ttl;           /* outer TTL: the namespace's ip_default_ttl, as vxlan.ko uses */
 	__u8 flags;         /* FB_CFG_* */
 	__u32 uplink_ifindex;
-	__u32 vtep_ifindex; /* flannel.<VNI> */
+	__u32 vtep_ifindex; /* flannel.<VNI>, or flannel0 (TUN) for udp */
 	__u8 vtep_mac[6];   /* our VtepMAC: inner source MAC, and what decapsulation accepts */
 	__u8 uplink_mac[6];
 };
 
+/* Hooks are places, not formats: an agent runs one network, so vxlan and udp share the slots. */
 enum fb_hook {
-	FB_HOOK_TC_ENCAP = 0,  /* tc egress on flannel.<VNI> */
+	FB_HOOK_TC_ENCAP = 0,  /* tc egress on flannel.<VNI> (vxlan) or flannel0 (udp) */
 	FB_HOOK_XDP_DECAP = 1, /* XDP on the uplink */
 	FB_HOOK_TC_DECAP = 2,  /* tc ingress on the uplink */
 	FB_HOOK_MAX = 3,
@@ -58,7 +65,7 @@ enum fb_hook {
 enum fb_reason {
 	FB_ENCAP_REDIRECT = 0,       /* encapsulated, outer MACs from the FIB, sent on the uplink */
 	FB_DECAP_PASS = 1,           /* decapsulated, inner packet handed to the stack (XDP) */
-	FB_DECAP_REDIRECT = 2,       /* decapsulated, redirected into flannel.<VNI> ingress (tc) */
+	FB_DECAP_REDIRECT = 2,       /* decapsulated, redirected into the flannel device's ingress (tc) */
 
 	FB_PASS_NOT_IPV4 = 8,        /* not IPv4 (ARP, IPv6, ...) */
 	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */
@@ -77,7 +84,8 @@ enum fb_reason {
 	FB_PASS_INNER_NOT_IPV4 = 22, /* decap: inner frame is not IPv4 */
 	FB_PASS_ADJUST_FAILED = 23,  /* the kernel refused to resize the packet; unchanged */
 	FB_PASS_SKIP = 24,           /* encap: remote marked FB_REMOTE_SKIP */
-	FB_PASS_GSO = 25,            /* tc decap: a GRO/GSO aggregate, left to vxlan.ko (see tc_decap.c) */
+	FB_PASS_GSO = 25,            /* a GSO packet this hook must not resize (see tc_decap.c) */
+	FB_PASS_TTL_EXPIRED = 26,    /* udp: inner TTL would reach 0; the userspace plane drops it */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */

@@ -15,6 +15,7 @@
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 #endif
 
+#define FB_IP_DF 0x4000
 #define FB_IP_MF 0x2000
 #define FB_IP_OFFSET 0x1fff
 #define FB_ECN_MASK 0x03
@@ -66,6 +67,15 @@ static __always_inline __u16 fb_ipv4_csum(const struct iphdr *ip)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return (__u16)~sum;
+}
+
+/* ip_decrease_ttl(): TTL minus one, checksum fixed incrementally (RFC 1624). Needs ttl > 0. */
+static __always_inline void fb_decrease_ttl(struct iphdr *ip)
+{
+	__u32 check = (__u32)ip->check + (__u32)bpf_htons(0x0100);
+
+	ip->check = (__sum16)(check + (check >= 0xFFFF));
+	ip->ttl--;
 }
 
 /* RFC 6040 / INET_ECN_encapsulate: the outer header carries the inner ECN, CE as ECT(0). */

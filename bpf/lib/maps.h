@@ -24,8 +24,8 @@ static __always_inline struct fb_config *fb_get_config(void)
 	__u32 zero = 0;
 	struct fb_config *cfg = fb_config.lookup(&zero);
 
-	/* An all-zero entry exists from creation on: not configured until the VNI is set. */
-	if (cfg && cfg->vni == 0)
+	/* An all-zero entry exists from creation on: not configured until the port is set. */
+	if (cfg && cfg->port == 0)
 		return NULL;
 	return cfg;
 }

@@ -20,23 +20,28 @@ import socket
 import struct
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Final, Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..bpf_maps import UDP_OVERHEAD as UDP_OVERHEAD  # the payload is the bare inner packet
+from ..bpf_maps import Remote
 from ..config import BackendConfig
 from ..iface import ExternalInterface
 from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from ..loader import UDP as UDP_WIRE
+from ..loader import BPFDatapath, Device, LoaderError
 from .base import Backend, BackendError, Network
+from .bpf_fastpath import load_bpf_datapath, remove_bpf_datapath
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPE: Final = "udp"
 DEFAULT_PORT: Final = 8285
-# Outer IPv4 (20) + UDP (8) headers: the payload is the bare inner packet, nothing else.
-UDP_OVERHEAD: Final = 28
 TUN_NAME_TEMPLATE: Final = "flannel%d"
+NO_MAC: Final = "00:00:00:00:00:00"  # flannel0 is an L3 device; udp remotes carry no MAC
 
 # linux/if_tun.h
 TUNSETIFF: Final = 0x400454CA
@@ -290,6 +295,7 @@ class TunSocketPlane:
     ) -> None:
         self.tun_fd = tun_fd
         self.tun_name = tun_name
+        self.tun_index = 0  # set once configured; where a BPF fast path attaches
         self.tun_addr = tun_addr
         self.mtu = mtu
         self.port = port
@@ -483,7 +489,7 @@ async def start_udp_dataplane(
     sock: socket.socket | None = None
     try:
         try:
-            await configure_tun(tun_name, tun_addr, mtu, network)
+            tun_index = await configure_tun(tun_name, tun_addr, mtu, network)
         except (NetlinkError, IndexError) as exc:
             raise BackendError(f"failed to configure {tun_name}: {exc}") from None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -495,6 +501,7 @@ async def start_udp_dataplane(
                 f"failed to bind UDP socket to {iface.iface_addr}:{port}: {exc}"
             ) from None
         plane = UDPDataPlane(tun_fd, tun_name, tun_addr, mtu, sock, port)
+        plane.tun_index = tun_index
     except BaseException:
         if sock is not None:
             sock.close()
@@ -519,20 +526,72 @@ async def start_udp_dataplane(
 
 
 class UDPNetwork(Network):
-    datapath = "userspace"
+    """flanneld's udp network: flannel0 and its userspace plane, optionally a BPF fast path.
 
-    def __init__(self, lease: Lease, plane: UDPDataPlane) -> None:
+    With BPF, the programs carry every packet they recognise in the kernel, in the same wire
+    format; the plane still answers what they pass on (no lease for a destination: ICMP net
+    unreachable; TTL expiring; datagrams the decapsulation leaves to the socket). Each peer is a
+    plane route and an fb_remotes entry (written after the route, removed before it).
+    """
+
+    def __init__(
+        self,
+        lease: Lease,
+        plane: UDPDataPlane,
+        *,
+        bpf: BPFDatapath | None = None,
+        fallbacks: tuple[str, ...] = (),
+    ) -> None:
         self.lease = lease
         self.mtu = plane.mtu
         self.plane = plane
+        self.bpf = bpf
+        self.datapath = "bpf" if bpf is not None else "userspace"
+        self.fallbacks = fallbacks
 
     @property
     def counters(self) -> UDPCounters:
         return self.plane.counters
 
+    def datapath_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "device": self.plane.tun_name,
+            "counters": self.plane.counters.as_dict(),
+        }
+        if self.bpf is not None:
+            state = self.bpf.state
+            status |= {
+                "pin_dir": str(self.bpf.pin_dir),
+                "decap": state.decap,
+                "decap_reason": state.decap_reason,
+                "uplink": self.bpf.uplink.name,
+            }
+        return status
+
     # accepts() stays the base's "everything": flanneld's udp never checks a peer's BackendType.
 
+    async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
+        """Routes as for any batch; fb_remotes swept to exactly these leases in one pass."""
+        remotes = self._program(events, snapshot=True)
+        if self.bpf is None:
+            return
+        try:
+            written, removed = self.bpf.sync_remotes(remotes)
+        except (OSError, LoaderError) as exc:
+            log.error("reconciling fb_remotes with the lease set failed: %s", exc)
+            return
+        log.info(
+            "BPF remotes reconciled with %d leases: %d written, %d stale removed",
+            len(remotes),
+            written,
+            removed,
+        )
+
     async def apply(self, events: list[LeaseEvent]) -> None:
+        self._program(events, snapshot=False)
+
+    def _program(self, events: list[LeaseEvent], *, snapshot: bool) -> list[Remote]:
+        added: list[Remote] = []
         for event in events:
             lease = event.lease
             if lease.subnet == self.lease.subnet:
@@ -541,26 +600,72 @@ class UDPNetwork(Network):
             if event.type is LeaseEventType.ADDED:
                 log.info("Subnet added: %s via %s", lease.subnet, lease.attrs.public_ip)
                 self.plane.set_route(lease.subnet, lease.attrs.public_ip)
-            elif self.plane.del_route(lease.subnet):
-                log.info("Subnet removed: %s", lease.subnet)
+                added.append(Remote(lease.subnet, lease.attrs.public_ip, NO_MAC))
+                if not snapshot:
+                    self._bpf_update(lease.subnet, added[-1])
+            else:
+                self._bpf_update(lease.subnet, None)
+                if self.plane.del_route(lease.subnet):
+                    log.info("Subnet removed: %s", lease.subnet)
+        return added
+
+    def _bpf_update(self, subnet: IPv4Network, remote: Remote | None) -> None:
+        """Write (or, with None, delete) a peer's fb_remotes entry."""
+        if self.bpf is None:
+            return
+        try:
+            if remote is None:
+                self.bpf.delete_remote(subnet)
+            else:
+                self.bpf.set_remote(remote)
+        except (OSError, LoaderError) as exc:
+            # The plane's route is in place: userspace carries this peer meanwhile.
+            log.error("fb_remotes update for %s failed (userspace serves it): %s", subnet, exc)
 
     async def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.close()  # fds only; flannel0 and its encapsulation go with the plane
         self.plane.close()
 
 
 class UDPBackend(Backend):
+    """flanneld's udp, on the data path --datapath asks for (auto: BPF, else userspace)."""
+
     type = BACKEND_TYPE
-    datapaths = ("userspace",)
+    datapaths = ("bpf", "userspace")
 
     async def register_network(self) -> Network:
         ctx = self.ctx
         if ctx.config.network is None:
             raise BackendError("the UDP backend needs an IPv4 Network")
         port = parse_port(ctx.config.backend)
+        opts, iface = ctx.options, ctx.iface
         # flanneld's udp writes PublicIP only: no BackendType, no BackendData.
-        lease = await self.acquire(LeaseAttrs(public_ip=ctx.iface.ext_addr))
-        plane = await start_udp_dataplane(lease.subnet, ctx.config.network, ctx.iface, port)
-        return UDPNetwork(lease, plane)
+        lease = await self.acquire(LeaseAttrs(public_ip=iface.ext_addr))
+        plane = await start_udp_dataplane(lease.subnet, ctx.config.network, iface, port)
+        tun = Device(plane.tun_name, plane.tun_index, NO_MAC)
+        if opts.datapath == "userspace":
+            # Switching away from BPF: a decapsulation left on the uplink would keep running.
+            await remove_bpf_datapath(tun.name, Path(opts.bpffs))
+            return UDPNetwork(lease, plane)
+        try:
+            bpf = await load_bpf_datapath(
+                iface,
+                tun,
+                wire=UDP_WIRE,
+                local_ip=iface.iface_addr,  # flanneld's socket binds IfaceAddr
+                port=port,
+                bpffs=Path(opts.bpffs),
+                decap_mode=opts.bpf_decap,
+            )
+        except (LoaderError, BackendError) as exc:
+            if opts.datapath == "bpf":
+                plane.close()
+                raise BackendError(f"BPF data path: {exc}") from None
+            reason = f"BPF data path unavailable: {exc}"
+            log.warning("%s; staying on the userspace data path", reason)
+            return UDPNetwork(lease, plane, fallbacks=(reason,))
+        return UDPNetwork(lease, plane, bpf=bpf)
 
 
 __all__ = [

@@ -24,10 +24,11 @@ from ..bpf_maps import FB_REMOTE_SKIP, Remote
 from ..config import BackendConfig
 from ..iface import ExternalInterface
 from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from ..loader import BPFDatapath, Device, LoaderError, cleanup, pin_dir_for
+from ..loader import VXLAN as VXLAN_WIRE
+from ..loader import BPFDatapath, Device, LoaderError
 from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, parse_mac, random_mac
 from .base import Backend, BackendError, Network
-from .vxlan_bpf import load_bpf_datapath
+from .bpf_fastpath import load_bpf_datapath, remove_bpf_datapath
 from .vxlan_userspace import start_vxlan_userspace_dataplane
 
 log = logging.getLogger(__name__)
@@ -561,13 +562,6 @@ class VXLANNetwork(Network):
         raise AssertionError("unreachable")
 
 
-async def remove_bpf_datapath(device: str, bpffs: Path) -> None:
-    pin_dir = pin_dir_for(device, bpffs)
-    if pin_dir.exists():
-        for line in await asyncio.to_thread(cleanup, pin_dir):
-            log.info("BPF data path not wanted: %s", line)
-
-
 async def remove_vxlan_device(name: str) -> None:
     """Delete a kernel flannel.<VNI> left by an earlier run (its socket holds the VXLAN port)."""
     async with AsyncIPRoute() as ipr:
@@ -647,12 +641,17 @@ class VXLANBackend(Backend):
         fallbacks: tuple[str, ...] = ()
         if wanted in ("auto", "bpf"):
             try:
+                if cfg.gbp:
+                    raise LoaderError(
+                        "GBP is set: the BPF programs do not speak the group policy extension"
+                    )
                 bpf = await load_bpf_datapath(
                     iface,
                     Device(device.name, device.index, device.mac),
+                    wire=VXLAN_WIRE,
+                    local_ip=iface.ext_addr,
                     vni=cfg.vni,
                     port=cfg.udp_port,
-                    gbp=cfg.gbp,
                     bpffs=Path(opts.bpffs),
                     decap_mode=opts.bpf_decap,
                 )

@@ -227,6 +227,11 @@ def _build(spec: LabSpec, state: LabState) -> None:
         add_netns(ns)
         plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i))
         run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if "userspace" in spec.datapaths:
+            # A NIC finishes checksums and segments before the wire; a veth hands its peer the
+            # skb as is (checksum pending, aggregates whole), which a receiving UDP socket cannot
+            # use. With a userspace receiver in the lab, every sender does that work in software.
+            run(["ip", "netns", "exec", ns, "ethtool", "-K", "eth1", "tx", "off"])
         if spec.rp_filter is not None:
             for scope in ("all", "default", "eth1"):
                 sysctl = f"net.ipv4.conf.{scope}.rp_filter={spec.rp_filter}"

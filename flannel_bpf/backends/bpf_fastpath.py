@@ -1,14 +1,17 @@
-"""The BPF fast path under a kernel vxlan network: loading it and mapping peers to fb_remotes.
+"""The BPF fast path under a kernel-visible flannel device: loading it for a backend.
 
-flannel.<VNI> stays exactly as flanneld sets it up (it is the fallback for anything the programs
-pass on, and the receiver for vxlan.ko peers); the programs only take over encapsulation and
-decapsulation of the traffic they recognise. See flannel_bpf/loader.py for the life cycle.
+The flannel device stays exactly as flanneld sets it up: flannel.<VNI> for vxlan (the fallback for
+anything the programs pass on, and the receiver for vxlan.ko peers), flannel0 for udp (the
+userspace plane behind it answers what the programs leave alone). The programs only take over
+encapsulation and decapsulation of the traffic they recognise. See flannel_bpf/loader.py for the
+life cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from ..bpf_maps import DatapathConfig
@@ -17,6 +20,8 @@ from ..loader import (
     BPFDatapath,
     Device,
     LoaderError,
+    WireFormat,
+    cleanup,
     default_ttl,
     local_port_range,
     pin_dir_for,
@@ -27,11 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def datapath_config(
-    iface: ExternalInterface, vni: int, port: int, uplink_mac: str, vtep: Device
+    iface: ExternalInterface,
+    local_ip: IPv4Address,
+    vni: int,
+    port: int,
+    uplink_mac: str,
+    vtep: Device,
 ) -> DatapathConfig:
     low, high = local_port_range()
     return DatapathConfig(
-        local_ip=iface.ext_addr,
+        local_ip=local_ip,
         vni=vni,
         port=port,
         uplink_ifindex=iface.index,
@@ -48,23 +58,27 @@ async def load_bpf_datapath(
     iface: ExternalInterface,
     vtep: Device,
     *,
-    vni: int,
+    wire: WireFormat,
+    local_ip: IPv4Address,
     port: int,
-    gbp: bool,
     bpffs: Path,
     decap_mode: str,
+    vni: int = 0,
 ) -> BPFDatapath:
-    """Compile, load and attach (in a thread: compiling takes about a second)."""
-    if gbp:
-        raise LoaderError("GBP is set: the BPF programs do not speak the group policy extension")
+    """Compile, load and attach (in a thread: compiling takes about a second).
+
+    ``local_ip`` is the outer source and the only destination decapsulated: the public address
+    for vxlan (what vxlan.ko binds), the interface address for udp (what flanneld's socket binds).
+    """
     uplink_mac = await asyncio.to_thread(_mac_of, iface.index)
     datapath = BPFDatapath(
         vtep=vtep,
         uplink=Device(iface.name, iface.index, uplink_mac),
-        config=datapath_config(iface, vni, port, uplink_mac, vtep),
+        config=datapath_config(iface, local_ip, vni, port, uplink_mac, vtep),
         pin_dir=pin_dir_for(vtep.name, bpffs),
         bpffs_root=bpffs,
         decap_mode=decap_mode,
+        wire=wire,
     )
     try:
         state = await asyncio.to_thread(datapath.load)
@@ -73,6 +87,14 @@ async def load_bpf_datapath(
     for what in state.replaced:
         log.info("replaced the running BPF program on %s in place", what)
     return datapath
+
+
+async def remove_bpf_datapath(device: str, bpffs: Path) -> None:
+    """Take down a BPF data path left on ``device`` by an earlier run that wanted one."""
+    pin_dir = pin_dir_for(device, bpffs)
+    if pin_dir.exists():
+        for line in await asyncio.to_thread(cleanup, pin_dir):
+            log.info("BPF data path not wanted: %s", line)
 
 
 def _mac_of(index: int) -> str:
