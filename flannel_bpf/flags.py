@@ -396,7 +396,8 @@ _FLAGS: tuple[_Flag, ...] = (
         "bpf-decap",
         _Kind.STRING,
         "auto",
-        "BPF decapsulation hook: auto (native XDP, else tc ingress), xdp, tc, or xdp-generic "
+        "BPF decapsulation hook: auto (native XDP on NICs, tc ingress on veths, under strict "
+        "rp_filter or beside another XDP program), xdp, tc, or xdp-generic "
         "(tests only) (flannel-bpf)",
         check=_one_of(BPF_DECAP_MODES),
     ),

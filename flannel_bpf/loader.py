@@ -97,6 +97,7 @@ XDP_FLAGS_DRV_MODE: Final = 1 << 2
 
 # linux/ethtool.h, linux/sockios.h
 SIOCETHTOOL: Final = 0x8946
+ETHTOOL_GDRVINFO: Final = 0x00000003
 ETHTOOL_GGRO: Final = 0x0000002B
 ETHTOOL_SGRO: Final = 0x0000002C
 
@@ -380,6 +381,20 @@ def set_gro(ifname: str, enabled: bool) -> bool:
     return before
 
 
+def driver_name(ifname: str) -> str:
+    """The device's driver as ethtool -i reports it ('' when the device will not say)."""
+    # struct ethtool_drvinfo: cmd, then driver[32] first among its strings; 196 bytes in all.
+    buf = bytearray(struct.pack("I", ETHTOOL_GDRVINFO) + bytes(192))
+    holder = (ctypes.c_char * len(buf)).from_buffer(buf)
+    ifreq = struct.pack("16sQ8x", ifname.encode(), ctypes.addressof(holder))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    except OSError:
+        return ""
+    return bytes(buf[4:36]).split(b"\0", 1)[0].decode(errors="replace")
+
+
 def rp_filter(ifname: str) -> int:
     """The effective reverse-path filter for a device: max(all, device), as the kernel uses."""
     base = Path("/proc/sys/net/ipv4/conf")
@@ -498,6 +513,13 @@ class BPFDatapath:
                 want, reason = "tc", f"rp_filter is strict (1) on {uplink.name}"
             elif foreign:
                 want, reason = "tc", f"another XDP program (id {prog_id}) is attached"
+            elif driver_name(uplink.name) == "veth":
+                # Measured (docs/benchmarks.md): native XDP on a veth forces TSO off on its peer,
+                # so every sender segments in software; tc ingress leaves TSO alone.
+                want, reason = (
+                    "tc",
+                    f"{uplink.name} is a veth: native XDP would turn TSO off on its peer",
+                )
             else:
                 want = "xdp"
         elif want in ("xdp", "xdp-generic") and foreign:

@@ -142,16 +142,29 @@ def test_bpf_nodes_with_a_kernel_vxlan_node(
         assert dropped == [], f"{node} dropped: {dropped}"
 
 
-@pytest.mark.parametrize(("rp_filter", "decap"), [(1, "tc"), (2, "xdp")])
-def test_reverse_path_filter_picks_the_decap_hook(
-    rp_filter: int, decap: str, lab_name: str, lab_up: Callable[..., dict[str, Any]]
+@pytest.mark.parametrize(
+    ("rp_filter", "decap_arg", "decap", "reason"),
+    [
+        (1, "auto", "tc", "rp_filter is strict"),
+        (2, "auto", "tc", "eth1 is a veth"),  # auto's choice on a veth, whatever rp_filter says
+        (2, "xdp", "xdp", ""),
+    ],
+)
+def test_auto_picks_the_decap_hook_per_device(
+    rp_filter: int,
+    decap_arg: str,
+    decap: str,
+    reason: str,
+    lab_name: str,
+    lab_up: Callable[..., dict[str, Any]],
 ) -> None:
-    info = lab_up("--nodes", "2", "--rp-filter", str(rp_filter))
+    info = lab_up(
+        "--nodes", "2", "--rp-filter", str(rp_filter), f"--agent-arg=--bpf-decap={decap_arg}"
+    )
     assert [(n["datapath"], n["decap"]) for n in info["nodes"]] == [("bpf", decap)] * 2
     n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
     status = node_status(lab_name, n1)
-    if rp_filter == 1:
-        assert "rp_filter is strict" in status["details"]["decap_reason"]
+    assert reason in status["details"]["decap_reason"]
     ping_all(lab_name, info["pods"])
     pods = by_node(info)
     before = counters(lab_name, n2)
@@ -372,7 +385,10 @@ def test_udp_network_bpf_nodes_interoperate_with_flanneld_udp_nodes(
     lab_name: str, lab_up: Callable[..., dict[str, Any]]
 ) -> None:
     """n1, n3: the udp format in BPF (XDP decap); n2: flanneld's udp in userspace. Same wire."""
-    info = lab_up("--nodes", "3", "--backend", "udp", "--datapath", "bpf,userspace,bpf")
+    info = lab_up(
+        "--nodes", "3", "--backend", "udp", "--datapath", "bpf,userspace,bpf",
+        "--agent-arg=--bpf-decap=xdp",
+    )  # fmt: skip
     n1, n2, n3 = (f"{lab_name}-n{i}" for i in (1, 2, 3))
     assert [(n["datapath"], n["decap"]) for n in info["nodes"]] == [
         ("bpf", "xdp"), ("userspace", ""), ("bpf", "xdp"),

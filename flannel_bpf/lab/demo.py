@@ -47,7 +47,8 @@ look around:
   ip netns exec {first["node"]} flannel-bpf status --status-file {status_file}
                                               data path, hooks, remotes, BPF counters
   ip netns exec {first["node"]} tc filter show dev flannel.1 egress    the encap program
-  ip netns exec {first["node"]} ip link show eth1                      the XDP decap program
+  ip netns exec {first["node"]} tc filter show dev eth1 ingress        the decap program
+                      (tc on the lab's veths; native XDP on NICs: see docs/decisions.md)
   bpftool prog show name fb_tc_encap; bpftool map show name fb_remotes
   ip netns exec {first["node"]} ip route       the per-peer routes the agent programmed
   tail -f {lab.STATE_ROOT / NAME / first["node"] / "agent.log"}

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure the data path and write bench/results/."""

@@ -1,0 +1,407 @@
+"""Data-path benchmark: pod to pod across two lab nodes, every configuration side by side.
+
+All configurations of one underlay MTU are built at once (one namespace lab each) and measured in
+interleaved rounds, so drift on the machine hits them alike; each figure is the median of the
+rounds. Per configuration: TCP throughput with 1 and 4 streams (iperf3), 64-byte UDP packet rate
+(iperf3, packets the receiver got per second), TCP and UDP request/response latency (qperf), CPU
+seconds per Gbit (all CPUs, /proc/stat, during the 1-stream run) and underlay frames per GiB on
+the receiving node's uplink.
+
+Run: ``python -m bench.datapath [--rounds 3] [--seconds 3] [--mtu 1500 9000]``. Results go to
+bench/results/datapath.json; ``python -m bench.report`` turns all results into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flannel_bpf.lab import lab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IPERF_PORT = 5201
+QPERF_PORT = 19765
+
+
+@dataclass(frozen=True)
+class Config:
+    """One data path under test: how its lab is built, and what to change once it is up."""
+
+    key: str
+    label: str
+    backend: str
+    datapath: str = ""
+    agent_args: tuple[str, ...] = ()
+    # Turn TSO off on the bridge ports facing the nodes: what native XDP on a veth forces on its
+    # peer, applied to a path without XDP so its numbers can be compared with the XDP ones.
+    peer_tso_off: bool = False
+    note: str = ""
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("host-gw", "host-gw (no encapsulation)", "host-gw"),
+    Config("vxlan-kernel", "kernel vxlan (flanneld)", "vxlan", "kernel"),
+    Config("bpf-auto", "BPF vxlan, decap auto", "vxlan", "bpf"),
+    Config(
+        "bpf-xdp",
+        "BPF vxlan, XDP decap",
+        "vxlan",
+        "bpf",
+        ("--bpf-decap=xdp",),
+        note="native XDP on a veth forces TSO off on its peer",
+    ),
+    Config("bpf-tc", "BPF vxlan, tc decap", "vxlan", "bpf", ("--bpf-decap=tc",)),
+    Config(
+        "vxlan-kernel-tso-off",
+        "kernel vxlan, peer TSO off",
+        "vxlan",
+        "kernel",
+        peer_tso_off=True,
+        note="like for like with the XDP row",
+    ),
+    Config("udp-userspace", "udp, userspace (flanneld's design)", "udp", "userspace"),
+    Config("udp-bpf", "udp format in BPF", "udp", "bpf"),
+)
+
+
+@dataclass
+class Sample:
+    tcp1_gbps: float = 0.0
+    tcp4_gbps: float = 0.0
+    udp64_pps: float = 0.0
+    tcp_lat_us: float = 0.0
+    udp_lat_us: float = 0.0
+    cpu_s_per_gbit: float = 0.0
+    frames_per_gib: float = 0.0
+
+
+@dataclass
+class Result:
+    config: Config
+    mtu: int
+    decap: str = ""
+    samples: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    def median(self, name: str) -> float:
+        values = [getattr(s, name) for s in self.samples if getattr(s, name) > 0]
+        return statistics.median(values) if values else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Running things in the lab
+
+
+def ns_run(ns: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@contextmanager
+def server(ns: str, *cmd: str) -> Iterator[None]:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def cpu_busy_seconds() -> float:
+    """Busy CPU time of the whole machine (every namespace shares it), in seconds."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / 100.0  # USER_HZ
+
+
+def rx_packets(ns: str, dev: str = "eth1") -> int:
+    out = ns_run(ns, "cat", f"/sys/class/net/{dev}/statistics/rx_packets").stdout
+    return int(out.strip() or 0)
+
+
+def iperf_tcp(client: str, server_ns: str, ip: str, seconds: int, streams: int) -> dict[str, Any]:
+    with server(server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)):
+        proc = ns_run(
+            client, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(seconds),
+            "-P", str(streams), "-J", timeout=seconds + 30,
+        )  # fmt: skip
+    data: dict[str, Any] = json.loads(proc.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    return data
+
+
+def iperf_udp64(client: str, server_ns: str, ip: str, seconds: int) -> float:
+    """Packets per second the receiver got, 64-byte payloads at the highest rate the sender can."""
+    with server(server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)):
+        proc = ns_run(
+            client, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-u", "-b", "0", "-l", "64",
+            "-t", str(seconds), "-J", timeout=seconds + 30,
+        )  # fmt: skip
+    data = json.loads(proc.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    total = data["end"]["sum"]
+    received = int(total["packets"]) - int(total["lost_packets"])
+    return received / float(total["seconds"])
+
+
+_LATENCY = re.compile(r"latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)")
+_SCALE = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}
+
+
+def qperf_latency(client: str, server_ns: str, ip: str, seconds: int) -> tuple[float, float]:
+    with server(server_ns, "qperf", "-lp", str(QPERF_PORT)):
+        proc = ns_run(
+            client, "qperf", ip, "-lp", str(QPERF_PORT), "-t", str(seconds), "tcp_lat", "udp_lat",
+            timeout=2 * seconds + 30,
+        )  # fmt: skip
+    found = [float(v) * _SCALE[u] for v, u in _LATENCY.findall(proc.stdout)]
+    if len(found) != 2:
+        raise RuntimeError(f"qperf: {proc.stdout.strip()} {proc.stderr.strip()}")
+    return found[0], found[1]
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration
+
+
+@dataclass
+class LiveLab:
+    name: str
+    result: Result
+    client_pod: str = ""
+    server_pod: str = ""
+    server_ip: str = ""
+    server_node: str = ""
+
+
+def build(config: Config, mtu: int, run_id: str) -> LiveLab:
+    name = f"bd{run_id}{CONFIGS.index(config)}m{mtu}"
+    result = Result(config, mtu)
+    live = LiveLab(name, result)
+    spec = lab.LabSpec(
+        name=name,
+        nodes=2,
+        backend=config.backend,
+        underlay_mtu=mtu,
+        agent_args=config.agent_args,
+        datapaths=(config.datapath,) if config.datapath else (),
+    )
+    lab.up(spec)
+    info = lab.status(name)
+    pods = {p["node"]: p for p in info["pods"]}
+    nodes = [n["namespace"] for n in info["nodes"]]
+    live.client_pod = pods[nodes[0]]["namespace"]
+    live.server_pod = pods[nodes[1]]["namespace"]
+    live.server_ip = pods[nodes[1]]["ip"]
+    live.server_node = nodes[1]
+    result.decap = str(info["nodes"][1].get("decap") or "")
+    if config.peer_tso_off:
+        for index in (1, 2):
+            subprocess.run(
+                ["ip", "netns", "exec", f"{name}-ul", "ethtool", "-K", f"n{index}", "tso", "off"],
+                check=True,
+                capture_output=True,
+            )
+    return live
+
+
+def measure(live: LiveLab, seconds: int) -> Sample:
+    client, srv, ip = live.client_pod, live.server_pod, live.server_ip
+    sample = Sample()
+    frames_before = rx_packets(live.server_node)
+    cpu_before = cpu_busy_seconds()
+    one = iperf_tcp(client, srv, ip, seconds, 1)
+    cpu_spent = cpu_busy_seconds() - cpu_before
+    frames = rx_packets(live.server_node) - frames_before
+    received = one["end"]["sum_received"]
+    sample.tcp1_gbps = float(received["bits_per_second"]) / 1e9
+    gbits = float(received["bytes"]) * 8 / 1e9
+    if gbits > 0:
+        sample.cpu_s_per_gbit = cpu_spent / gbits
+        sample.frames_per_gib = frames / (float(received["bytes"]) / 2**30)
+    four = iperf_tcp(client, srv, ip, seconds, 4)
+    sample.tcp4_gbps = float(four["end"]["sum_received"]["bits_per_second"]) / 1e9
+    sample.udp64_pps = iperf_udp64(client, srv, ip, seconds)
+    sample.tcp_lat_us, sample.udp_lat_us = qperf_latency(client, srv, ip, max(2, seconds - 1))
+    return sample
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run(
+    mtus: tuple[int, ...] = (1500, 9000),
+    rounds: int = 3,
+    seconds: int = 3,
+    configs: tuple[Config, ...] = CONFIGS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:4]
+    results: list[Result] = []
+    for mtu in mtus:
+        lives: list[LiveLab] = []
+        try:
+            for config in configs:
+                log(f"[mtu {mtu}] building {config.label}")
+                try:
+                    lives.append(build(config, mtu, run_id))
+                except Exception as exc:  # one broken configuration must not stop the rest
+                    failed = Result(config, mtu, error=f"lab failed: {exc}")
+                    results.append(failed)
+                    log(f"[mtu {mtu}] {config.label}: {failed.error}")
+            for round_no in range(1, rounds + 1):
+                order = lives[:]
+                random.shuffle(order)  # interleaved and shuffled: drift spreads over all rows
+                for live in order:
+                    label = live.result.config.label
+                    try:
+                        sample = measure(live, seconds)
+                    except Exception as exc:  # recorded with the row
+                        live.result.error = str(exc)
+                        log(f"[mtu {mtu}] round {round_no} {label}: {exc}")
+                        continue
+                    live.result.samples.append(sample)
+                    log(
+                        f"[mtu {mtu}] round {round_no} {label}: "
+                        f"{sample.tcp1_gbps:.2f} Gbit/s, {sample.udp64_pps / 1e3:.0f} kpps, "
+                        f"{sample.tcp_lat_us:.1f} us"
+                    )
+            results.extend(live.result for live in lives)
+        finally:
+            for live in lives:
+                lab.down(live.name, quiet=True)
+    return summarize(results, rounds, seconds)
+
+
+def summarize(results: list[Result], rounds: int, seconds: int) -> dict[str, Any]:
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {
+            "config": r.config.key,
+            "label": r.config.label,
+            "mtu": r.mtu,
+            "decap": r.decap,
+            "note": r.config.note,
+            "samples": len(r.samples),
+            "error": r.error,
+        }
+        for name in Sample.__dataclass_fields__:
+            row[name] = r.median(name)
+        rows.append(row)
+    by_key = {(row["config"], row["mtu"]): row for row in rows}
+    for row in rows:
+        for base in ("host-gw", "vxlan-kernel"):
+            ref = by_key.get((base, row["mtu"]))
+            for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_pps"):
+                ratio = row[metric] / ref[metric] if ref and ref[metric] else 0.0
+                row[f"{metric}_vs_{base}"] = ratio
+    return {
+        "section": "datapath",
+        "rounds": rounds,
+        "seconds": seconds,
+        "rows": rows,
+        "targets": targets(by_key),
+        "samples": [
+            {"config": r.config.key, "mtu": r.mtu, **asdict(s)} for r in results for s in r.samples
+        ],
+    }
+
+
+def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    bpf, kernel, hostgw = (by_key.get((k, 1500)) for k in ("bpf-auto", "vxlan-kernel", "host-gw"))
+    decap = f"auto chose {bpf['decap']}" if bpf else ""
+
+    def ratio_target(name: str, metric: str, ref: dict[str, Any] | None, limit: float) -> None:
+        if not bpf or not ref or not ref[metric]:
+            out.append({"name": name, "value": 0.0, "unit": "x", "limit": f">= {limit}",
+                        "met": False, "note": "not measured"})  # fmt: skip
+            return
+        value = bpf[metric] / ref[metric]
+        out.append({"name": name, "value": round(value, 3), "unit": "x", "limit": f">= {limit}",
+                    "met": value >= limit, "note": decap})  # fmt: skip
+
+    ratio_target("BPF TCP throughput vs kernel vxlan (MTU 1500)", "tcp1_gbps", kernel, 1.10)
+    ratio_target("BPF TCP throughput vs host-gw (MTU 1500)", "tcp1_gbps", hostgw, 0.95)
+    ratio_target("BPF 64-byte packet rate vs kernel vxlan (MTU 1500)", "udp64_pps", kernel, 1.5)
+    for metric, name in (("tcp_lat_us", "TCP"), ("udp_lat_us", "UDP")):
+        if bpf and kernel and kernel[metric]:
+            out.append({
+                "name": f"BPF {name} latency vs kernel vxlan (MTU 1500)",
+                "value": round(bpf[metric], 1), "unit": "us",
+                "limit": f"<= {kernel[metric]:.1f} (kernel vxlan)",
+                "met": bpf[metric] <= kernel[metric], "note": decap,
+            })  # fmt: skip
+    user = by_key.get(("udp-userspace", 1500))
+    if user:
+        value = user["tcp1_gbps"]
+        out.append({
+            "name": "userspace udp TCP throughput (MTU 1500)", "value": round(value, 3),
+            "unit": "Gbit/s", "limit": ">= 0.38 (flanneld udp), aim 0.76",
+            "met": value >= 0.38, "note": "2x flanneld" if value >= 0.76 else "below 2x flanneld",
+        })  # fmt: skip
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = (
+        f"{'configuration':36} {'MTU':>5} {'decap':>6} {'1 strm':>7} {'4 strm':>7} "
+        f"{'xKvx':>5} {'xHgw':>5} {'64B kpps':>9} {'tcp us':>7} {'udp us':>7} "
+        f"{'CPUs/Gb':>8} {'fr/GiB':>8}"
+    )
+    print(header)
+    for row in report["rows"]:
+        if row["error"] and not row["samples"]:
+            print(f"{row['label']:36} {row['mtu']:>5}  ERROR {row['error']}")
+            continue
+        print(
+            f"{row['label']:36} {row['mtu']:>5} {row['decap']:>6} {row['tcp1_gbps']:>7.2f} "
+            f"{row['tcp4_gbps']:>7.2f} {row['tcp1_gbps_vs_vxlan-kernel']:>5.2f} "
+            f"{row['tcp1_gbps_vs_host-gw']:>5.2f} {row['udp64_pps'] / 1e3:>9.0f} "
+            f"{row['tcp_lat_us']:>7.1f} {row['udp_lat_us']:>7.1f} {row['cpu_s_per_gbit']:>8.3f} "
+            f"{row['frames_per_gib'] / 1e3:>7.0f}k"
+        )
+    print()
+    for t in report["targets"]:
+        verdict = "MET   " if t["met"] else "MISSED"
+        print(f"{verdict} {t['name']}: {t['value']} {t['unit']} (target {t['limit']}) {t['note']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mtu", type=int, nargs="+", default=[1500, 9000])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument(
+        "--only", nargs="+", choices=[c.key for c in CONFIGS], help="a subset of configurations"
+    )
+    args = parser.parse_args(argv)
+    configs = tuple(c for c in CONFIGS if not args.only or c.key in args.only)
+    report = run(tuple(args.mtu), args.rounds, args.seconds, configs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "datapath.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
