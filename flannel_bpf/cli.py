@@ -31,6 +31,8 @@ commands:
                   detach and unpin this namespace's BPF data path (a normal stop leaves it)
   lab up|status|exec|down
                   a multi-node lab on network namespaces (lab -h for its options)
+  bench [--quick] [--only prog_cost control_plane datapath]
+                  build, measure, tear down; write docs/benchmarks.md (from a source checkout)
   version         print the version
 
 flannel-bpf run --iface eth1 --etcd-endpoints http://10.0.0.1:2379
@@ -52,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": cmd_status,
         "cleanup": cmd_cleanup,
         "lab": cmd_lab,
+        "bench": cmd_bench,
         "version": cmd_version,
     }
     if command in ("-version", "--version"):
@@ -136,6 +139,18 @@ def cmd_cleanup(args: list[str]) -> int:
         print(line)
     print(f"cleanup: {len(done)} actions" if done else "cleanup: nothing to do")
     return EXIT_OK
+
+
+def cmd_bench(args: list[str]) -> int:
+    """The benchmarks live beside the package in a source checkout (bench/), not in the wheel."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        print(f"flannel-bpf bench: no bench/ next to {root / 'flannel_bpf'}; run it from a "
+              "source checkout", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=root).returncode
 
 
 def cmd_lab(args: list[str]) -> int:

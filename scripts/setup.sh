@@ -85,16 +85,16 @@ create_venv() {
   fi
   local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
   if [ -e "$stamp" ]; then
-    say "venv: project and test extras installed"
+    say "venv: project, test and bench extras installed"
     return
   fi
-  if ! "$VENV/bin/python" -m pip install -q -e '.[test]' >"$VENV/pip-install.log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install -q -e '.[test,bench]' >"$VENV/pip-install.log" 2>&1; then
     cat "$VENV/pip-install.log" >&2
     die "pip install of the project failed (log above)"
   fi
   rm -f "$VENV"/.installed-*
   touch "$stamp"
-  say "venv: installed flannel-bpf with its test extras"
+  say "venv: installed flannel-bpf with its test and bench extras"
 }
 
 install_apt_packages

@@ -1,0 +1,51 @@
+"""Run every benchmark in one go, then write docs/benchmarks.md: ``python -m bench [--quick]``.
+
+Each benchmark builds what it measures (namespace labs, an etcd, agents), runs, tears it down and
+saves bench/results/<name>.json; the report is written from whatever results exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("prog_cost", "control_plane", "datapath")
+QUICK_ARGS = {
+    "prog_cost": ["--runs", "3000"],
+    "control_plane": ["--leases", "1000", "--agents", "10"],
+    "datapath": ["--rounds", "1", "--seconds", "2", "--mtu", "1500"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flannel-bpf bench", description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller runs, to check that everything works"
+    )
+    opts = parser.parse_args(argv)
+    failed = []
+    for name in opts.only:
+        extra = QUICK_ARGS[name] if opts.quick else []
+        print(f"== bench {name} {' '.join(extra)}", flush=True)
+        start = time.monotonic()
+        # Separate processes: a benchmark's state (bcc, labs, etcd) never leaks into the next.
+        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT)
+        print(f"== bench {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s")
+        if proc.returncode != 0:
+            failed.append(name)
+    from bench import report
+
+    print(f"wrote {report.write()}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The benchmark report: every target shown as met or missed with its number, and a chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import report
+from bench.datapath import CONFIGS, Result, Sample, summarize
+
+
+def _datapath_results() -> dict[str, object]:
+    results = []
+    for config, tcp, pps in zip(
+        CONFIGS,
+        (17.0, 14.0, 15.5, 5.0, 15.0, 7.0, 0.6, 8.0),
+        range(100_000, 900_000, 100_000),
+        strict=True,
+    ):
+        r = Result(config, 1500, decap="tc" if config.datapath == "bpf" else "")
+        r.samples = [
+            Sample(
+                tcp1_gbps=tcp,
+                tcp4_gbps=tcp,
+                udp64_pps=float(pps),
+                tcp_lat_us=30.0,
+                udp_lat_us=30.0,
+                cpu_s_per_gbit=0.1,
+                frames_per_gib=20e3,
+            )
+        ]
+        results.append(r)
+    results.append(Result(CONFIGS[0], 9000, error="lab failed: boom"))
+    return summarize(results, rounds=1, seconds=1)
+
+
+def test_report_lists_every_target_with_its_verdict(tmp_path: Path) -> None:
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    data = _datapath_results()
+    (results / "datapath.json").write_text(json.dumps(data))
+    cost = {"section": "program_cost", "unit": "ns", "runs": 10, "rows": [
+        {"program": "fb_tc_encap", "case": "encap", "median_ns": 250.0, "p10_ns": 240.0,
+         "p90_ns": 260.0, "verdict": "encap_redirect"},
+        {"program": "fb_tc_udp_encap", "case": "L3 TUN", "median_ns": None, "p10_ns": None,
+         "p90_ns": None, "verdict": "not_measurable"},
+    ], "targets": [{"name": "encapsulation", "value": 250.0, "unit": "ns", "limit": "<= 300",
+                    "met": True, "note": ""}]}  # fmt: skip
+    (results / "prog_cost.json").write_text(json.dumps(cost))
+
+    written = report.write(results, docs)
+
+    text = written.read_text()
+    assert (docs / "benchmarks.png").stat().st_size > 10_000
+    assert "![data path throughput and packet rate](benchmarks.png)" in text
+    # 15.5 / 14.0 = 1.107 >= 1.10: met; 15.5 / 17.0 = 0.91 < 0.95: missed.
+    assert "| BPF TCP throughput vs kernel vxlan (MTU 1500) | 1.11 x | >= 1.1 | **met** |" in text
+    assert "| BPF TCP throughput vs host-gw (MTU 1500) | 0.91 x | >= 0.95 | **missed** |" in text
+    assert "| encapsulation | 250.00 ns | <= 300 | **met** |" in text
+    assert "error: lab failed: boom" in text
+    assert "| fb_tc_udp_encap | L3 TUN | n/a | n/a | n/a | not_measurable |" in text
+    targets = [t["name"] for t in data["targets"]]  # type: ignore[index]
+    assert len(targets) == 6 and all(name in text for name in targets)
+
+
+def test_no_results_is_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit, match="no results"):
+        report.write(tmp_path, tmp_path)
