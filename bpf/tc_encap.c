@@ -100,7 +100,12 @@ int fb_tc_encap(struct __sk_buff *skb)
 	h.ip.daddr = remote->vtep_ip;
 	h.ip.check = fb_ipv4_csum(&h.ip);
 
-	h.udp.source = fb_flow_sport(bpf_get_hash_recalc(skb), cfg->sport_min, cfg->sport_max);
+	/* skb_get_hash(), as vxlan.ko: the socket's or the stack's hash when set, else dissected. */
+	__u32 hash = skb->hash;
+
+	if (!hash)
+		hash = bpf_get_hash_recalc(skb);
+	h.udp.source = fb_flow_sport(hash, cfg->sport_min, cfg->sport_max);
 	h.udp.dest = cfg->port;
 	h.udp.len = bpf_htons(inner_len + sizeof(struct udphdr) + sizeof(struct fb_vxlanhdr));
 	h.udp.check = 0; /* legal for IPv4 (RFC 7348) and what Cilium and Calico send */

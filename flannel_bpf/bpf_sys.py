@@ -20,11 +20,13 @@ from typing import Final
 SYS_BPF: Final = 321  # x86_64
 
 # enum bpf_cmd
+BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
 BPF_MAP_DELETE_ELEM: Final = 3
 BPF_MAP_GET_NEXT_KEY: Final = 4
 BPF_PROG_LOAD: Final = 5
+BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
 BPF_PROG_TEST_RUN: Final = 10
 BPF_PROG_GET_FD_BY_ID: Final = 13
@@ -210,6 +212,29 @@ def prog_test_run(
 
 # --------------------------------------------------------------------------------------------
 # Pinned objects and maps
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str
+) -> int:
+    """BPF_MAP_CREATE; returns the map fd."""
+    attr = _attr()
+    _put(attr, 0, 4, map_type)
+    _put(attr, 4, 4, key_size)
+    _put(attr, 8, 4, value_size)
+    _put(attr, 12, 4, max_entries)
+    _put(attr, 16, 4, flags)
+    raw = name.encode()[: BPF_OBJ_NAME_LEN - 1]
+    ctypes.memmove(ctypes.addressof(attr) + 28, raw, len(raw))
+    return _bpf(BPF_MAP_CREATE, attr, f"creating map {name}")
+
+
+def obj_pin(fd: int, path: Path | str) -> None:
+    name = ctypes.create_string_buffer(os.fsencode(str(path)))
+    attr = _attr()
+    _put(attr, 0, 8, _addr(name))
+    _put(attr, 8, 4, fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pinning {path}")
 
 
 def obj_get(path: Path | str) -> int:

@@ -51,6 +51,10 @@ class LeaseWatcher:
             return []
         old = self.known.get(lease.subnet)
         self.known[lease.subnet] = lease
+        if old is not None and old.attrs == lease.attrs and old.ipv6_subnet == lease.ipv6_subnet:
+            # A renewal: the data path already holds exactly this. flanneld re-emits Added here,
+            # which rewrites three kernel entries and a map entry per peer every renewal.
+            return []
         return self._changed(old, lease)
 
     def removed(self, subnet: IPv4Network) -> list[LeaseEvent]:

@@ -230,46 +230,63 @@ def prepare_pins(pin_dir: Path) -> list[str]:
     return removed
 
 
+def ensure_maps(pin_dir: Path) -> None:
+    """Create and pin whichever of this instance's maps does not exist yet (layouts as declared
+    in bpf/lib/maps.h, mirrored by ALL_MAPS)."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    for spec in ALL_MAPS:
+        path = pin_dir / spec.name
+        if path.exists():
+            continue
+        fd = bpf_sys.map_create(
+            spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, spec.name
+        )
+        try:
+            bpf_sys.obj_pin(fd, path)
+        finally:
+            os.close(fd)
+
+
 def compile_programs(
     pin_dir: Path, wire: WireFormat = VXLAN, source_dir: Path = BPF_SOURCE_DIR
 ) -> Programs:
-    """Compile with bcc (which opens or creates the pinned maps); load ``wire``'s programs."""
-    problem = kernel_headers_problem()
-    if problem:
-        raise LoaderError(problem)
+    """Load ``wire``'s programs bound to this instance's pinned maps (created when missing).
+
+    The bytecode comes from flannel_bpf.bpf_build: compiled by bcc in a child process and cached,
+    so neither bcc nor LLVM is ever loaded into the agent.
+    """
+    from .bpf_build import BuildError, objects
+
+    every_program = tuple(name for w in WIRE_FORMATS.values() for name in w.programs)
     try:
-        from bcc import BPF  # the system's python3-bpfcc
-    except ImportError as exc:
-        raise LoaderError(
-            f"bcc is not importable ({exc}); install python3-bpfcc and use a venv "
-            f"with --system-site-packages"
-        ) from None
-    pin_dir.mkdir(parents=True, exist_ok=True)
-    cflags = [f'-DFB_PIN_DIR="{pin_dir}"', "-Wno-unused-function"]
-    text = program_source(source_dir)
+        built = objects(program_source(source_dir), every_program)
+    except BuildError as exc:
+        raise LoaderError(str(exc)) from None
+    ensure_maps(pin_dir)
+    map_fds: dict[str, int] = {}
+    fds: dict[str, int] = {}
     try:
-        module: Any = BPF(text=text.encode(), cflags=cflags)
-    except Exception as exc:  # bcc raises bare Exception for compile errors
-        raise LoaderError(f"compiling bpf/ failed: {exc}") from None
-    try:
-        bytecode = {name: bytes(module.dump_func(name.encode())) for name in wire.programs}
-        fds: dict[str, int] = {}
+        for spec in ALL_MAPS:
+            map_fds[spec.name] = bpf_sys.obj_get(pin_dir / spec.name)
         try:
             for name in (wire.encap, wire.tc_decap):
-                fds[name] = bpf_sys.prog_load(bpf_sys.BPF_PROG_TYPE_SCHED_CLS, bytecode[name], name)
+                fds[name] = bpf_sys.prog_load(
+                    bpf_sys.BPF_PROG_TYPE_SCHED_CLS, built.bytecode(name, map_fds), name
+                )
             # Frags: jumbo underlays and multi-buffer NICs reach the program instead of failing.
             fds[wire.xdp_decap] = bpf_sys.prog_load(
                 bpf_sys.BPF_PROG_TYPE_XDP,
-                bytecode[wire.xdp_decap],
+                built.bytecode(wire.xdp_decap, map_fds),
                 wire.xdp_decap,
                 prog_flags=bpf_sys.BPF_F_XDP_HAS_FRAGS,
             )
-        except bpf_sys.BPFError as exc:
+        except (bpf_sys.BPFError, BuildError) as exc:
             for fd in fds.values():
                 os.close(fd)
             raise LoaderError(f"the kernel refused a program: {exc}") from None
     finally:
-        module.cleanup()
+        for fd in map_fds.values():
+            os.close(fd)  # the loaded programs hold their own references
     return Programs(fds[wire.encap], fds[wire.xdp_decap], fds[wire.tc_decap])
 
 
