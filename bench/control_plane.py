@@ -1222,7 +1222,7 @@ def _report_phases(report: Report, up: Startup) -> None:
             up.path,
             up.programmed_s - up.ready_s,
             "s",
-            "lease listing, then per peer neighbour + FDB + route (one pyroute2 request each)"
+            "lease listing, then per peer neighbour + FDB + route (batched rtnetlink requests)"
             + (", then fb_remotes" if up.path == "bpf" else ""),
         )
 

@@ -6,28 +6,46 @@ makes lands in the test's namespace; nothing touches the root namespace.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import re
+import socket
+import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
+from pyroute2 import AsyncIPRoute
 
 from flannel_bpf.backends import BACKENDS, BackendError
 from flannel_bpf.backends.vxlan import (
+    PeerVtep,
     VtepDevice,
     VXLANBackend,
     VXLANConfig,
     VXLANNetwork,
-    parse_mac,
+    _rounds,
     parse_vxlan_config,
+    peer_vtep,
 )
 from flannel_bpf.config import BackendConfig
 from flannel_bpf.lab.netns import add_address, run
-from flannel_bpf.lease import Lease, LeaseAttrs
+from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.rtnl_batch import (
+    ACK_BUFFER,
+    NlReply,
+    NlRequest,
+    RtnlBatch,
+    fdb_request,
+    neigh_request,
+    route_get_request,
+    route_request,
+)
+from flannel_bpf.vxlan_wire import parse_mac
 
 from .conftest import host, requires_root
 
@@ -171,6 +189,175 @@ def test_accepts_only_vxlan() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Peer programming without a kernel: the messages, and the order they go in
+
+DEVICE = VtepDevice("flannel.1", 7, "0e:00:00:00:00:01", 1450)
+PEER = PeerVtep(IPv4Network("10.129.3.0/24"), IPv4Address("198.19.0.3"), "0e:fb:00:00:00:03")
+
+
+async def pyroute2_message(call: Callable[[Any], Awaitable[Any]]) -> NlRequest:
+    """What pyroute2 would send for call(ipr): its batch mode collects the encoded message
+    instead of sending it (the mechanism behind IPBatch)."""
+    async with AsyncIPRoute() as ipr:
+        ipr.batch = b""
+        await call(ipr)
+        data: bytes = ipr.batch
+    length, kind, flags, _seq, _pid = struct.unpack_from("=IHHII", data)
+    assert length == len(data)
+    return NlRequest(kind, flags, data[16:])
+
+
+async def test_requests_are_what_pyroute2_sends() -> None:
+    """The packed messages are byte for byte pyroute2's, so the kernel state is the same."""
+    net = VXLANNetwork(
+        Lease(IPv4Network("10.129.1.0/24"), LeaseAttrs(IPv4Address("1.1.1.1"))), DEVICE
+    )
+    neigh = {"ifindex": 7, "dst": "10.129.3.0", "lladdr": PEER.mac, "state": 0x80}
+    fdb = {"ifindex": 7, "lladdr": PEER.mac, "dst": "198.19.0.3", "state": 0xC0, "flags": 2}
+    route = {"dst": "10.129.3.0/24", "gateway": "10.129.3.0", "oif": 7, "flags": 4, "table": 254}
+    direct = {"dst": "10.129.3.0/24", "gateway": "198.19.0.3", "table": 254}
+    cases: list[tuple[NlRequest, Callable[[Any], Awaitable[Any]]]] = [
+        (net._neigh(PEER, True), lambda ipr: ipr.neigh("replace", **neigh)),
+        (net._neigh(PEER, False), lambda ipr: ipr.neigh("del", **neigh)),
+        (net._fdb(PEER, True), lambda ipr: ipr.fdb("replace", **fdb)),
+        (net._fdb(PEER, False), lambda ipr: ipr.fdb("del", **fdb)),
+        (net._route(PEER, True), lambda ipr: ipr.route("replace", proto=3, **route)),
+        (net._route(PEER, False), lambda ipr: ipr.route("del", **route)),
+        (net._direct_route(PEER, True), lambda ipr: ipr.route("replace", proto=3, **direct)),
+        (net._direct_route(PEER, False), lambda ipr: ipr.route("del", **direct)),
+        (route_get_request(PEER.public_ip), lambda ipr: ipr.route("get", dst="198.19.0.3")),
+    ]
+    for ours, call in cases:
+        assert ours == await pyroute2_message(call)
+    # The module-level builders are what the methods use.
+    assert neigh_request(True, 7, IPv4Address("10.129.3.0"), PEER.mac) == net._neigh(PEER, True)
+    assert fdb_request(False, 7, PEER.mac, PEER.public_ip) == net._fdb(PEER, False)
+    assert route_request(True, PEER.subnet, PEER.public_ip) == net._direct_route(PEER, True)
+
+
+def peer_event(kind: str, subnet: str, mac: str, public_ip: str = "198.19.0.1") -> LeaseEvent:
+    attrs = LeaseAttrs(
+        IPv4Address(public_ip), backend_type="vxlan", backend_data=vtep_data(mac).encode()
+    )
+    return LeaseEvent(LeaseEventType(kind), Lease(IPv4Network(subnet), attrs))
+
+
+def test_rounds_split_only_where_entries_are_shared() -> None:
+    def rounds(*events: LeaseEvent) -> list[list[str]]:
+        split = _rounds([(e, peer_vtep(e.lease)) for e in events])
+        return [[f"{e.type.value} {e.lease.subnet}" for e, _ in r] for r in split]
+
+    a = peer_event("added", "10.129.1.0/24", "0e:00:00:00:00:01")
+    b = peer_event("added", "10.129.2.0/24", "0e:00:00:00:00:02")
+    assert rounds(a, b) == [["added 10.129.1.0/24", "added 10.129.2.0/24"]]
+    # A node re-leased with a new subnet keeps its VtepMAC: the old lease's FDB delete must not
+    # overtake the new lease's FDB replace.
+    moved_away = peer_event("removed", "10.129.1.0/24", "0e:00:00:00:00:01")
+    moved_to = peer_event("added", "10.129.9.0/24", "0e:00:00:00:00:01")
+    assert rounds(moved_away, b, moved_to) == [
+        ["removed 10.129.1.0/24", "added 10.129.2.0/24"],
+        ["added 10.129.9.0/24"],
+    ]
+    # The same subnet again (a re-add, or add then remove) waits for the earlier event.
+    gone = peer_event("removed", "10.129.2.0/24", "0e:00:00:00:00:02")
+    assert rounds(a, b, gone, a) == [
+        ["added 10.129.1.0/24", "added 10.129.2.0/24"],
+        ["removed 10.129.2.0/24", "added 10.129.1.0/24"],
+    ]
+
+
+class ScriptedRtnl(RtnlBatch):
+    """Records each run() (one send phase) and answers from a script instead of a kernel."""
+
+    def __init__(self, script: dict[NlRequest, list[int]]) -> None:  # no socket
+        self.script = script
+        self.calls: list[list[NlRequest]] = []
+
+    async def run(
+        self, requests: Sequence[NlRequest], reply_buffer: int = ACK_BUFFER
+    ) -> list[NlReply]:
+        self.calls.append(list(requests))
+        replies = []
+        for request in requests:
+            reply = NlReply()
+            codes = self.script.get(request)
+            reply.error = codes.pop(0) if codes else 0
+            replies.append(reply)
+        return replies
+
+
+async def test_add_phases_retries_and_partial_cleanup(caplog: pytest.LogCaptureFixture) -> None:
+    own = Lease(IPv4Network("10.129.0.0/24"), LeaseAttrs(IPv4Address("198.19.0.250")))
+    net = VXLANNetwork(own, DEVICE, retry_attempts=2, retry_delay=0)
+    peers = [
+        PeerVtep(
+            IPv4Network(f"10.129.{i}.0/24"), IPv4Address(f"198.19.0.{i}"), f"0e:00:00:00:00:0{i}"
+        )
+        for i in range(1, 6)
+    ]
+    ok, busy, no_arp, no_fdb, no_route = peers
+    nl = ScriptedRtnl(
+        {
+            net._neigh(busy, True): [errno.EBUSY],  # transient: retried, then fine
+            net._neigh(no_arp, True): [errno.EINVAL, errno.EINVAL],
+            net._fdb(no_fdb, True): [errno.EINVAL, errno.EINVAL],
+            net._route(no_route, True): [errno.ENETDOWN, errno.ENETDOWN],
+            net._fdb(no_route, False): [errno.ENOENT],  # already gone: not an error
+        }
+    )
+    batch = [(peer_event("added", str(p.subnet), p.mac, str(p.public_ip)), p) for p in peers]
+    with caplog.at_level(logging.DEBUG, logger="flannel_bpf"):
+        remotes = await net._program_round(nl, batch, snapshot=True)
+
+    assert nl.calls == [
+        [net._neigh(p, True) for p in peers],
+        [net._neigh(busy, True), net._neigh(no_arp, True)],  # the retry
+        [net._fdb(p, True) for p in (ok, busy, no_fdb, no_route)],
+        [net._fdb(no_fdb, True)],
+        [net._neigh(no_fdb, False)],
+        # Routes only now, for the peers whose neighbour and FDB entry were acknowledged.
+        [net._route(p, True) for p in (ok, busy, no_route)],
+        [net._route(no_route, True)],
+        [net._neigh(no_route, False), net._fdb(no_route, False)],
+    ]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "AddARP failed: (22, 'Invalid argument')",
+        "AddFDB failed: (22, 'Invalid argument')",
+        "failed to add vxlanRoute (10.129.5.0/24 -> 10.129.5.0): (100, 'Network is down')",
+    ]
+    assert "DelFDB: already gone" in caplog.messages
+    # fb_remotes gets every added peer, as before: the BPF path may still serve it.
+    assert [r.subnet for r in remotes] == [p.subnet for p in peers]
+
+
+async def test_removals_go_in_flanneld_order_and_never_raise() -> None:
+    own = Lease(IPv4Network("10.129.0.0/24"), LeaseAttrs(IPv4Address("198.19.0.250")))
+    net = VXLANNetwork(own, DEVICE, retry_attempts=3, retry_delay=0)
+    nl = ScriptedRtnl({net._neigh(PEER, False): [errno.ENOENT]})
+    batch = [(peer_event("removed", str(PEER.subnet), PEER.mac, str(PEER.public_ip)), PEER)]
+    assert await net._program_round(nl, batch, snapshot=False) == []
+    assert nl.calls == [[net._neigh(PEER, False), net._fdb(PEER, False), net._route(PEER, False)]]
+
+
+async def test_rtnl_batch_survives_a_full_receive_buffer() -> None:
+    """Answers the kernel drops for lack of room become ENOBUFS (retried), never a hang."""
+    noop = NlRequest(1, 0x05, b"")  # NLMSG_NOOP with NLM_F_ACK: acknowledged, no effect
+    async with RtnlBatch() as nl:
+        assert all(r.error == 0 for r in await nl.run([noop] * 3000))
+    async with RtnlBatch() as nl:
+        nl._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # room for a few acks
+        nl._rcvbuf = 1 << 20  # ...but sized as if it had 1 MiB: windows of MAX_WINDOW
+        replies = await nl.run([noop] * 600)
+        codes = {r.error for r in replies}
+        assert codes == {0, errno.ENOBUFS}
+        assert replies[0].error == 0
+        # The socket stays usable.
+        nl._rcvbuf = 4096
+        assert all(r.error == 0 for r in await nl.run([noop] * 10))
+
+
+# --------------------------------------------------------------------------------------------
 # Real kernel
 
 
@@ -293,6 +480,50 @@ def test_peers_programmed_idempotent_and_removed(netns: Callable[[str], str]) ->
     assert lines(sh(ns, "neigh", "show", "dev", "flannel.1")) == []
     assert fdb(ns) == []
     assert flannel_routes(ns) == []
+
+
+@requires_root
+def test_lease_moving_subnet_in_one_batch(netns: Callable[[str], str]) -> None:
+    """A node re-leased with a new subnet keeps its VtepMAC: in one batch the old lease goes
+    and the new one comes, and the FDB entry ends up pointing at the new PublicIP."""
+    ns = host(netns, "vx")
+    mac = "0e:00:00:00:00:02"
+    old = ["added", "10.5.2.0/24", "198.18.0.2", vtep_data(mac)]
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[old])
+    new = ["added", "10.5.9.0/24", "198.18.0.9", vtep_data(mac)]
+    for batch in ([["removed", *old[1:]], new], [new, ["removed", *old[1:]]]):
+        drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[old])
+        _, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=batch)
+        assert "ERROR" not in log
+        assert fdb(ns) == [f"{mac} dst 198.18.0.9 self permanent"]
+        assert lines(sh(ns, "neigh", "show", "dev", "flannel.1")) == [
+            f"10.5.9.0 lladdr {mac} PERMANENT"
+        ]
+        assert flannel_routes(ns) == ["10.5.9.0/24 via 10.5.9.0 dev flannel.1 onlink"]
+
+
+@requires_root
+def test_batch_larger_than_a_window(netns: Callable[[str], str]) -> None:
+    ns = host(netns, "vx")
+    count = 600  # more than MAX_WINDOW requests per phase
+    peers = [
+        (
+            f"10.5.{128 + i // 256}.{i % 256}/32",
+            f"198.18.1.{i % 250 + 1}",
+            f"0e:00:00:00:{i >> 8:02x}:{i & 255:02x}",
+        )
+        for i in range(count)
+    ]
+    added = [["added", subnet, ip, vtep_data(mac)] for subnet, ip, mac in peers]
+    _, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=added)
+    assert "ERROR" not in log
+    assert len(flannel_routes(ns)) == count
+    assert len(lines(sh(ns, "neigh", "show", "dev", "flannel.1"))) == count
+    assert len(fdb(ns)) == count
+    assert "10.5.130.87 via 10.5.130.87 dev flannel.1 onlink" in flannel_routes(ns)
+    drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=[["removed", *a[1:]] for a in added])
+    assert flannel_routes(ns) == []
+    assert fdb(ns) == []
 
 
 @requires_root

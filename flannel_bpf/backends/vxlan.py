@@ -11,11 +11,11 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,6 +26,16 @@ from ..iface import ExternalInterface
 from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 from ..loader import VXLAN as VXLAN_WIRE
 from ..loader import BPFDatapath, Device, LoaderError
+from ..rtnl_batch import (
+    LOOKUP_BUFFER,
+    NlRequest,
+    RtnlBatch,
+    fdb_request,
+    neigh_request,
+    one_route_without_gateway,
+    route_get_request,
+    route_request,
+)
 from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, parse_mac, random_mac
 from .base import Backend, BackendError, Network
 from .bpf_fastpath import load_bpf_datapath, remove_bpf_datapath
@@ -33,16 +43,7 @@ from .vxlan_userspace import start_vxlan_userspace_dataplane
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 BACKEND_TYPE = "vxlan"
-NUD_NOARP = 0x40
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
-RT_TABLE_MAIN = 254
-# vishvananda/netlink's default, so `ip route` shows our routes exactly as flanneld's.
-RTPROT_BOOT = 3
 IPV6_CONF_DIR = Path("/proc/sys/net/ipv6/conf")
 
 
@@ -424,142 +425,199 @@ class VXLANNetwork(Network):
     async def _program(self, events: list[LeaseEvent], *, snapshot: bool) -> list[Remote]:
         """Program each peer's kernel entries, and its fb_remotes entry unless this is the
         snapshot (reconciled in one sweep afterwards). Returns the remotes of the added peers."""
+        peers: list[tuple[LeaseEvent, PeerVtep]] = []
+        for event in events:
+            lease = event.lease
+            if lease.subnet == self.lease.subnet:
+                continue
+            try:
+                peers.append((event, peer_vtep(lease)))
+            except ValueError as exc:
+                log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
         added: list[Remote] = []
-        # One netlink socket per batch: a snapshot of hundreds of peers is one round of calls.
-        async with AsyncIPRoute() as ipr:
-            for event in events:
-                lease = event.lease
-                if lease.subnet == self.lease.subnet:
-                    continue
-                try:
-                    peer = peer_vtep(lease)
-                except ValueError as exc:
-                    log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
-                    continue
-                direct = self.direct_routing and await self._directly_connected(ipr, peer)
-                if event.type is LeaseEventType.ADDED:
-                    await self._add_peer(ipr, peer, direct)
-                    added.append(remote_entry(peer, direct))
-                    if not snapshot:
-                        self._bpf_set(added[-1])
-                else:
-                    self._bpf_delete(peer)
-                    await self._remove_peer(ipr, peer, direct)
+        if not peers:
+            return added
+        # One netlink socket per batch; each phase of a round is a few send()s, not a request
+        # per peer and entry.
+        async with RtnlBatch() as nl:
+            for batch in _rounds(peers):
+                added += await self._program_round(nl, batch, snapshot=snapshot)
         return added
 
-    async def _directly_connected(self, ipr: Any, peer: PeerVtep) -> bool:
+    async def _program_round(
+        self, nl: RtnlBatch, batch: list[tuple[LeaseEvent, PeerVtep]], *, snapshot: bool
+    ) -> list[Remote]:
+        """Events touching disjoint kernel entries (see _rounds), so in any order among them."""
+        if self.direct_routing:
+            direct = await self._directly_connected(nl, [peer for _, peer in batch])
+        else:
+            direct = [False] * len(batch)
+        removed: list[tuple[PeerVtep, bool]] = []
+        added: list[tuple[PeerVtep, bool]] = []
+        for (event, peer), is_direct in zip(batch, direct, strict=True):
+            (added if event.type is LeaseEventType.ADDED else removed).append((peer, is_direct))
+        for peer, _ in removed:
+            self._bpf_delete(peer)
+        await self._remove_peers(nl, removed)
+        await self._add_peers(nl, added)
+        remotes = [remote_entry(peer, is_direct) for peer, is_direct in added]
+        if not snapshot:
+            for remote in remotes:
+                self._bpf_set(remote)
+        return remotes
+
+    async def _directly_connected(self, nl: RtnlBatch, peers: list[PeerVtep]) -> list[bool]:
         """ip.DirectRouting: exactly one route to the PublicIP, and it has no gateway."""
-        try:
-            routes = await ipr.route("get", dst=str(peer.public_ip))
-        except NetlinkError as exc:
-            log.error("couldn't lookup route to %s: %s", peer.public_ip, exc)
-            return False
-        return len(routes) == 1 and not routes[0].get_attr("RTA_GATEWAY")
+        requests = [route_get_request(peer.public_ip) for peer in peers]
+        replies = await nl.run(requests, LOOKUP_BUFFER)
+        direct = []
+        for peer, reply in zip(peers, replies, strict=True):
+            if reply.error:
+                log.error("couldn't lookup route to %s: %s", peer.public_ip, _error(reply.error))
+                direct.append(False)
+                continue
+            direct.append(one_route_without_gateway(reply))
+        return direct
 
     # The entries, as iproute2 would write them; see the table in flannel-compat.md 5.1.
-    def _neigh(self, peer: PeerVtep) -> dict[str, Any]:
-        return {
-            "ifindex": self.device.index,
-            "dst": str(peer.subnet.network_address),
-            "lladdr": peer.mac,
-            "state": NUD_PERMANENT,
-        }
+    def _neigh(self, peer: PeerVtep, add: bool) -> NlRequest:
+        return neigh_request(add, self.device.index, peer.subnet.network_address, peer.mac)
 
-    def _fdb(self, peer: PeerVtep) -> dict[str, Any]:
-        return {
-            "ifindex": self.device.index,
-            "lladdr": peer.mac,
-            "dst": str(peer.public_ip),
-            "state": NUD_PERMANENT | NUD_NOARP,
-            "flags": NTF_SELF,
-        }
+    def _fdb(self, peer: PeerVtep, add: bool) -> NlRequest:
+        return fdb_request(add, self.device.index, peer.mac, peer.public_ip)
 
-    def _route(self, peer: PeerVtep) -> dict[str, Any]:
-        return {
-            "dst": str(peer.subnet),
-            "gateway": str(peer.subnet.network_address),
-            "oif": self.device.index,
-            "flags": RTNH_F_ONLINK,
-            "table": RT_TABLE_MAIN,
-        }
+    def _route(self, peer: PeerVtep, add: bool) -> NlRequest:
+        return route_request(add, peer.subnet, peer.subnet.network_address, self.device.index)
 
     @staticmethod
-    def _direct_route(peer: PeerVtep) -> dict[str, Any]:
-        return {
-            "dst": str(peer.subnet),
-            "gateway": str(peer.public_ip),
-            "table": RT_TABLE_MAIN,
-        }
+    def _direct_route(peer: PeerVtep, add: bool) -> NlRequest:
+        return route_request(add, peer.subnet, peer.public_ip)
 
-    async def _add_peer(self, ipr: Any, peer: PeerVtep, direct: bool) -> None:
-        if direct:
+    async def _add_peers(self, nl: RtnlBatch, peers: list[tuple[PeerVtep, bool]]) -> None:
+        """Per peer, as flanneld: neighbour, FDB entry, route; each step only for the peers
+        whose previous one succeeded, and a failure removes what that peer already got."""
+        direct = [peer for peer, is_direct in peers if is_direct]
+        for peer in direct:
             log.debug("Adding direct route to subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
-            try:
-                await self._retry(
-                    lambda: ipr.route("replace", proto=RTPROT_BOOT, **self._direct_route(peer))
+        errors = await self._retry(nl, [self._direct_route(peer, True) for peer in direct])
+        for peer, code in zip(direct, errors, strict=True):
+            if code:
+                log.error(
+                    "Error adding route to %s via %s: %s", peer.subnet, peer.public_ip, _error(code)
                 )
-            except NetlinkError as exc:
-                log.error("Error adding route to %s via %s: %s", peer.subnet, peer.public_ip, exc)
-            return
-        log.debug(
-            "adding subnet: %s PublicIP: %s VtepMAC: %s", peer.subnet, peer.public_ip, peer.mac
-        )
-        try:
-            await self._retry(lambda: ipr.neigh("replace", **self._neigh(peer)))
-        except NetlinkError as exc:
-            log.error("AddARP failed: %s", exc)
-            return
-        try:
-            await self._retry(lambda: ipr.fdb("replace", **self._fdb(peer)))
-        except NetlinkError as exc:
-            log.error("AddFDB failed: %s", exc)
-            await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
-            return
-        # Last, so that the kernel never resolves the gateway before the neighbour is in place.
-        try:
-            await self._retry(lambda: ipr.route("replace", proto=RTPROT_BOOT, **self._route(peer)))
-        except NetlinkError as exc:
-            log.error(
-                "failed to add vxlanRoute (%s -> %s): %s",
-                peer.subnet,
-                peer.subnet.network_address,
-                exc,
+
+        tunnel = [peer for peer, is_direct in peers if not is_direct]
+        for peer in tunnel:
+            log.debug(
+                "adding subnet: %s PublicIP: %s VtepMAC: %s", peer.subnet, peer.public_ip, peer.mac
             )
-            await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
-            await self._delete("DelFDB", lambda: ipr.fdb("del", **self._fdb(peer)))
-
-    async def _remove_peer(self, ipr: Any, peer: PeerVtep, direct: bool) -> None:
-        log.debug("removing subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
-        if direct:
-            await self._delete("DelRoute", lambda: ipr.route("del", **self._direct_route(peer)))
-            return
-        await self._delete("DelARP", lambda: ipr.neigh("del", **self._neigh(peer)))
-        await self._delete("DelFDB", lambda: ipr.fdb("del", **self._fdb(peer)))
-        await self._delete("DelRoute", lambda: ipr.route("del", **self._route(peer)))
-
-    async def _delete(self, what: str, op: Callable[[], Awaitable[Any]]) -> None:
-        """A delete that never raises: each of a peer's entries is removed independently."""
-        try:
-            await self._retry(op)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENOENT, errno.ESRCH):
-                log.debug("%s: already gone", what)
+        errors = await self._retry(nl, [self._neigh(peer, True) for peer in tunnel])
+        with_neigh = []
+        for peer, code in zip(tunnel, errors, strict=True):
+            if code:
+                log.error("AddARP failed: %s", _error(code))
             else:
-                log.error("%s failed: %s", what, exc)
+                with_neigh.append(peer)
 
-    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
-        """flanneld wraps each call in retry.Do; kept short so one bad peer cannot stall all."""
+        errors = await self._retry(nl, [self._fdb(peer, True) for peer in with_neigh])
+        with_fdb = []
+        undo: list[tuple[str, NlRequest]] = []
+        for peer, code in zip(with_neigh, errors, strict=True):
+            if code:
+                log.error("AddFDB failed: %s", _error(code))
+                undo.append(("DelARP", self._neigh(peer, False)))
+            else:
+                with_fdb.append(peer)
+        await self._delete(nl, undo)
+
+        # Last, and only once each neighbour is acknowledged: the kernel must never resolve
+        # the gateway (the peer's subnet.0) before the neighbour is in place.
+        errors = await self._retry(nl, [self._route(peer, True) for peer in with_fdb])
+        undo = []
+        for peer, code in zip(with_fdb, errors, strict=True):
+            if code:
+                log.error(
+                    "failed to add vxlanRoute (%s -> %s): %s",
+                    peer.subnet,
+                    peer.subnet.network_address,
+                    _error(code),
+                )
+                undo += [("DelARP", self._neigh(peer, False)), ("DelFDB", self._fdb(peer, False))]
+        await self._delete(nl, undo)
+
+    async def _remove_peers(self, nl: RtnlBatch, peers: list[tuple[PeerVtep, bool]]) -> None:
+        deletes: list[tuple[str, NlRequest]] = []
+        for peer, is_direct in peers:
+            log.debug("removing subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
+            if is_direct:
+                deletes.append(("DelRoute", self._direct_route(peer, False)))
+            else:
+                # In one window these go in this order, as flanneld's calls do.
+                deletes += [
+                    ("DelARP", self._neigh(peer, False)),
+                    ("DelFDB", self._fdb(peer, False)),
+                    ("DelRoute", self._route(peer, False)),
+                ]
+        await self._delete(nl, deletes)
+
+    async def _delete(self, nl: RtnlBatch, deletes: list[tuple[str, NlRequest]]) -> None:
+        """Deletes that never raise: each of a peer's entries is removed independently."""
+        errors = await self._retry(nl, [request for _, request in deletes])
+        for (what, _), code in zip(deletes, errors, strict=True):
+            if code in (errno.ENOENT, errno.ESRCH):
+                log.debug("%s: already gone", what)
+            elif code:
+                log.error("%s failed: %s", what, _error(code))
+
+    async def _retry(self, nl: RtnlBatch, requests: list[NlRequest]) -> list[int]:
+        """Each request's final errno (0: done). flanneld wraps each call in retry.Do; here the
+        failed requests of a batch are retried together, with the same attempts and backoff,
+        kept short so one bad peer cannot stall all. A missing entry is final at once."""
+        errors = [0] * len(requests)
+        pending = list(range(len(requests)))
         delay = self._delay
-        for attempt in range(self._attempts):
-            try:
-                return await op()
-            except NetlinkError as exc:
-                missing = exc.code in (errno.ENOENT, errno.ESRCH)
-                if missing or attempt == self._attempts - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
+        for attempt in range(self._attempts if requests else 0):
+            replies = await nl.run([requests[index] for index in pending])
+            again = []
+            for index, reply in zip(pending, replies, strict=True):
+                errors[index] = reply.error
+                missing = reply.error in (errno.ENOENT, errno.ESRCH)
+                if reply.error and not missing and attempt < self._attempts - 1:
+                    again.append(index)
+            if not again:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            pending = again
+        return errors
+
+
+def _rounds(
+    peers: list[tuple[LeaseEvent, PeerVtep]],
+) -> list[list[tuple[LeaseEvent, PeerVtep]]]:
+    """Split a batch, in order, wherever an event touches an entry an earlier event of the
+    current round does: a subnet's neighbour and route, a MAC's FDB entry. Within a round the
+    events commute, so they are programmed phase by phase; across rounds event order holds
+    (a lease moving to a new subnet with the same VtepMAC, an add then remove)."""
+    rounds: list[list[tuple[LeaseEvent, PeerVtep]]] = []
+    current: list[tuple[LeaseEvent, PeerVtep]] = []
+    seen: set[Hashable] = set()
+    for item in peers:
+        peer = item[1]
+        keys = (peer.subnet.network_address, peer.mac)
+        if any(key in seen for key in keys):
+            rounds.append(current)
+            current, seen = [], set()
+        current.append(item)
+        seen.update(keys)
+    if current:
+        rounds.append(current)
+    return rounds
+
+
+def _error(code: int) -> NetlinkError:
+    """The errno as pyroute2 would raise it, so log lines read as before."""
+    return NetlinkError(code)
 
 
 async def remove_vxlan_device(name: str) -> None:
