@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Hand-written: what the numbers mean, and why a missed target is missed (kept with the code).
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SECTIONS = ("datapath", "prog_cost", "control_plane")
 
@@ -160,7 +162,7 @@ def chart(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def render(sections: dict[str, dict[str, Any]], chart_name: str | None) -> str:
+def render(sections: dict[str, dict[str, Any]], chart_name: str | None, analysis: str = "") -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
@@ -186,6 +188,8 @@ def render(sections: dict[str, dict[str, Any]], chart_name: str | None) -> str:
         lines += prog_cost_section(sections["prog_cost"])
     if "control_plane" in sections:
         lines += control_plane_section(sections["control_plane"])
+    if analysis:
+        lines += [analysis.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -198,7 +202,8 @@ def write(results: Path = RESULTS, docs: Path = DOCS) -> Path:
         chart_name = "benchmarks.png"
         chart(sections["datapath"], docs / chart_name)
     target = docs / "benchmarks.md"
-    target.write_text(render(sections, chart_name))
+    analysis = ANALYSIS.read_text() if ANALYSIS.is_file() else ""
+    target.write_text(render(sections, chart_name, analysis))
     return target
 
 
