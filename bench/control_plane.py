@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from flannel_bpf import bpf_sys
-from flannel_bpf.bpf_maps import LAYOUT_VERSION, REMOTE_KEY, REMOTE_VALUE, remote_key
+from flannel_bpf.bpf_maps import REMOTE_KEY, REMOTE_VALUE, remote_key
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.etcd import EtcdMember, make_cluster
 from flannel_bpf.lab.netns import (
@@ -65,7 +65,7 @@ from flannel_bpf.lab.netns import (
     netns_exists,
 )
 from flannel_bpf.lab.netns import run as sh
-from flannel_bpf.loader import DEFAULT_BPFFS, unpin
+from flannel_bpf.loader import pin_dir_for, unpin
 
 RESULTS: Final = Path(__file__).resolve().parent / "results" / "control_plane.json"
 
@@ -434,10 +434,9 @@ class BenchLab:
 
 
 def pin_dir_of(ns: str) -> Path:
-    """The agent's pins for flannel.1 in ns, as flannel_bpf.loader.pin_dir_for computes them
-    inside the namespace (netns-<inode>/<device with dots replaced>/v<layout>)."""
-    inode = os.stat(f"/run/netns/{ns}").st_ino
-    return DEFAULT_BPFFS / f"netns-{inode}" / DEVICE.replace(".", "_") / f"v{LAYOUT_VERSION}"
+    """The agent's pins for flannel.1 in ns: the loader's own rule, applied inside ns."""
+    with entered(ns):
+        return pin_dir_for(DEVICE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
  */
 #include "common.h"
 #include "maps.h"
+#include "underlay.h"
 
 /* ENCAP_L2(14), not 14 + 8: with the VXLAN header counted, every GSO packet is dropped. */
 #define FB_ENCAP_FLAGS                                                                          \
@@ -52,32 +53,11 @@ int fb_tc_encap(struct __sk_buff *skb)
 	if (remote->flags & FB_REMOTE_SKIP)
 		return fb_encap_pass(FB_PASS_SKIP, bytes);
 
-	/* Non-GSO packets must fit the uplink once wrapped; GSO ones are segmented to fit. */
-	__u32 mtu = 0;
+	struct bpf_fib_lookup fib;
+	__u32 route = fb_underlay_route(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD, &fib);
 
-	if (bpf_check_mtu(skb, cfg->uplink_ifindex, &mtu, FB_VXLAN_OVERHEAD, 0))
-		return fb_encap_pass(FB_PASS_TOO_BIG, bytes);
-
-	/* The underlay route, looked up as vxlan.ko does (bound to the uplink), before any change. */
-	struct bpf_fib_lookup fib = {};
-
-	fib.family = AF_INET;
-	fib.ipv4_src = cfg->local_ip;
-	fib.ipv4_dst = remote->vtep_ip;
-	fib.ifindex = cfg->uplink_ifindex;
-	int fib_rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-
-	/*
-	 * Only a complete answer is used. An unresolved neighbour goes to vxlan.ko, which resolves it
-	 * (bpf_redirect_neigh would queue the packet with its inner route attached, and the queue
-	 * flush would then write the inner next hop's MACs as the outer ones).
-	 */
-	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return fb_encap_pass(FB_PASS_NO_NEIGH, bytes);
-	if (fib_rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return fb_encap_pass(FB_PASS_NOT_FORWARDING, bytes);
-	if (fib_rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return fb_encap_pass(FB_PASS_NO_ROUTE, bytes);
+	if (route != FB_ENCAP_REDIRECT)
+		return fb_encap_pass(route, bytes);
 
 	struct fb_encap_headers h = {};
 	__u32 inner_len = skb->len; /* the inner frame, Ethernet header included */

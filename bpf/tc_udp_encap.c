@@ -18,6 +18,7 @@
 #include "common.h"
 #include "maps.h"
 #include "udp.h"
+#include "underlay.h"
 
 #define FB_UDP_ENCAP_FLAGS \
 	(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP)
@@ -69,25 +70,12 @@ int fb_tc_udp_encap(struct __sk_buff *skb)
 	if (skb->gso_size && ip->protocol != IPPROTO_TCP)
 		return fb_udp_encap_pass(FB_PASS_GSO, bytes);
 
-	__u32 mtu = 0;
+	struct bpf_fib_lookup fib;
+	__u32 route = fb_underlay_route(skb, cfg, remote->vtep_ip, FB_UDP_OVERHEAD, &fib);
 
-	if (bpf_check_mtu(skb, cfg->uplink_ifindex, &mtu, FB_UDP_OVERHEAD, 0))
-		return fb_udp_encap_pass(FB_PASS_TOO_BIG, bytes);
-
-	struct bpf_fib_lookup fib = {};
-
-	fib.family = AF_INET;
-	fib.ipv4_src = cfg->local_ip;
-	fib.ipv4_dst = remote->vtep_ip;
-	fib.ifindex = cfg->uplink_ifindex;
-	int fib_rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-
-	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return fb_udp_encap_pass(FB_PASS_NO_NEIGH, bytes); /* the plane's socket resolves it */
-	if (fib_rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return fb_udp_encap_pass(FB_PASS_NOT_FORWARDING, bytes);
-	if (fib_rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return fb_udp_encap_pass(FB_PASS_NO_ROUTE, bytes);
+	/* An unresolved neighbour goes to the plane, whose socket resolves it. */
+	if (route != FB_ENCAP_REDIRECT)
+		return fb_udp_encap_pass(route, bytes);
 
 	/* flanneld's sender decrements the inner TTL once, on top of the kernel's forwarding. */
 	fb_decrease_ttl(ip);

@@ -597,6 +597,15 @@ class BPFDatapath:
         self.state.decap = "tc"
         self.state.decap_reason = reason
 
+    def status(self) -> dict[str, str]:
+        """Where it runs and why, for the status file."""
+        return {
+            "pin_dir": str(self.pin_dir),
+            "decap": self.state.decap,
+            "decap_reason": self.state.decap_reason,
+            "uplink": self.uplink.name,
+        }
+
     def close(self) -> None:
         """Release our fds. The data path stays attached and pinned."""
         if self.maps is not None:

@@ -10,61 +10,40 @@ cannot model; tests/test_lab_bpf.py drives it through a real TUN and compares th
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
 
 import pytest
 
-from flannel_bpf import bpf_sys, loader
+from flannel_bpf import loader
 from flannel_bpf.backends.udp import decrement_ttl, ip_checksum
 from flannel_bpf.bpf_maps import DatapathConfig, Hook, PinnedMaps, Reason
 from flannel_bpf.lab.netns import add_netns, delete_netns, entered, run
 
 from . import packets as pk
 from .conftest import requires_root, unique
+from .test_bpf_programs import (
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    TC_ACT_UNSPEC,
+    XDP_DROP,
+    XDP_PASS,
+    Node,
+)
 
 pytestmark = requires_root
-
-TC_ACT_UNSPEC = 0xFFFFFFFF
-TC_ACT_SHOT = 2
-TC_ACT_REDIRECT = 7
-XDP_DROP = 1
-XDP_PASS = 2
 
 LOCAL, PEER = "198.18.0.1", "198.18.0.2"
 LOCAL_MAC, PEER_MAC = "02:fb:00:00:00:01", "02:fb:00:00:00:02"
 PORT = 8285
 
 
-@dataclass
-class UdpNode:
-    ns: str
-    pin_dir: Path
-    programs: loader.Programs
-    maps: PinnedMaps
-
-    def run(self, hook: Hook, frame: bytes) -> tuple[int, bytes, dict[Reason, tuple[int, int]]]:
-        fd = self.programs.xdp_decap if hook is Hook.XDP_DECAP else self.programs.tc_decap
-        before = self.maps.counters()
-        with entered(self.ns):
-            result = bpf_sys.prog_test_run(fd, frame)
-        after = self.maps.counters()
-        delta = {
-            key.reason: (after[key][0] - before[key][0], after[key][1] - before[key][1])
-            for key in after
-            if key.hook is hook and after[key] != before[key]
-        }
-        return result.retval, result.data, delta
-
-
 @pytest.fixture(scope="module")
-def node() -> Iterator[UdpNode]:
+def node() -> Iterator[Node]:
+    """One host: an uplink, a flannel0 TUN, the udp-format programs with their config written."""
     ns = unique("pu")
     pin_dir = loader.DEFAULT_BPFFS / f"test-{unique('udp')}" / "v1"
     add_netns(ns)
-    programs: loader.Programs | None = None
-    maps: PinnedMaps | None = None
+    built: Node | None = None
     try:
         run(["ip", "-n", ns, "link", "add", "u0", "address", LOCAL_MAC, "type", "veth",
              "peer", "name", "u1"])  # fmt: skip
@@ -72,31 +51,29 @@ def node() -> Iterator[UdpNode]:
         run(["ip", "-n", ns, "addr", "add", f"{LOCAL}/24", "dev", "u0"])
         loader.ensure_bpffs()
         programs = loader.compile_programs(pin_dir, loader.UDP)
-        maps = PinnedMaps(pin_dir)
         with entered(ns):
             from pyroute2 import IPRoute
 
             with IPRoute() as ipr:
                 uplink = ipr.link("get", ifname="u0")[0]
                 tun = ipr.link("get", ifname="flannel0")[0]
-        maps.write_config(
-            DatapathConfig(
-                local_ip=IPv4Address(LOCAL),
-                vni=0,
-                port=PORT,
-                uplink_ifindex=int(uplink["index"]),
-                uplink_mac=LOCAL_MAC,
-                vtep_ifindex=int(tun["index"]),
-                vtep_mac="00:00:00:00:00:00",
-            )
+        config = DatapathConfig(
+            local_ip=IPv4Address(LOCAL),
+            vni=0,
+            port=PORT,
+            uplink_ifindex=int(uplink["index"]),
+            uplink_mac=LOCAL_MAC,
+            vtep_ifindex=int(tun["index"]),
+            vtep_mac="00:00:00:00:00:00",
         )
-        yield UdpNode(ns, pin_dir, programs, maps)
+        built = Node(ns, pin_dir, programs, PinnedMaps(pin_dir), config)
+        built.maps.write_config(config)
+        yield built
     finally:
-        if maps is not None:
-            maps.close()
-        if programs is not None:
-            programs.close()
-        loader.unpin(pin_dir)
+        if built is not None:
+            built.close()
+        else:
+            loader.unpin(pin_dir)
         delete_netns(ns)
 
 
@@ -130,7 +107,7 @@ def flanneld_receive(packet: bytes) -> bytes:
     ids=["plain", "ttl-2", "large", "inner-options"],
 )
 def test_decap_delivers_what_flanneld_writes_to_the_tun(
-    node: UdpNode, hook: Hook, packet: bytes
+    node: Node, hook: Hook, packet: bytes
 ) -> None:
     frame = datagram(packet)
     retval, out, delta = node.run(hook, frame)
@@ -164,7 +141,7 @@ V6_PACKET = bytes([0x60]) + bytes(39)
     ids=lambda v: v.name if isinstance(v, Reason) else "",
 )
 def test_decap_passes_what_it_does_not_handle(
-    node: UdpNode, hook: Hook, frame: bytes, reason: Reason
+    node: Node, hook: Hook, frame: bytes, reason: Reason
 ) -> None:
     retval, out, delta = node.run(hook, frame)
     expected = XDP_PASS if hook is Hook.XDP_DECAP else TC_ACT_UNSPEC
@@ -182,14 +159,14 @@ def test_decap_passes_what_it_does_not_handle(
     ],
     ids=["length-lies-long", "length-lies-short", "ihl-4"],
 )
-def test_decap_drops_malformed_inner_packets(node: UdpNode, hook: Hook, packet: bytes) -> None:
+def test_decap_drops_malformed_inner_packets(node: Node, hook: Hook, packet: bytes) -> None:
     frame = datagram(packet)
     retval, _, delta = node.run(hook, frame)
     assert retval == (XDP_DROP if hook is Hook.XDP_DECAP else TC_ACT_SHOT)
     assert delta == {Reason.DROP_INNER_MALFORMED: (1, len(frame))}
 
 
-def test_unconfigured_udp_programs_pass_everything(node: UdpNode) -> None:
+def test_unconfigured_udp_programs_pass_everything(node: Node) -> None:
     frame = datagram(inner())
     node.maps.write_config(
         DatapathConfig(IPv4Address(0), 0, 0, 0, "00:00:00:00:00:00", 0, "00:00:00:00:00:00")
@@ -200,12 +177,4 @@ def test_unconfigured_udp_programs_pass_everything(node: UdpNode) -> None:
             assert delta == {Reason.PASS_NO_CONFIG: (1, len(frame))}
             assert out == frame
     finally:
-        with entered(node.ns):
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                uplink = int(ipr.link("get", ifname="u0")[0]["index"])
-                tun = int(ipr.link("get", ifname="flannel0")[0]["index"])
-        node.maps.write_config(
-            DatapathConfig(IPv4Address(LOCAL), 0, PORT, uplink, LOCAL_MAC, tun, "00:00:00:00:00:00")
-        )
+        node.maps.write_config(node.config)

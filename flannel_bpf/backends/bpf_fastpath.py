@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from ..bpf_maps import DatapathConfig
+from ..bpf_maps import DatapathConfig, Remote
 from ..iface import ExternalInterface
 from ..loader import (
     BPFDatapath,
@@ -87,6 +87,35 @@ async def load_bpf_datapath(
     for what in state.replaced:
         log.info("replaced the running BPF program on %s in place", what)
     return datapath
+
+
+def reconcile_remotes(bpf: BPFDatapath, remotes: list[Remote]) -> None:
+    """fb_remotes becomes exactly these (the lease snapshot), in one mark-and-sweep pass."""
+    try:
+        written, removed = bpf.sync_remotes(remotes)
+    except (OSError, LoaderError) as exc:
+        log.error("reconciling fb_remotes with the lease set failed: %s", exc)
+        return
+    log.info(
+        "BPF remotes reconciled with %d leases: %d written, %d stale removed",
+        len(remotes),
+        written,
+        removed,
+    )
+
+
+def update_remote(
+    bpf: BPFDatapath, subnet: IPv4Network, remote: Remote | None, fallback: str
+) -> None:
+    """Write a peer's fb_remotes entry, or delete it (None). A failure is logged, not raised: the
+    backend's own entries for the peer are in place, and ``fallback`` carries it meanwhile."""
+    try:
+        if remote is None:
+            bpf.delete_remote(subnet)
+        else:
+            bpf.set_remote(remote)
+    except (OSError, LoaderError) as exc:
+        log.error("fb_remotes update for %s failed (%s serves it): %s", subnet, fallback, exc)
 
 
 async def remove_bpf_datapath(device: str, bpffs: Path) -> None:

@@ -34,7 +34,12 @@ from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 from ..loader import UDP as UDP_WIRE
 from ..loader import BPFDatapath, Device, LoaderError
 from .base import Backend, BackendError, Network
-from .bpf_fastpath import load_bpf_datapath, remove_bpf_datapath
+from .bpf_fastpath import (
+    load_bpf_datapath,
+    reconcile_remotes,
+    remove_bpf_datapath,
+    update_remote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -554,38 +559,16 @@ class UDPNetwork(Network):
         return self.plane.counters
 
     def datapath_status(self) -> dict[str, Any]:
-        status: dict[str, Any] = {
-            "device": self.plane.tun_name,
-            "counters": self.plane.counters.as_dict(),
-        }
-        if self.bpf is not None:
-            state = self.bpf.state
-            status |= {
-                "pin_dir": str(self.bpf.pin_dir),
-                "decap": state.decap,
-                "decap_reason": state.decap_reason,
-                "uplink": self.bpf.uplink.name,
-            }
-        return status
+        bpf = self.bpf.status() if self.bpf is not None else {}
+        return {"device": self.plane.tun_name, "counters": self.plane.counters.as_dict(), **bpf}
 
     # accepts() stays the base's "everything": flanneld's udp never checks a peer's BackendType.
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
         """Routes as for any batch; fb_remotes swept to exactly these leases in one pass."""
         remotes = self._program(events, snapshot=True)
-        if self.bpf is None:
-            return
-        try:
-            written, removed = self.bpf.sync_remotes(remotes)
-        except (OSError, LoaderError) as exc:
-            log.error("reconciling fb_remotes with the lease set failed: %s", exc)
-            return
-        log.info(
-            "BPF remotes reconciled with %d leases: %d written, %d stale removed",
-            len(remotes),
-            written,
-            removed,
-        )
+        if self.bpf is not None:
+            reconcile_remotes(self.bpf, remotes)
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         self._program(events, snapshot=False)
@@ -610,17 +593,8 @@ class UDPNetwork(Network):
         return added
 
     def _bpf_update(self, subnet: IPv4Network, remote: Remote | None) -> None:
-        """Write (or, with None, delete) a peer's fb_remotes entry."""
-        if self.bpf is None:
-            return
-        try:
-            if remote is None:
-                self.bpf.delete_remote(subnet)
-            else:
-                self.bpf.set_remote(remote)
-        except (OSError, LoaderError) as exc:
-            # The plane's route is in place: userspace carries this peer meanwhile.
-            log.error("fb_remotes update for %s failed (userspace serves it): %s", subnet, exc)
+        if self.bpf is not None:
+            update_remote(self.bpf, subnet, remote, "the userspace plane")
 
     async def close(self) -> None:
         if self.bpf is not None:

@@ -38,7 +38,12 @@ from ..rtnl_batch import (
 )
 from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, parse_mac, random_mac
 from .base import Backend, BackendError, Network
-from .bpf_fastpath import load_bpf_datapath, remove_bpf_datapath
+from .bpf_fastpath import (
+    load_bpf_datapath,
+    reconcile_remotes,
+    remove_bpf_datapath,
+    update_remote,
+)
 from .vxlan_userspace import start_vxlan_userspace_dataplane
 
 log = logging.getLogger(__name__)
@@ -362,52 +367,14 @@ class VXLANNetwork(Network):
         self._delay = retry_delay
 
     def datapath_status(self) -> dict[str, Any]:
-        if self.bpf is None:
-            return {"device": self.device.name}
-        state = self.bpf.state
-        return {
-            "device": self.device.name,
-            "pin_dir": str(self.bpf.pin_dir),
-            "decap": state.decap,
-            "decap_reason": state.decap_reason,
-            "uplink": self.bpf.uplink.name,
-        }
+        bpf = self.bpf.status() if self.bpf is not None else {}
+        return {"device": self.device.name, **bpf}
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
         """Kernel entries as for any batch; fb_remotes swept to exactly these leases at once."""
         remotes = await self._program(events, snapshot=True)
-        if self.bpf is None:
-            return
-        try:
-            written, removed = self.bpf.sync_remotes(remotes)
-        except (OSError, LoaderError) as exc:
-            log.error("reconciling fb_remotes with the lease set failed: %s", exc)
-            return
-        log.info(
-            "BPF remotes reconciled with %d leases: %d written, %d stale removed",
-            len(remotes),
-            written,
-            removed,
-        )
-
-    def _bpf_set(self, remote: Remote) -> None:
-        if self.bpf is None:
-            return
-        try:
-            self.bpf.set_remote(remote)
-        except (OSError, LoaderError) as exc:
-            # The kernel entries are in place: vxlan.ko carries this peer meanwhile.
-            log.error(
-                "fb_remotes update for %s failed (kernel path serves it): %s", remote.subnet, exc
-            )
-
-    def _bpf_delete(self, peer: PeerVtep) -> None:
-        if self.bpf is None:
-            return
-        try:
-            self.bpf.delete_remote(peer.subnet)
-        except (OSError, LoaderError) as exc:
-            log.error("fb_remotes delete for %s failed: %s", peer.subnet, exc)
+        if self.bpf is not None:
+            reconcile_remotes(self.bpf, remotes)
 
     async def close(self) -> None:
         if self.bpf is not None:
@@ -456,14 +423,15 @@ class VXLANNetwork(Network):
         added: list[tuple[PeerVtep, bool]] = []
         for (event, peer), is_direct in zip(batch, direct, strict=True):
             (added if event.type is LeaseEventType.ADDED else removed).append((peer, is_direct))
-        for peer, _ in removed:
-            self._bpf_delete(peer)
+        if self.bpf is not None:
+            for peer, _ in removed:
+                update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
         await self._remove_peers(nl, removed)
         await self._add_peers(nl, added)
         remotes = [remote_entry(peer, is_direct) for peer, is_direct in added]
-        if not snapshot:
+        if self.bpf is not None and not snapshot:
             for remote in remotes:
-                self._bpf_set(remote)
+                update_remote(self.bpf, remote.subnet, remote, "vxlan.ko")
         return remotes
 
     async def _directly_connected(self, nl: RtnlBatch, peers: list[PeerVtep]) -> list[bool]:
