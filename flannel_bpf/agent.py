@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
@@ -13,9 +14,20 @@ from typing import TypeVar
 from .backends import BackendError, ExternalContext, Network, make_backend
 from .config import NetworkConfig
 from .flags import AgentOptions
+from .http_endpoint import (
+    HEALTHZ_BODY,
+    NOT_READY_BODY,
+    READY_BODY,
+    EndpointError,
+    HTTPEndpoint,
+    Response,
+    parse_listen_address,
+    text_response,
+)
 from .iface import InterfaceError, find_external_interface
 from .lease import Lease, LeaseEventType
 from .lease_manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
+from .metrics import CONTENT_TYPE, AgentMetrics
 from .status import AgentStatus
 from .store import EtcdSettings, EtcdStore, StoreAuthError, StoreError, StoreUnavailable
 from .subnet_file import (
@@ -47,10 +59,61 @@ class AgentError(Exception):
 @dataclass
 class Agent:
     options: AgentOptions
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
     _status: AgentStatus | None = field(default=None, init=False)
+    _endpoints: list[HTTPEndpoint] = field(default_factory=list, init=False)
 
     async def run(self) -> int:
         """Run until SIGTERM (returns 0), lease revocation (0) or a fatal error (AgentError)."""
+        try:
+            await self._start_endpoints()
+            return await self._run_with_store()
+        finally:
+            await self._stop_endpoints()
+
+    async def _start_endpoints(self) -> None:
+        """Before anything else, as flanneld: /healthz answers while etcd is still awaited."""
+        opts = self.options
+        state = self.metrics.state
+
+        async def healthz() -> Response:
+            return text_response(200, HEALTHZ_BODY)
+
+        async def readyz() -> Response:
+            return (
+                text_response(200, READY_BODY)
+                if state.ready
+                else text_response(503, NOT_READY_BODY)
+            )
+
+        async def metrics() -> Response:
+            return 200, CONTENT_TYPE, await asyncio.to_thread(self.metrics.exposition)
+
+        wanted = []
+        if opts.metrics_addr:
+            host, port = _listen_address(opts.metrics_addr, "--metrics-addr")
+            routes = {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
+            wanted.append(HTTPEndpoint("metrics", host, port, routes))
+        if opts.healthz_port > 0:
+            host = opts.healthz_ip or "0.0.0.0"
+            wanted.append(
+                HTTPEndpoint(
+                    "healthz", host, opts.healthz_port, {"/healthz": healthz, "/readyz": readyz}
+                )
+            )
+        for endpoint in wanted:
+            try:
+                await endpoint.start()
+            except EndpointError as exc:
+                raise AgentError(str(exc)) from None
+            self._endpoints.append(endpoint)
+
+    async def _stop_endpoints(self) -> None:
+        for endpoint in self._endpoints:
+            await endpoint.stop()
+        self._endpoints.clear()
+
+    async def _run_with_store(self) -> int:
         opts = self.options
         previous = read_previous_subnets(opts.subnet_file)
         if previous.subnet is not None:
@@ -64,7 +127,7 @@ class Agent:
             password=opts.etcd_password,
         )
         try:
-            store = EtcdStore(settings)
+            store = EtcdStore(settings, observer=self.metrics)
             await store.connect()
         except StoreError as exc:
             raise AgentError(str(exc)) from None
@@ -76,6 +139,7 @@ class Agent:
     async def _run(self, store: EtcdStore, previous: PreviousSubnets) -> int:
         opts = self.options
         manager = LeaseManager(store, opts.etcd_prefix)
+        self.metrics.state.manager = manager
         log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
         config = await manager.wait_for_network_config()
         if config.enable_ipv6:
@@ -126,11 +190,17 @@ class Agent:
             mtu=network.mtu,
             ip_masq=opts.ip_masq,
         )
+        state = self.metrics.state
+        state.backend, state.iface, state.public_ip = backend.type, iface.name, str(iface.ext_addr)
+        state.network = network
         try:
             write_subnet_file(opts.subnet_file, contents)
             log.info("Wrote subnet file to %s", opts.subnet_file)
+            self.metrics.subnet_file_writes.labels("success").inc()
+            state.ready = True
         except OSError as exc:
             # flanneld carries on without readiness; so do we, loudly.
+            self.metrics.subnet_file_writes.labels("error").inc()
             log.error("failed to write subnet file %s: %s", opts.subnet_file, exc)
         for reason in network.fallbacks:
             log.warning("data path fallback: %s", reason)
@@ -141,6 +211,14 @@ class Agent:
             backend=backend.type,
             iface=iface.name,
             public_ip=str(iface.ext_addr),
+            etcd={
+                "endpoints": list(opts.etcd_endpoints),
+                "prefix": manager.prefix,
+                "cafile": opts.etcd_cafile,
+                "certfile": opts.etcd_certfile,
+                "keyfile": opts.etcd_keyfile,
+                "username": opts.etcd_username,
+            },
         )
         self._status.write(network)
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
@@ -150,6 +228,10 @@ class Agent:
         except LeaseRevoked:
             log.info("Lease has been revoked. Shutting down daemon.")
         finally:
+            # Scrapes read the network's maps from a worker thread: none may outlive it.
+            state.ready = False
+            await self._stop_endpoints()
+            state.network = None
             await network.close()
         return 0
 
@@ -197,6 +279,8 @@ class Agent:
 
         def on_lease_change(lease: Lease) -> None:
             network.lease = lease
+            if self._status is not None:
+                self._status.write(network)  # the expiry moved
 
         keeper = asyncio.create_task(
             manager.keep_lease(network.lease, margin, on_lease_change), name="keep-lease"
@@ -220,6 +304,7 @@ class Agent:
         first = True
         peers: set[IPv4Network] = set()
         async for events in manager.watch_leases(network.lease.subnet, network.accepts):
+            started = time.monotonic()
             if first:
                 await network.apply_snapshot(events)
                 first = False
@@ -227,11 +312,13 @@ class Agent:
                 await network.apply(events)
             else:
                 continue
+            self.metrics.programming.observe(time.monotonic() - started)
             for event in events:
                 if event.type is LeaseEventType.ADDED:
                     peers.add(event.lease.subnet)
                 else:
                     peers.discard(event.lease.subnet)
+            self.metrics.state.peers = len(peers)
             if self._status is not None:
                 self._status.peers = len(peers)
                 self._status.write(network)
@@ -247,3 +334,10 @@ async def _retry_unavailable(what: str, operation: Callable[[], Awaitable[T]]) -
             delay = backoff.next_delay()
             log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
+
+
+def _listen_address(text: str, flag: str) -> tuple[str, int]:
+    try:
+        return parse_listen_address(text, flag)
+    except EndpointError as exc:
+        raise AgentError(str(exc)) from None

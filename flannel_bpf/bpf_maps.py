@@ -253,6 +253,10 @@ class PinnedMaps:
         """Counters reset only when this changes (the map was recreated)."""
         return bpf_sys.map_info(self.fd(STATS)).id
 
+    def count(self, spec: MapSpec) -> int:
+        """Entries in a hash or trie map (a walk of its keys)."""
+        return bpf_sys.map_count(self.fd(spec), spec.key_size)
+
     # fb_config
     def write_config(self, cfg: DatapathConfig) -> None:
         bpf_sys.map_update(self.fd(CONFIG_MAP), INDEX.pack(0), cfg.pack())

@@ -338,7 +338,7 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
 
 @cache
 def possible_cpus() -> int:
-    """Per-CPU maps hold one value per possible CPU: 0-N ranges from sysfs."""
+    """Per-CPU maps hold one value per possible CPU: 0-N ranges from sysfs (fixed at boot)."""
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     count = 0
     for part in text.split(","):
@@ -349,10 +349,15 @@ def possible_cpus() -> int:
 
 def map_lookup_percpu(fd: int, key: bytes, value_size: int) -> list[bytes] | None:
     stride = (value_size + 7) & ~7
-    raw = map_lookup(fd, key, stride * possible_cpus())
+    cpus = possible_cpus()
+    raw = map_lookup(fd, key, stride * cpus)
     if raw is None:
         return None
-    return [raw[i * stride : i * stride + value_size] for i in range(possible_cpus())]
+    return [raw[i * stride : i * stride + value_size] for i in range(cpus)]
+
+
+def map_count(fd: int, key_size: int) -> int:
+    return sum(1 for _ in map_keys(fd, key_size))
 
 
 def is_bpffs(path: Path) -> bool:

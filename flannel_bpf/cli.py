@@ -12,13 +12,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .agent import Agent, AgentError
-from .flags import FlagError, HelpRequested, parse_run_args, run_usage
+from .flags import DEFAULT_STATUS_FILE, FlagError, HelpRequested, parse_run_args, run_usage
 from .logs import setup_logging
 
 log = logging.getLogger("flannel_bpf")
+
 
 USAGE = """\
 usage: flannel-bpf COMMAND [ARGS]
@@ -26,7 +28,14 @@ usage: flannel-bpf COMMAND [ARGS]
 commands:
   run [FLAGS]     run the agent (flanneld's flags and FLANNELD_* environment; run -h lists them)
   status [--status-file PATH] [-o json]
-                  the running agent: data path and why, lease, BPF hooks, remotes, counters
+                  the agent: data path and why, lease and expiry, etcd health, BPF hooks
+  leases [-o json] [etcd flags]
+                  every lease in etcd: subnet, public IP, backend, expiry or reservation
+  peers [-o json] the BPF remote map (peer subnet -> VTEP), read from the pins
+  stats [-o json] [--all]
+                  BPF counters by hook and reason, read from the pins
+  docker-opts [-f subnet.env] [-d FILE|-] [-i] [-c] [-k KEY] [-m]
+                  Docker daemon options from subnet.env (flanneld's mk-docker-opts.sh)
   cleanup [--bpffs PATH]
                   detach and unpin this namespace's BPF data path (a normal stop leaves it)
   lab up|status|exec|down
@@ -52,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[list[str]], int]] = {
         "run": cmd_run,
         "status": cmd_status,
+        "leases": cmd_leases,
+        "peers": cmd_peers,
+        "stats": cmd_stats,
+        "docker-opts": cmd_docker_opts,
         "cleanup": cmd_cleanup,
         "lab": cmd_lab,
         "bench": cmd_bench,
@@ -94,23 +107,213 @@ def cmd_run(args: list[str]) -> int:
     return status
 
 
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="json: the stable document described in docs/cli.md",
+    )
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace | int:
+    try:
+        return parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def _emit(doc: dict[str, Any], output: str, text: Callable[[dict[str, Any]], str]) -> None:
+    print(json.dumps(doc, indent=2) if output == "json" else text(doc))
+
+
 def cmd_status(args: list[str]) -> int:
     from .status import StatusError, collect, format_status
 
-    parser = argparse.ArgumentParser(prog="flannel-bpf status", description="agent status")
-    parser.add_argument("--status-file", default="/run/flannel-bpf/status.json")
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser = argparse.ArgumentParser(
+        prog="flannel-bpf status",
+        description="the agent: data path and why, lease and expiry, etcd endpoints and their "
+        "health, BPF hooks; exit status 0 only while the agent runs",
+    )
+    parser.add_argument("--status-file", default=DEFAULT_STATUS_FILE)
+    parser.add_argument(
+        "--no-etcd-probe",
+        action="store_true",
+        help="do not contact etcd (each endpoint otherwise gets one 2 s read; a password comes "
+        "from FLANNELD_ETCD_PASSWORD)",
+    )
+    _output_flag(parser)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
     try:
-        opts = parser.parse_args(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        info = collect(Path(opts.status_file))
+        info = collect(
+            Path(opts.status_file),
+            probe_etcd=not opts.no_etcd_probe,
+            password=os.environ.get("FLANNELD_ETCD_PASSWORD", ""),
+        )
     except StatusError as exc:
         print(f"flannel-bpf status: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(info, indent=2) if opts.output == "json" else format_status(info))
+    _emit(info, opts.output, format_status)
     return EXIT_OK if info.get("running") else EXIT_FAILURE
+
+
+def cmd_leases(args: list[str]) -> int:
+    """Every lease in etcd, read with the agent's own flags and FLANNELD_* environment."""
+    from .inspection import InspectionError, format_leases, leases_document
+
+    output, rest = _take_output(args)
+    if output is None:
+        print("flannel-bpf leases: -o takes text or json", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        options = parse_run_args(rest, os.environ)
+    except HelpRequested:
+        print(
+            "usage: flannel-bpf leases [-o text|json] [--etcd-endpoints ...] [--etcd-prefix ...] "
+            "[--etcd-cafile/certfile/keyfile ...] [--etcd-username/password ...]\n"
+            "Lists every lease under <prefix>/subnets/ (flannel-bpf run -h: all flags)."
+        )
+        return EXIT_OK
+    except FlagError as exc:
+        print(f"flannel-bpf leases: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        doc = asyncio.run(leases_document(options))
+    except InspectionError as exc:
+        print(f"flannel-bpf leases: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _emit(doc, output, format_leases)
+    return EXIT_OK
+
+
+def _take_output(args: list[str]) -> tuple[str | None, list[str]]:
+    """Pull -o/--output out of a flanneld-style flag list; None when its value is bad."""
+    output, rest, i = "text", [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-o", "--output", "-output"):
+            output = args[i + 1] if i + 1 < len(args) else ""
+            i += 2
+            continue
+        if arg.startswith(("-o=", "--output=", "-output=")):
+            output = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return (output if output in ("text", "json") else None), rest
+
+
+def _pin_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from .loader import DEFAULT_BPFFS
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--pin-dir", help="one instance's pins (default: every instance pinned "
+                        "for this network namespace)")  # fmt: skip
+    parser.add_argument("--bpffs", default=str(DEFAULT_BPFFS))
+    parser.add_argument("--status-file", default=DEFAULT_STATUS_FILE)
+    _output_flag(parser)
+    return parser
+
+
+def cmd_peers(args: list[str]) -> int:
+    from .inspection import InspectionError, find_instances, format_peers, peers_document
+
+    parser = _pin_parser(
+        "flannel-bpf peers", "the BPF remote map: peer subnet -> VTEP (read from the pins)"
+    )
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
+    try:
+        instances = find_instances(opts.pin_dir, Path(opts.bpffs), Path(opts.status_file))
+        doc = peers_document(instances)
+    except InspectionError as exc:
+        print(f"flannel-bpf peers: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _emit(doc, opts.output, format_peers)
+    return EXIT_OK
+
+
+def cmd_stats(args: list[str]) -> int:
+    from .inspection import InspectionError, find_instances, format_stats, stats_document
+
+    parser = _pin_parser(
+        "flannel-bpf stats",
+        "BPF data-path counters by hook and reason, summed over CPUs (read from the pins)",
+    )
+    parser.add_argument("--all", action="store_true", help="text: also the counters at zero")
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
+    try:
+        instances = find_instances(opts.pin_dir, Path(opts.bpffs), Path(opts.status_file))
+        doc = stats_document(instances)
+    except InspectionError as exc:
+        print(f"flannel-bpf stats: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _emit(doc, opts.output, lambda d: format_stats(d, show_zero=opts.all))
+    return EXIT_OK
+
+
+def cmd_docker_opts(args: list[str]) -> int:
+    """flanneld's mk-docker-opts.sh, same flags and output file."""
+    from .subnet_file import DOCKER_OPTS_SCHEMA, docker_options
+
+    parser = argparse.ArgumentParser(
+        prog="flannel-bpf docker-opts",
+        description="Docker daemon options from subnet.env, as flanneld's mk-docker-opts.sh",
+    )
+    parser.add_argument("-f", dest="subnet_env", default="/run/flannel/subnet.env",
+                        help="flannel env file (default /run/flannel/subnet.env)")  # fmt: skip
+    parser.add_argument("-d", dest="docker_env", default="/run/docker_opts.env",
+                        help="Docker env file to write (default /run/docker_opts.env; - for "
+                        "standard output)")  # fmt: skip
+    parser.add_argument("-i", dest="individual", action="store_true",
+                        help="each option as its own DOCKER_OPT_* variable")  # fmt: skip
+    parser.add_argument("-c", dest="combined", action="store_true",
+                        help="all options in one variable (DOCKER_OPTS)")  # fmt: skip
+    parser.add_argument("-k", dest="key", default="DOCKER_OPTS", help="the combined variable")
+    parser.add_argument("-m", dest="no_ip_masq", action="store_true", help="no --ip-masq")
+    _output_flag(parser)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
+    try:
+        text = Path(opts.subnet_env).read_text()
+    except OSError as exc:
+        print(
+            f"flannel-bpf docker-opts: cannot read {opts.subnet_env} ({exc.strerror}): the agent "
+            "writes it once it holds a lease (is it running? -f names another file)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    result = docker_options(
+        text, dict(os.environ), ip_masq=not opts.no_ip_masq, combined_key=opts.key
+    )
+    if opts.output == "json":
+        doc = {
+            "schema": DOCKER_OPTS_SCHEMA,
+            "options": result.options,
+            "combined_key": result.combined_key,
+            "combined": result.combined,
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    both = not opts.individual and not opts.combined
+    rendered = result.render(opts.individual or both, opts.combined or both)
+    if opts.docker_env == "-":
+        print(rendered, end="")
+        return EXIT_OK
+    try:
+        Path(opts.docker_env).write_text(rendered)
+    except OSError as exc:
+        print(f"flannel-bpf docker-opts: cannot write {opts.docker_env}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_cleanup(args: list[str]) -> int:

@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 ENV_PREFIX = "FLANNELD"
+# Documented in docs/metrics.md; Prometheus' own conventions put exporters in the 9xxx range.
+DEFAULT_METRICS_ADDR = "0.0.0.0:9867"
+DEFAULT_STATUS_FILE = "/run/flannel-bpf/status.json"
 
 DATAPATHS = ("auto", "bpf", "kernel", "userspace")
 BPF_DECAP_MODES = ("auto", "xdp", "tc", "xdp-generic")
@@ -114,8 +117,8 @@ class AgentOptions:
     datapath: str = "auto"
     bpf_decap: str = "auto"
     bpffs: str = "/run/flannel-bpf/bpffs"
-    status_file: str = "/run/flannel-bpf/status.json"
-    metrics_addr: str = ""
+    status_file: str = DEFAULT_STATUS_FILE
+    metrics_addr: str = DEFAULT_METRICS_ADDR
 
 
 class _Kind(Enum):
@@ -164,6 +167,17 @@ def _check_regex(value: str) -> str:
         re.compile(value)
     except re.error as exc:
         raise ValueError(f"not a valid regular expression ({exc})") from None
+    return value
+
+
+def _check_listen_address(value: str) -> str:
+    from .http_endpoint import EndpointError, parse_listen_address
+
+    if value:
+        try:
+            parse_listen_address(value, "")
+        except EndpointError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
     return value
 
 
@@ -410,14 +424,15 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "status-file",
         _Kind.STRING,
-        "/run/flannel-bpf/status.json",
+        DEFAULT_STATUS_FILE,
         "where the agent records its state for `flannel-bpf status` (flannel-bpf)",
     ),
     _Flag(
         "metrics-addr",
         _Kind.STRING,
-        "",
-        "host:port for the Prometheus metrics endpoint, empty to disable (flannel-bpf)",
+        DEFAULT_METRICS_ADDR,
+        "host:port serving /metrics, /healthz and /readyz, empty to disable (flannel-bpf)",
+        check=_check_listen_address,
     ),
 )
 

@@ -88,6 +88,9 @@ class WatchStats:
     skipped_entries: int = 0
     events_added: int = 0
     events_removed: int = 0
+    renewals: int = 0
+    renewal_errors: int = 0
+    revision: int = 0  # the last etcd revision the lease watch applied
 
 
 @dataclass
@@ -403,8 +406,10 @@ class LeaseManager:
                     pass
             try:
                 state.lease = await self.renew_lease(state.lease)
+                self.stats.renewals += 1
                 on_change(state.lease)
             except StoreError as exc:
+                self.stats.renewal_errors += 1
                 log.error("Error renewing lease (trying again in 1 min): %s", exc)
                 await asyncio.sleep(RENEW_RETRY_SECONDS)
 
@@ -420,14 +425,19 @@ class LeaseManager:
                         raise LeaseRevoked()
                     await self._own_put(state, kv, on_change)
                 async for batch in self.store.watch(key, revision + 1, prefix=False):
-                    backoff.reset()
+                    if batch.created:
+                        if backoff.current:
+                            log.info("own lease watch re-established from revision %d", revision)
+                        backoff.reset()
+                        continue
                     for event in batch.events:
                         if event.type == "delete":
                             raise LeaseRevoked()
                         await self._own_put(state, event.kv, on_change)
                     revision = batch.revision
-            except WatchCompacted:
+            except WatchCompacted as exc:
                 self.stats.compactions += 1
+                log.warning("own lease watch fell behind etcd compaction (%s); re-reading", exc)
                 revision = None
             except StoreError as exc:
                 self.stats.watch_restarts += 1
@@ -477,11 +487,17 @@ class LeaseManager:
                 if revision is None:
                     leases, revision = await self.list_leases()
                     self.stats.snapshots += 1
+                    self.stats.revision = revision
                     events = watcher.reset(leases)
                     self._count(events)
                     yield events
                 async for batch in self.store.watch(self.subnets_prefix, revision + 1, prefix=True):
-                    backoff.reset()
+                    if batch.created:
+                        if backoff.current:
+                            log.info("lease watch re-established from revision %d", revision)
+                        backoff.reset()
+                        continue
+                    self.stats.revision = batch.revision
                     events = []
                     for event in batch.events:
                         events.extend(self._apply(watcher, event.type, event.kv))

@@ -7,6 +7,7 @@ kernel knows now: which programs are attached where and the BPF counters from th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,10 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__
+from .store import EtcdSettings, EtcdStore, StoreError
+
 if TYPE_CHECKING:
     from .backends.base import Network
 
 log = logging.getLogger(__name__)
+
+
+STATUS_SCHEMA = "flannel-bpf/status/v1"
 
 
 @dataclass
@@ -28,20 +35,24 @@ class AgentStatus:
     backend: str
     iface: str
     public_ip: str
+    etcd: dict[str, Any]  # endpoints, prefix and TLS file paths (never the password)
     peers: int = 0
 
     def document(self, network: Network) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "version": __version__,
             "updated": time.time(),
             "backend": self.backend,
             "datapath": network.datapath,
             "fallbacks": list(network.fallbacks),
             "lease": str(network.lease.subnet),
+            "lease_expiration": network.lease.expiration,
             "mtu": network.mtu,
             "iface": self.iface,
             "public_ip": self.public_ip,
             "peers": self.peers,
+            "etcd": self.etcd,
             "details": network.datapath_status(),
         }
 
@@ -72,23 +83,92 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def collect(path: Path) -> dict[str, Any]:
-    """The status document plus live state: process, attachments, BPF remotes and counters."""
+def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str, Any]:
+    """The status file as the stable status document (docs/cli.md), plus what only the system
+    knows now: whether the agent lives, each etcd endpoint's health, and the BPF pins."""
     try:
-        info: dict[str, Any] = json.loads(path.read_text())
+        raw: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
-        raise StatusError(f"no status at {path}: is the agent running (--status-file)?") from None
+        raise StatusError(
+            f"no status at {path}: the agent is not running, or runs with another --status-file"
+        ) from None
     except (OSError, ValueError) as exc:
         raise StatusError(f"cannot read {path}: {exc}") from None
-    if not isinstance(info, dict):
+    if not isinstance(raw, dict):
         raise StatusError(f"{path} does not hold a status document")
-    pid = info.get("pid")
-    info["running"] = isinstance(pid, int) and _alive(pid)
-    details = info.get("details") or {}
-    pin_dir = details.get("pin_dir") if isinstance(details, dict) else None
-    if info.get("datapath") == "bpf" and isinstance(pin_dir, str):
+    pid = raw.get("pid")
+    expiration = raw.get("lease_expiration")
+    etcd = raw.get("etcd") if isinstance(raw.get("etcd"), dict) else {}
+    assert isinstance(etcd, dict)
+    details = raw.get("details") if isinstance(raw.get("details"), dict) else {}
+    assert isinstance(details, dict)
+    info: dict[str, Any] = {
+        "schema": STATUS_SCHEMA,
+        "running": isinstance(pid, int) and _alive(pid),
+        "pid": pid,
+        "version": raw.get("version"),
+        "updated": raw.get("updated"),
+        "backend": raw.get("backend"),
+        "datapath": raw.get("datapath"),
+        "fallbacks": list(raw.get("fallbacks") or []),
+        "iface": raw.get("iface"),
+        "public_ip": raw.get("public_ip"),
+        "mtu": raw.get("mtu"),
+        "peers": raw.get("peers"),
+        "lease": {
+            "subnet": raw.get("lease"),
+            "expiration": expiration,
+            "expires_in_seconds": (
+                round(expiration - time.time(), 3) if isinstance(expiration, float | int) else None
+            ),
+        },
+        "etcd": {
+            "prefix": etcd.get("prefix"),
+            "endpoints": _etcd_health(etcd, password)
+            if probe_etcd
+            else [
+                {"endpoint": e, "healthy": None, "error": "not probed"}
+                for e in etcd.get("endpoints", [])
+            ],
+        },
+        "details": details,
+        "bpf": None,
+    }
+    pin_dir = details.get("pin_dir")
+    if info["datapath"] == "bpf" and isinstance(pin_dir, str):
         info["bpf"] = _bpf_live(Path(pin_dir))
     return info
+
+
+def _etcd_health(etcd: dict[str, Any], password: str) -> list[dict[str, Any]]:
+    """One short read per endpoint, alone, with the agent's TLS files (and a password from the
+    environment: the status file never holds it)."""
+    endpoints = [e for e in etcd.get("endpoints", []) if isinstance(e, str)]
+
+    async def probe(endpoint: str) -> dict[str, Any]:
+        settings = EtcdSettings(
+            endpoints=(endpoint,),
+            cafile=str(etcd.get("cafile", "")),
+            certfile=str(etcd.get("certfile", "")),
+            keyfile=str(etcd.get("keyfile", "")),
+            username=str(etcd.get("username", "")),
+            password=password,
+            request_timeout=2.0,
+        )
+        started = time.monotonic()
+        try:
+            async with EtcdStore(settings) as store:
+                await store.get(f"{etcd.get('prefix', '')}/config")
+        except StoreError as exc:
+            return {"endpoint": endpoint, "healthy": False, "error": str(exc)}
+        took = time.monotonic() - started
+        return {"endpoint": endpoint, "healthy": True, "error": "", "seconds": round(took, 4)}
+
+    async def probe_all() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(probe(e) for e in endpoints)))
+
+    logging.getLogger("flannel_bpf.store").setLevel(logging.ERROR)
+    return asyncio.run(probe_all()) if endpoints else []
 
 
 def _bpf_live(pin_dir: Path) -> dict[str, Any]:
@@ -124,14 +204,24 @@ def _bpf_live(pin_dir: Path) -> dict[str, Any]:
 
 
 def format_status(info: dict[str, Any]) -> str:
+    lease = info.get("lease") or {}
+    left = lease.get("expires_in_seconds")
+    expiry = "reservation (no expiry)" if left is None else f"expires in {_human(left)}"
+    running = "running" if info.get("running") else "NOT running"
     lines = [
-        f"agent:     {'running' if info.get('running') else 'NOT running'} (pid {info.get('pid')})",
+        f"agent:     {running} (pid {info.get('pid')}, version {info.get('version')})",
         f"backend:   {info.get('backend')}    datapath: {info.get('datapath')}",
-        f"lease:     {info.get('lease')}    mtu {info.get('mtu')}    peers {info.get('peers')}",
+        f"lease:     {lease.get('subnet')}    {expiry}",
+        f"overlay:   mtu {info.get('mtu')}    peers {info.get('peers')}",
         f"uplink:    {info.get('iface')} ({info.get('public_ip')})",
     ]
     for reason in info.get("fallbacks") or []:
         lines.append(f"fallback:  {reason}")
+    etcd = info.get("etcd") or {}
+    for ep in etcd.get("endpoints") or []:
+        state = {True: "healthy", False: "UNHEALTHY", None: "not probed"}[ep.get("healthy")]
+        detail = f": {ep['error']}" if ep.get("error") and ep.get("healthy") is False else ""
+        lines.append(f"etcd:      {ep.get('endpoint')} {state}{detail}")
     details = info.get("details") or {}
     if details.get("decap"):
         why = f" ({details['decap_reason']})" if details.get("decap_reason") else ""
@@ -144,13 +234,19 @@ def format_status(info: dict[str, Any]) -> str:
             hooks = ", ".join(f"{k}={v}" for k, v in (bpf.get("attached") or {}).items())
             lines.append(f"attached:  {hooks or 'nothing'}")
             lines.append(f"pins:      {bpf['pin_dir']}")
-            lines.append(f"remotes:   {len(bpf['remotes'])}")
-            for r in bpf["remotes"]:
-                lines.append(f"  {r['subnet']:<18} via {r['vtep_ip']:<15} {r['vtep_mac']}")
-            lines.append("counters:")
-            for c in bpf["counters"]:
-                lines.append(
-                    f"  {c['hook']:<10} {c['reason']:<22} {c['packets']:>12} pkts "
-                    f"{c['bytes']:>15} bytes"
-                )
+            lines.append(f"remotes:   {len(bpf['remotes'])} (flannel-bpf peers lists them)")
+            handled = [c for c in bpf["counters"] if c["reason"] in _HANDLED]
+            for c in handled:
+                lines.append(f"  {c['hook']:<10} {c['reason']:<16} {c['packets']:>12} pkts")
+            lines.append("           (flannel-bpf stats shows every counter)")
     return "\n".join(lines)
+
+
+_HANDLED = ("encap_redirect", "decap_pass", "decap_redirect")
+
+
+def _human(seconds: float) -> str:
+    if seconds < 0:
+        return f"EXPIRED {int(-seconds)}s ago"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

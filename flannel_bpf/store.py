@@ -11,10 +11,11 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -37,6 +38,45 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+
+
+class StoreObserver(Protocol):
+    """Where request outcomes go (the metrics); the store itself knows no metrics library."""
+
+    def etcd_request(self, operation: str, outcome: str, seconds: float) -> None: ...
+
+    def etcd_reachable(self, reachable: bool) -> None: ...
+
+
+class NullObserver:
+    def etcd_request(self, operation: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def etcd_reachable(self, reachable: bool) -> None:
+        pass
+
+
+# Request kinds and outcomes, as the observer sees them (the metrics pre-create every pair).
+OPERATIONS = (
+    "get",
+    "list",
+    "put",
+    "create",
+    "delete",
+    "lease_grant",
+    "lease_revoke",
+    "lease_ttl",
+    "compact",
+)
+OUTCOMES = ("success", "unavailable", "auth_error", "error")
+
+
+def _outcome(exc: StoreError) -> str:
+    if isinstance(exc, StoreUnavailable):
+        return "unavailable"
+    if isinstance(exc, StoreAuthError):
+        return "auth_error"
+    return "error"
 
 
 class StoreError(Exception):
@@ -114,10 +154,14 @@ class WatchEvent:
 
 @dataclass(frozen=True)
 class WatchBatch:
-    """One watch response: its events, and the revision to resume after."""
+    """One watch response: its events, and the revision to resume after.
+
+    ``created`` marks the stream's first response (no events, and no revision to resume from).
+    """
 
     revision: int
     events: list[WatchEvent] = field(default_factory=list)
+    created: bool = False
 
 
 def _key_value(kv: Any) -> KeyValue:
@@ -140,7 +184,7 @@ def _read_file(path: str, what: str) -> bytes:
 class EtcdStore:
     """One connection (a gRPC channel balanced over every endpoint) to the etcd cluster."""
 
-    def __init__(self, settings: EtcdSettings) -> None:
+    def __init__(self, settings: EtcdSettings, observer: StoreObserver | None = None) -> None:
         self.settings = settings
         self.endpoints = [parse_endpoint(e) for e in settings.endpoints if e.strip()]
         if not self.endpoints:
@@ -153,6 +197,9 @@ class EtcdStore:
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
         self.uses_tls = False
+        self.observer: StoreObserver = observer or NullObserver()
+        # None until the first request: then whether the last one reached etcd.
+        self.reachable: bool | None = None
 
     @property
     def endpoint_list(self) -> str:
@@ -230,10 +277,39 @@ class EtcdStore:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one request, mapping every failure to a StoreError that names the endpoints."""
+    async def _call(self, operation: str, detail: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one request, timed and counted by ``operation``; every failure becomes a
+        StoreError that names the endpoints."""
         if self._kv is None:
             raise StoreError("etcd store is not connected")
+        started = time.monotonic()
+        try:
+            result = await self._attempt(operation, detail, fn)
+        except StoreError as exc:
+            self._observe(operation, _outcome(exc), time.monotonic() - started, exc)
+            raise
+        self._observe(operation, "success", time.monotonic() - started, None)
+        return result
+
+    def _observe(
+        self, operation: str, outcome: str, seconds: float, error: StoreError | None
+    ) -> None:
+        """Feed the observer; log etcd going away and coming back, once each way."""
+        self.observer.etcd_request(operation, outcome, seconds)
+        self._set_reachable(outcome != "unavailable", error)
+
+    def _set_reachable(self, reachable: bool, error: StoreError | None = None) -> None:
+        if reachable == self.reachable:
+            return
+        if not reachable:
+            log.warning("etcd unreachable: %s", error)
+        elif self.reachable is False:
+            log.info("etcd reachable again at %s", self.endpoint_list)
+        self.reachable = reachable
+        self.observer.etcd_reachable(reachable)
+
+    async def _attempt(self, operation: str, detail: str, fn: Callable[[], Awaitable[T]]) -> T:
+        what = f"{operation.replace('_', ' ')} {detail}".rstrip()
         if self.settings.username and self._token is None:
             await self._authenticate()
         for attempt in (1, 2):
@@ -309,23 +385,22 @@ class EtcdStore:
 
     async def get(self, key: str) -> tuple[KeyValue | None, int]:
         """The key (or None) and the store revision it was read at."""
-        resp = await self._call(
-            "get " + key, lambda: self._kv_svc().get(key, timeout=self._timeout)
-        )
+        resp = await self._call("get", key, lambda: self._kv_svc().get(key, timeout=self._timeout))
         value = _key_value(resp.kvs[0]) if resp.kvs else None
         return value, resp.header.revision
 
     async def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key under prefix, in key order, and the revision of that snapshot."""
         resp = await self._call(
-            "list " + prefix,
+            "list",
+            prefix,
             lambda: self._kv_svc().get(prefix, prefix_range_end(prefix), timeout=self._timeout * 4),
         )
         return [_key_value(kv) for kv in resp.kvs], resp.header.revision
 
     async def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
         resp = await self._call(
-            "put " + key, lambda: self._kv_svc().put(key, value, lease_id, timeout=self._timeout)
+            "put", key, lambda: self._kv_svc().put(key, value, lease_id, timeout=self._timeout)
         )
         return int(resp.header.revision)
 
@@ -333,7 +408,8 @@ class EtcdStore:
         """Put only if the key does not exist (flanneld's If Version(key)==0 Then Put)."""
         kv = self._kv_svc()
         resp = await self._call(
-            "create " + key,
+            "create",
+            key,
             lambda: kv.txn(
                 [kv.txn_compare_version(key, 0)],
                 [kv.txn_op_put(key, value, lease=lease_id)],
@@ -344,20 +420,20 @@ class EtcdStore:
 
     async def delete(self, key: str) -> bool:
         resp = await self._call(
-            "delete " + key, lambda: self._kv_svc().delete(key, timeout=self._timeout)
+            "delete", key, lambda: self._kv_svc().delete(key, timeout=self._timeout)
         )
         return bool(resp.deleted)
 
     async def grant(self, ttl: int) -> tuple[int, int]:
         """A new etcd lease: (id, granted TTL in seconds)."""
         resp = await self._call(
-            "lease grant", lambda: self._lease_svc().grant(ttl, timeout=self._timeout)
+            "lease_grant", "", lambda: self._lease_svc().grant(ttl, timeout=self._timeout)
         )
         return int(resp.ID), int(resp.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         await self._call(
-            "lease revoke", lambda: self._lease_svc().revoke(lease_id, timeout=self._timeout)
+            "lease_revoke", "", lambda: self._lease_svc().revoke(lease_id, timeout=self._timeout)
         )
 
     async def time_to_live(self, lease_id: int) -> int:
@@ -365,13 +441,13 @@ class EtcdStore:
         if lease_id == 0:
             return -1
         resp = await self._call(
-            "lease ttl", lambda: self._lease_svc().time_to_live(lease_id, timeout=self._timeout)
+            "lease_ttl", "", lambda: self._lease_svc().time_to_live(lease_id, timeout=self._timeout)
         )
         return int(resp.TTL)
 
     async def compact(self, revision: int) -> None:
         await self._call(
-            "compact", lambda: self._kv_svc().compact(revision, physical=True, timeout=30)
+            "compact", "", lambda: self._kv_svc().compact(revision, physical=True, timeout=30)
         )
 
     def _kv_svc(self) -> KVService:
@@ -420,6 +496,9 @@ class EtcdStore:
                         self._token = None
                     raise StoreUnavailable(f"etcd watch on {key} at {self.endpoint_list}: {reason}")
                 if resp.created and not resp.events:
+                    self._set_reachable(True)
+                    # Not a revision to resume from: events before it may still be on their way.
+                    yield WatchBatch(revision=resp.header.revision, events=[], created=True)
                     continue
                 events = [
                     WatchEvent("delete" if ev.type == 1 else "put", _key_value(ev.kv))
@@ -430,9 +509,12 @@ class EtcdStore:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._token = None
-            raise StoreUnavailable(
+            error = StoreUnavailable(
                 f"etcd watch on {key} at {self.endpoint_list}: {exc.code().name}: {exc.details()}"
-            ) from None
+            )
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._set_reachable(False, error)
+            raise error from None
         finally:
             call.cancel()
 

@@ -137,3 +137,52 @@ def _single_cidr(values: dict[str, str], key: str, kind: type[T]) -> T | None:
         log.error("%s in subnet file lists %d subnets; ignoring it", key, len(parsed))
         return None
     return parsed[0] if parsed else None
+
+
+# --------------------------------------------------------------------------------------------
+# Docker: what flanneld's dist/mk-docker-opts.sh makes of subnet.env
+
+
+DOCKER_OPTS_SCHEMA = "flannel-bpf/docker-opts/v1"
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    """DOCKER_OPT_* variables (in the script's order: sorted by name) and the combined line."""
+
+    options: dict[str, str]
+    combined_key: str
+    combined: str
+
+    def render(self, individual: bool, combined: bool) -> str:
+        lines = [f'{name}="{value}"' for name, value in self.options.items()] if individual else []
+        if combined:
+            lines.append(f'{self.combined_key}="{self.combined}"')
+        return "".join(line + "\n" for line in lines)
+
+
+def docker_options(
+    subnet_env: str,
+    environ: dict[str, str],
+    *,
+    ip_masq: bool = True,
+    combined_key: str = "DOCKER_OPTS",
+) -> DockerOptions:
+    """mk-docker-opts.sh's result for the text of a subnet.env.
+
+    As the script: --bip and --mtu straight from the file; --ip-masq=false when flannel
+    masquerades (FLANNEL_IPMASQ=true) unless ``ip_masq`` is off (its -m); DOCKER_OPT_* variables
+    already in the environment are kept; the combined value starts with the environment's
+    value of ``combined_key``, then a space, then each option followed by a space.
+    """
+    values = _parse_env(subnet_env)
+    options = {k: v for k, v in environ.items() if k.startswith("DOCKER_OPT_")}
+    if values.get("FLANNEL_SUBNET"):
+        options["DOCKER_OPT_BIP"] = f"--bip={values['FLANNEL_SUBNET']}"
+    if values.get("FLANNEL_MTU"):
+        options["DOCKER_OPT_MTU"] = f"--mtu={values['FLANNEL_MTU']}"
+    if values.get("FLANNEL_IPMASQ") == "true" and ip_masq:
+        options["DOCKER_OPT_IPMASQ"] = "--ip-masq=false"
+    ordered = dict(sorted(options.items()))
+    combined = environ.get(combined_key, "") + " " + "".join(v + " " for v in ordered.values())
+    return DockerOptions(ordered, combined_key, combined)

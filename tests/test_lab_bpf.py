@@ -202,7 +202,7 @@ def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str
     n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
     pods = by_node(info)
     status = node_status(lab_name, n1)
-    lease, pin_dir = status["lease"], status["details"]["pin_dir"]
+    lease, pin_dir = status["lease"]["subnet"], status["details"]["pin_dir"]
     before = counters(lab_name, n1)
     log = STATE_ROOT / lab_name / n1 / "agent.log"
     # A remote whose lease went away while no agent watched: the restart must sweep it.
@@ -233,12 +233,12 @@ def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str
     # No interval went dark while the agent was down or restarting.
     rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
     assert min(rates) > 100e6, rates
-    assert node_status(lab_name, n1)["lease"] == lease
+    assert node_status(lab_name, n1)["lease"]["subnet"] == lease
     text = log.read_text()
     assert "replaced the running BPF program" in text
     assert "BPF remotes reconciled with 1 leases: 0 written, 1 stale removed" in text
     remotes = [r["subnet"] for r in node_status(lab_name, n1)["bpf"]["remotes"]]
-    assert remotes == [node_status(lab_name, n2)["lease"]]
+    assert remotes == [node_status(lab_name, n2)["lease"]["subnet"]]
     # The pinned counters kept counting across the restart.
     gained = delta(counters(lab_name, n1), before, "tc_encap", "encap_redirect")[1]
     assert gained >= 0.9 * sent

@@ -43,6 +43,14 @@ class Network(abc.ABC):
         """Data path details for the status file (e.g. BPF pins and hooks)."""
         return {}
 
+    def programmed_peers(self) -> int | None:
+        """Peers the data path holds entries for (None: it keeps none); for the metrics."""
+        return None
+
+    def plane_counters(self) -> dict[str, int] | None:
+        """A userspace plane's packet counters (None: the kernel forwards); for the metrics."""
+        return None
+
     def accepts(self, lease: Lease) -> bool:
         """Whether a peer's lease is one this data path can reach (flanneld: same type)."""
         return True

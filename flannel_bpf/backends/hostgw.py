@@ -95,6 +95,9 @@ class HostGWNetwork(Network):
         if self._checker is None:
             self._checker = asyncio.create_task(self._check_loop(), name="host-gw-route-check")
 
+    def programmed_peers(self) -> int:
+        return len(self.routes)
+
     async def close(self) -> None:
         task, self._checker = self._checker, None
         if task is not None:

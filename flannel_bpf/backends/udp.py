@@ -562,6 +562,12 @@ class UDPNetwork(Network):
         bpf = self.bpf.status() if self.bpf is not None else {}
         return {"device": self.plane.tun_name, "counters": self.plane.counters.as_dict(), **bpf}
 
+    def programmed_peers(self) -> int:
+        return len(self.plane.routes)
+
+    def plane_counters(self) -> dict[str, int]:
+        return self.plane.counters.as_dict()
+
     # accepts() stays the base's "everything": flanneld's udp never checks a peer's BackendType.
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:

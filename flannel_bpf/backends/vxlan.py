@@ -365,10 +365,15 @@ class VXLANNetwork(Network):
         self.fallbacks = fallbacks
         self._attempts = max(1, retry_attempts)
         self._delay = retry_delay
+        # Peers whose route is in place (the last of their entries).
+        self._programmed: set[IPv4Network] = set()
 
     def datapath_status(self) -> dict[str, Any]:
         bpf = self.bpf.status() if self.bpf is not None else {}
         return {"device": self.device.name, **bpf}
+
+    def programmed_peers(self) -> int:
+        return len(self._programmed)
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
         """Kernel entries as for any batch; fb_remotes swept to exactly these leases at once."""
@@ -473,6 +478,8 @@ class VXLANNetwork(Network):
                 log.error(
                     "Error adding route to %s via %s: %s", peer.subnet, peer.public_ip, _error(code)
                 )
+            else:
+                self._programmed.add(peer.subnet)
 
         tunnel = [peer for peer, is_direct in peers if not is_direct]
         for peer in tunnel:
@@ -511,12 +518,15 @@ class VXLANNetwork(Network):
                     _error(code),
                 )
                 undo += [("DelARP", self._neigh(peer, False)), ("DelFDB", self._fdb(peer, False))]
+            else:
+                self._programmed.add(peer.subnet)
         await self._delete(nl, undo)
 
     async def _remove_peers(self, nl: RtnlBatch, peers: list[tuple[PeerVtep, bool]]) -> None:
         deletes: list[tuple[str, NlRequest]] = []
         for peer, is_direct in peers:
             log.debug("removing subnet: %s PublicIP: %s", peer.subnet, peer.public_ip)
+            self._programmed.discard(peer.subnet)
             if is_direct:
                 deletes.append(("DelRoute", self._direct_route(peer, False)))
             else:
@@ -613,6 +623,13 @@ class VXLANUserspaceNetwork(Network):
 
     def datapath_status(self) -> dict[str, Any]:
         return {"device": self.plane.tun_name, "counters": self.plane.counters.as_dict()}
+
+    def programmed_peers(self) -> int:
+        return len(self.plane.routes)
+
+    def plane_counters(self) -> dict[str, int]:
+        counters: dict[str, int] = self.plane.counters.as_dict()
+        return counters
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
