@@ -15,8 +15,8 @@ setup:
 	@bash scripts/setup.sh
 
 lint: setup
-	$(VENV)/bin/ruff check flannel_bpf tests bench
-	$(VENV)/bin/ruff format --check flannel_bpf tests bench
+	$(VENV)/bin/ruff check flannel_bpf tests bench dashboards
+	$(VENV)/bin/ruff format --check flannel_bpf tests bench dashboards
 	$(VENV)/bin/mypy
 
 test: lint

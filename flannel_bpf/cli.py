@@ -377,6 +377,9 @@ def cmd_lab(args: list[str]) -> int:
         "--agent-arg", action="append", default=[], help="extra flag for every agent (repeatable)"
     )
     p_up.add_argument("--rp-filter", type=int, choices=(0, 1, 2), help="hosts' rp_filter")
+    p_up.add_argument(
+        "--prometheus", action="store_true", help="also a Prometheus scraping every agent"
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -404,6 +407,7 @@ def cmd_lab(args: list[str]) -> int:
                 tuple(opts.agent_arg),
                 tuple(d for d in opts.datapath.split(",") if d),
                 opts.rp_filter,
+                opts.prometheus,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

@@ -28,7 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .bpf_maps import ALL_MAPS, REMOTES, LayoutMismatch, PinnedMaps
+from .bpf_maps import REMOTES, LayoutMismatch, PinnedMaps
 from .store import OPERATIONS, OUTCOMES
 
 if TYPE_CHECKING:
@@ -369,18 +369,14 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
         "Peers the data path holds entries for (BPF: fb_remotes entries).",
         remotes,
     )
-    entries = GaugeMetricFamily(
-        "flannel_bpf_map_entries", "Entries in each pinned map.", labels=["map"]
+    # Only the maps that fill up: arrays (fb_config, fb_stats) are full by construction.
+    yield _gauge("flannel_bpf_map_entries", "Entries in a pinned map.", remotes, map=REMOTES.name)
+    yield _gauge(
+        "flannel_bpf_map_max_entries",
+        "Capacity of a pinned map.",
+        REMOTES.max_entries,
+        map=REMOTES.name,
     )
-    capacity = GaugeMetricFamily(
-        "flannel_bpf_map_max_entries", "Capacity of each pinned map.", labels=["map"]
-    )
-    for spec in ALL_MAPS:
-        # Array maps are always full by construction; only the trie grows.
-        entries.add_metric([spec.name], remotes if spec is REMOTES else spec.max_entries)
-        capacity.add_metric([spec.name], spec.max_entries)
-    yield entries
-    yield capacity
     hooks = GaugeMetricFamily(
         "flannel_bpf_program_attached",
         "1 if the program this data path needs is attached at that hook, else 0.",

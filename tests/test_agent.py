@@ -171,10 +171,14 @@ def test_etcd_outage_does_not_crash_the_agent(hosts: TwoHosts) -> None:
     assert agent.running()
     hosts.etcd.start()
     hosts.etcd.wait_ready()
-    time.sleep(2)
+    agent.wait_for_log("etcd reachable again", timeout=20)
     assert agent.running()
     assert hosts.leases() == before
-    assert "Traceback" not in agent.log()
+    log = agent.log()
+    assert "Traceback" not in log
+    # One line when etcd goes, one when it is back, however many retries lie between.
+    assert log.count("etcd unreachable") == 1 and log.count("etcd reachable again") == 1
+    assert "own lease watch re-established" in log
 
 
 def test_unknown_backend_is_one_clear_line_and_exit_1(hosts: TwoHosts) -> None:

@@ -59,7 +59,8 @@ def test_defaults_are_flanneld_defaults() -> None:
     assert opts.iface == () and opts.iface_regex == () and opts.iface_can_reach == ""
     assert opts.public_ip == "" and opts.public_ipv6 == ""
     assert opts.verbosity == 0
-    assert (opts.log_format, opts.datapath, opts.metrics_addr) == ("text", "auto", "")
+    assert (opts.log_format, opts.datapath) == ("text", "auto")
+    assert opts.metrics_addr == "0.0.0.0:9867" and opts.healthz_port == 0
     assert opts.version is False
 
 

@@ -14,7 +14,7 @@ NAME = "fblab"
 
 def up(backend: str = "vxlan") -> int:
     try:
-        lab.up(lab.LabSpec(name=NAME, nodes=3, pods_per_node=1, backend=backend))
+        lab.up(lab.LabSpec(name=NAME, nodes=3, pods_per_node=1, backend=backend, prometheus=True))
     except lab.LabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -51,6 +51,11 @@ look around:
                       (tc on the lab's veths; native XDP on NICs: see docs/decisions.md)
   bpftool prog show name fb_tc_encap; bpftool map show name fb_remotes
   ip netns exec {first["node"]} ip route       the per-peer routes the agent programmed
+  ip netns exec {first["node"]} flannel-bpf peers        the BPF remote map
+  ip netns exec {first["node"]} flannel-bpf stats        every BPF counter by hook and reason
+  ip netns exec {first["node"]} curl -s localhost:9867/metrics    the agent's metrics
+  ip netns exec {NAME}-mon curl -s '{info["prometheus"]}/api/v1/query?query=flannel_peers'
+                                              Prometheus, scraping all agents, alerts loaded
   tail -f {lab.STATE_ROOT / NAME / first["node"] / "agent.log"}
   (flannel-bpf is .venv/bin/flannel-bpf)
 tear it all down:

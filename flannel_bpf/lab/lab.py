@@ -3,6 +3,7 @@
 Layout for a lab named NAME (default "fblab"):
 - NAME-ul: the underlay, a bridge br0 that every host's eth1 plugs into (198.18.0.0/24);
 - NAME-etcd: etcd at 198.18.0.2;
+- NAME-mon (with --prometheus): Prometheus at 198.18.0.3:9090 scraping every agent's /metrics;
 - NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`;
 - NAME-nIpJ: pod J of host I, attached by the real CNI bridge + host-local plugins with the
   configuration the flannel CNI plugin derives from the host's subnet.env.
@@ -37,11 +38,14 @@ from .netns import (
     list_netns,
     run,
 )
+from .prometheus import Prometheus
 
 STATE_ROOT = Path("/run/flannel-bpf/lab")
 CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
 UNDERLAY = IPv4Network("198.18.0.0/24")
 ETCD_IP = "198.18.0.2"
+MONITOR_IP = "198.18.0.3"
+METRICS_PORT = 9867  # the agents' default --metrics-addr port
 PREFIX = "/coreos.com/network"
 
 
@@ -76,6 +80,7 @@ class LabState:
     backend: str
     etcd_endpoint: str
     etcd_pid: int = 0
+    prometheus_url: str = ""  # reachable from the NAME-mon namespace
     nodes: list[NodeState] = field(default_factory=list)
 
     @property
@@ -118,6 +123,8 @@ class LabSpec:
     datapaths: tuple[str, ...] = ()
     # net.ipv4.conf.{all,default}.rp_filter on the hosts, set before the agents start.
     rp_filter: int | None = None
+    # A Prometheus scraping the agents, with dashboards/alerts.yml loaded.
+    prometheus: bool = False
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -283,6 +290,21 @@ def _build(spec: LabSpec, state: LabState) -> None:
             result = cni("ADD", node.name, pod.name, cni_config)
             pod.ip = result["ips"][0]["address"].split("/")[0]
     state.save()
+    if spec.prometheus:
+        monitor = f"{lab}-mon"
+        add_netns(monitor)
+        plug(monitor, "mon", MONITOR_IP)
+        server = prometheus_of(state)
+        server.start()
+        server.wait_ready()
+        state.prometheus_url = server.url
+        state.save()
+
+
+def prometheus_of(state: LabState) -> Prometheus:
+    """The lab's Prometheus (started by up with prometheus=True, or about to be)."""
+    targets = [f"{node.underlay_ip}:{METRICS_PORT}" for node in state.nodes]
+    return Prometheus(f"{state.name}-mon", MONITOR_IP, targets, state.dir / "prometheus")
 
 
 def node_datapath(node_dir: Path) -> dict[str, Any]:
@@ -322,6 +344,7 @@ def status(name: str) -> dict[str, Any]:
             "pid": state.etcd_pid,
             "running": _alive(state.etcd_pid),
         },
+        "prometheus": state.prometheus_url,
         "nodes": [
             {
                 "namespace": n.name,
@@ -357,6 +380,9 @@ def format_status(info: dict[str, Any]) -> str:
         notes += [f"  {n['namespace']}: {reason}" for reason in n.get("fallbacks", [])]
     if notes:
         lines += ["", "fallbacks:", *notes]
+    if info.get("prometheus"):
+        lines += ["", f"prometheus {info['prometheus']} in {info['name']}-mon, scraping every "
+                  f"agent's :{METRICS_PORT}/metrics"]  # fmt: skip
     lines += ["", f"{'POD':<16}{'NODE':<14}IP"]
     lines += [f"{p['namespace']:<16}{p['node']:<14}{p['ip']}" for p in info["pods"]]
     return "\n".join(lines)
