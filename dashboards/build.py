@@ -55,7 +55,10 @@ ROWS = (
             Panel(
                 "Ready agents",
                 "stat",
-                (q(f"sum(flannel_ready{{{N}}})", "ready"), q(f"count(flannel_ready{{{N}}})", "all")),
+                (
+                    q(f"sum(flannel_ready{{{N}}})", "ready"),
+                    q(f"count(flannel_ready{{{N}}})", "all"),
+                ),
                 description="Agents whose subnet.env is written (what /readyz answers), of all.",
                 width=4,
             ),
@@ -298,8 +301,7 @@ ROWS = (
                 "timeseries",
                 (
                     q(
-                        "sum by (operation) (rate(flannel_etcd_requests_total"
-                        f"{{{N}}}[5m]))",
+                        f"sum by (operation) (rate(flannel_etcd_requests_total{{{N}}}[5m]))",
                         "{{operation}}",
                     ),
                 ),
@@ -334,8 +336,7 @@ ROWS = (
                 "timeseries",
                 (
                     q(
-                        "sum by (reason) (increase(flannel_etcd_watch_restarts_total"
-                        f"{{{N}}}[1h]))",
+                        f"sum by (reason) (increase(flannel_etcd_watch_restarts_total{{{N}}}[1h]))",
                         "{{reason}}",
                     ),
                 ),
@@ -435,8 +436,7 @@ ROWS = (
                         "{{instance}}",
                     ),
                     q(
-                        "sum by (outcome) (increase(flannel_subnet_file_writes_total"
-                        f"{{{N}}}[1h]))",
+                        f"sum by (outcome) (increase(flannel_subnet_file_writes_total{{{N}}}[1h]))",
                         "subnet.env writes {{outcome}}",
                     ),
                 ),

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from .backends import BackendError, ExternalContext, Network, make_backend
 from .config import NetworkConfig
-from .flags import AgentOptions
+from .flags import DEFAULT_METRICS_ADDR, AgentOptions
 from .http_endpoint import (
     HEALTHZ_BODY,
     NOT_READY_BODY,
@@ -105,6 +105,11 @@ class Agent:
             try:
                 await endpoint.start()
             except EndpointError as exc:
+                if endpoint.name == "metrics" and opts.metrics_addr == DEFAULT_METRICS_ADDR:
+                    # A second agent on the host (another network, as flanneld's multi-network
+                    # setups run) must not die of a default it never asked for.
+                    log.error("%s; metrics disabled (choose a port with --metrics-addr)", exc)
+                    continue
                 raise AgentError(str(exc)) from None
             self._endpoints.append(endpoint)
 

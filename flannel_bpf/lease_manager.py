@@ -451,6 +451,15 @@ class LeaseManager:
         lease = self.parse_lease(kv)
         if lease is None:
             return
+        if lease.attrs != state.lease.attrs:
+            log.warning(
+                "our lease %s was changed in etcd: public ip %s, backend %s (was %s, %s)",
+                lease.subnet,
+                lease.attrs.public_ip,
+                lease.attrs.backend_type or "-",
+                state.lease.attrs.public_ip,
+                state.lease.attrs.backend_type or "-",
+            )
         expiration: float | None = None
         if kv.lease_id:
             try:

@@ -233,3 +233,15 @@ def test_ip_masq_rules_installed_and_resynced(hosts: TwoHosts) -> None:
     )
     wait_for(lambda: nat().count("flanneld masq") == 7, 5, "masquerade rules re-added")
     assert agent.running()
+
+
+def test_a_change_to_our_lease_in_etcd_is_one_clear_line(hosts: TwoHosts) -> None:
+    hosts.put_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}}')
+    agent = hosts.agent()
+    wait_for(hosts.subnet_file.exists, 20, "subnet.env")
+    (key,) = hosts.leases()
+    hosts.etcd.etcdctl("put", key, '{"PublicIP":"198.18.0.77","PublicIPv6":null}')
+    agent.wait_for_log("was changed in etcd")
+    line = next(x for x in agent.log().splitlines() if "was changed in etcd" in x)
+    assert "public ip 198.18.0.77" in line and f"was {HOST_IP}" in line
+    assert agent.running()

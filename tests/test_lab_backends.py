@@ -305,6 +305,9 @@ def test_dual_network_vxlan_and_host_gw(
             path = tmp_path / node["namespace"] / "hostgw.env"
             assert seconds_until(path.exists, 20) < 20, "no hostgw.env"
             envs.append(path.read_text())
+        # The lab's agents hold the default metrics port: the second network's agents carry on
+        # without metrics, and say so.
+        assert "metrics disabled (choose a port with --metrics-addr)" in agents[0].log()
         host1, host2 = (n["namespace"] for n in info["nodes"])
         # "dummy" addresses on host1 for both networks' FLANNEL_SUBNET .1 (no pods, no cni0)
         hostgw_dest = envs[0].split("FLANNEL_SUBNET=")[1].split("/")[0]

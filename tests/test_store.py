@@ -46,6 +46,8 @@ async def test_basic_requests(store: EtcdStore, prefix: str) -> None:
 async def _collect(store: EtcdStore, key: str, rev: int, count: int) -> list[WatchBatch]:
     batches: list[WatchBatch] = []
     async for batch in store.watch(key, rev, prefix=True):
+        if batch.created:
+            continue  # the stream's first response, no events
         batches.append(batch)
         if sum(len(b.events) for b in batches) >= count:
             break
