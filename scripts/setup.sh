@@ -14,7 +14,7 @@ APT_PACKAGES=(
   # the kernel plumbing the backends and the lab drive
   iproute2 iputils-ping iptables nftables ethtool kmod tcpdump procps
   # lab pods, benchmarks and observability
-  containernetworking-plugins iperf3 qperf prometheus
+  containernetworking-plugins iperf3 qperf prometheus curl
 )
 
 say() { printf 'setup: %s\n' "$*"; }
