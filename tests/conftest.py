@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -150,10 +151,24 @@ def host(netns: Callable[[str], str], tag: str, addr: str = "198.18.0.1") -> str
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_orphaned_pins() -> Iterator[None]:
-    """Maps pinned by agents in test namespaces outlive them on the shared bpffs: sweep them."""
-    yield
-    if os.geteuid() == 0:
-        from flannel_bpf.loader import remove_orphans
+def _nothing_left_behind() -> Iterator[None]:
+    """The session must leave the machine as it found it: no namespace, root-namespace link, BPF
+    program, pin or process of the project more than before. A leak fails the run here."""
+    if os.geteuid() != 0:
+        yield
+        return
+    from flannel_bpf.loader import remove_orphans
 
-        remove_orphans()
+    from .leftovers import snapshot
+
+    before = snapshot()
+    yield
+    # Maps pinned by agents in test namespaces outlive the namespaces on the shared bpffs by
+    # design (an agent restart must find them); the agent's own sweep removes them.
+    remove_orphans()
+    deadline = time.monotonic() + 10  # programs and processes go asynchronously
+    while (leftovers := snapshot().minus(before)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not leftovers, "left behind by the test session:\n" + "\n".join(
+        f"  {kind}: {', '.join(items)}" for kind, items in leftovers.items()
+    )
