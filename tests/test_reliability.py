@@ -1,0 +1,201 @@
+"""Faults around the agent, in the lab: etcd going away, peers coming and going."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flannel_bpf.lab.etcd import make_cluster
+from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState
+from flannel_bpf.lab.netns import http_get
+
+from .conftest import requires_root
+
+pytestmark = [pytest.mark.root, requires_root]
+
+ENDPOINT = f"http://{ETCD_IP}:2379"
+SUBNETS = "/coreos.com/network/subnets/"
+
+
+def etcdctl(lab: str, *args: str) -> str:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", f"{lab}-etcd", "etcdctl", "--endpoints", ENDPOINT, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def leases(lab: str) -> dict[str, tuple[str, int]]:
+    """key -> (value, etcd lease id): a lease lost, re-created or changed shows here."""
+    import base64
+
+    doc = json.loads(etcdctl(lab, "get", "--prefix", SUBNETS, "-w", "json"))
+    return {
+        base64.b64decode(kv["key"]).decode(): (
+            base64.b64decode(kv["value"]).decode(),
+            int(kv.get("lease", 0)),
+        )
+        for kv in doc.get("kvs", [])
+    }
+
+
+def metric(node: str, name: str) -> float:
+    body = http_get(node, "http://127.0.0.1:9867/metrics")[1].decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
+    assert match, f"{name} not exported by {node}"
+    return float(match.group(1))
+
+
+def test_etcd_down_for_30_seconds_loses_no_ping(
+    lab_up: Callable[..., dict[str, Any]], lab_name: str
+) -> None:
+    info = lab_up("--nodes", "3")
+    state = LabState.load(lab_name)
+    n1 = info["nodes"][0]["namespace"]
+    src = info["pods"][0]
+    before = leases(lab_name)
+    assert len(before) == 3
+
+    pings = [
+        subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                src["namespace"],
+                "ping",
+                "-i",
+                "0.1",
+                "-c",
+                "380",
+                "-q",
+                dst["ip"],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for dst in info["pods"][1:]
+    ]
+    try:
+        time.sleep(2)
+        os.kill(state.etcd_pid, signal.SIGTERM)
+        outage_start = time.monotonic()
+        # The agents notice (their watches break) and say so in their metrics.
+        deadline = time.monotonic() + 20
+        while metric(n1, "flannel_etcd_up") != 0:
+            assert time.monotonic() < deadline, "flannel_etcd_up stayed 1 with etcd down"
+            time.sleep(0.5)
+        assert metric(n1, 'flannel_etcd_watch_restarts_total{reason="error"}') >= 1
+        time.sleep(max(0.0, 30 - (time.monotonic() - outage_start)))
+
+        member = make_cluster(
+            state.dir / "etcd", 1, host=ETCD_IP, netns=f"{lab_name}-etcd"
+        ).members[0]
+        member.start()
+        member.wait_ready()
+        outputs = [p.communicate(timeout=60)[0] for p in pings]
+    finally:
+        for p in pings:
+            p.kill()
+    for out in outputs:
+        assert " 0% packet loss" in out, out
+
+    # Agents reconnect by themselves; nothing in etcd changed.
+    deadline = time.monotonic() + 20
+    for node in info["nodes"]:
+        log = STATE_ROOT / lab_name / node["namespace"] / "agent.log"
+        while "etcd reachable again" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        text = log.read_text()
+        assert text.count("etcd unreachable") == 1 and "Traceback" not in text
+    assert metric(n1, "flannel_etcd_up") == 1
+    assert leases(lab_name) == before
+
+
+def node_entries(node: str, subnet: str, peer_ip: str) -> dict[str, bool]:
+    """Which of a peer's entries node holds: route, FDB, neighbour, fb_remotes."""
+    network = subnet.split("/")[0]
+    script = (
+        f"ip route show {subnet}; echo ==; bridge fdb show dev flannel.1 | grep -F ' {peer_ip} '; "
+        f"echo ==; ip neigh show dev flannel.1 | grep -F '{network} '; echo ==; "
+        f"{sys.executable} -m flannel_bpf peers -o json"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", node, "sh", "-c", script], capture_output=True, text=True
+    ).stdout
+    route, fdb, neigh, peers = out.split("==\n")
+    remotes = [r["subnet"] for i in json.loads(peers)["instances"] for r in i["remotes"]]
+    return {
+        "route": bool(route.strip()),
+        "fdb": bool(fdb.strip()),
+        "neigh": bool(neigh.strip()),
+        "fb_remotes": subnet in remotes,
+    }
+
+
+def wait_entries(node: str, subnet: str, peer_ip: str, present: bool, timeout: float) -> float:
+    started = time.monotonic()
+    while True:
+        entries = node_entries(node, subnet, peer_ip)
+        if all(v == present for v in entries.values()):
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, (present, entries)
+        time.sleep(0.02)
+
+
+FAKE_SUBNET = "10.244.250.0/24"
+FAKE_KEY = SUBNETS + "10.244.250.0-24"
+FAKE_VALUE = (
+    '{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"vxlan",'
+    '"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}}'
+)
+
+
+def test_peer_churn_is_programmed_and_removed_within_a_second(
+    lab_up: Callable[..., dict[str, Any]], lab_name: str
+) -> None:
+    info = lab_up("--nodes", "2", "--pods-per-node", "0")
+    n1 = info["nodes"][0]["namespace"]
+
+    # Deleted: gone within 1 s of the delete; back: programmed again.
+    etcdctl(lab_name, "put", FAKE_KEY, FAKE_VALUE)
+    wait_entries(n1, FAKE_SUBNET, "198.18.0.99", True, 5)
+    etcdctl(lab_name, "del", FAKE_KEY)
+    removed = wait_entries(n1, FAKE_SUBNET, "198.18.0.99", False, 5)
+    assert removed < 1.0, f"entries removed {removed:.2f}s after the delete"
+    etcdctl(lab_name, "put", FAKE_KEY, FAKE_VALUE)
+    added = wait_entries(n1, FAKE_SUBNET, "198.18.0.99", True, 5)
+    assert added < 1.0, f"entries programmed {added:.2f}s after the put"
+    print(f"peer churn: removed {removed * 1000:.0f} ms after delete, added {added * 1000:.0f} ms")
+
+    # Expired: a short etcd lease runs out; gone within 1 s of etcd dropping the key.
+    etcdctl(lab_name, "del", FAKE_KEY)
+    wait_entries(n1, FAKE_SUBNET, "198.18.0.99", False, 5)
+    grant = etcdctl(lab_name, "lease", "grant", "3")
+    lease_id = grant.split()[1]
+    etcdctl(lab_name, "put", "--lease", lease_id, FAKE_KEY, FAKE_VALUE)
+    wait_entries(n1, FAKE_SUBNET, "198.18.0.99", True, 5)
+    deadline = time.monotonic() + 15
+    while FAKE_KEY in leases(lab_name):
+        assert time.monotonic() < deadline, "etcd never expired the lease"
+        time.sleep(0.02)
+    removed = wait_entries(n1, FAKE_SUBNET, "198.18.0.99", False, 5)
+    assert removed < 1.0, f"entries removed {removed:.2f}s after the lease expired"
+    print(f"peer churn: removed {removed * 1000:.0f} ms after the lease expired")
+    # The real peer was never touched.
+    n2_subnet = info["nodes"][1]["subnet"]
+    assert all(node_entries(n1, n2_subnet, info["nodes"][1]["underlay_ip"]).values())
