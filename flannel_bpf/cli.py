@@ -380,6 +380,9 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument(
         "--prometheus", action="store_true", help="also a Prometheus scraping every agent"
     )
+    p_up.add_argument(
+        "--etcd-tls", action="store_true", help="etcd with mutual TLS (certificates made here)"
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -408,6 +411,7 @@ def cmd_lab(args: list[str]) -> int:
                 tuple(d for d in opts.datapath.split(",") if d),
                 opts.rp_filter,
                 opts.prometheus,
+                opts.etcd_tls,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

@@ -336,13 +336,26 @@ class EtcdStore:
 
     def _unavailable_message(self, what: str, exc: BaseException) -> str:
         detail = str(exc) or "timed out"
-        if (
-            "handshake" in detail.lower()
-            or "ssl" in detail.lower()
-            or "certificate" in detail.lower()
-        ):
-            return f"etcd {what} at {self.endpoint_list}: TLS failed: {detail}"
+        lowered = detail.lower()
+        if any(mark in lowered for mark in _TLS_FAILURE_MARKS):
+            hint = self._tls_hint(lowered)
+            return f"etcd {what} at {self.endpoint_list}: TLS failed ({hint}): {detail}"
         return f"etcd {what} at {self.endpoint_list} unavailable: {detail}"
+
+    def _tls_hint(self, detail: str) -> str:
+        """gRPC's TLS errors name the symptom (TSI_DATA_CORRUPTED), not the cause: guess it."""
+        s = self.settings
+        if not self.uses_tls:
+            return "the server speaks TLS: use an https:// endpoint"
+        if "verify_failed" in detail or "issuer" in detail:
+            where = s.cafile or "the system roots"
+            return f"the server's certificate is not signed by {where}: check --etcd-cafile"
+        if not s.certfile:
+            return (
+                "the server rejected the handshake; it probably requires a client certificate: "
+                "pass --etcd-certfile and --etcd-keyfile"
+            )
+        return "certificate or CA mismatch between --etcd-cafile/--etcd-certfile and the server"
 
     async def _authenticate(self) -> None:
         async with self._auth_lock:
@@ -517,6 +530,10 @@ class EtcdStore:
             raise error from None
         finally:
             call.cancel()
+
+
+# Substrings of gRPC errors that mean the TLS layer failed, not the network.
+_TLS_FAILURE_MARKS = ("handshake", "ssl", "certificate", "tsi_", "unwrap failed", "tls")
 
 
 def _system_roots() -> bytes | None:

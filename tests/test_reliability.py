@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.etcd import make_cluster
 from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState
 from flannel_bpf.lab.netns import http_get
@@ -199,3 +201,52 @@ def test_peer_churn_is_programmed_and_removed_within_a_second(
     # The real peer was never touched.
     n2_subnet = info["nodes"][1]["subnet"]
     assert all(node_entries(n1, n2_subnet, info["nodes"][1]["underlay_ip"]).values())
+
+
+def test_etcd_with_mutual_tls_in_the_lab(
+    lab_up: Callable[..., dict[str, Any]], lab_name: str, tmp_path: Path
+) -> None:
+    info = lab_up("--nodes", "2", "--etcd-tls")
+    assert info["etcd"]["endpoint"] == f"https://{ETCD_IP}:2379"
+    src, dst = info["pods"]
+    ping = subprocess.run(
+        ["ip", "netns", "exec", src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"]],
+        capture_output=True,
+        text=True,
+    )
+    assert ping.returncode == 0, ping.stdout
+    n1 = info["nodes"][0]["namespace"]
+    status = json.loads(
+        subprocess.run(
+            ["ip", "netns", "exec", n1, sys.executable, "-m", "flannel_bpf", "status", "-o",
+             "json", "--status-file", str(STATE_ROOT / lab_name / n1 / "status.json")],
+            capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    assert status["etcd"]["endpoints"][0]["healthy"] is True  # probed with the client cert
+
+    # Without a client certificate: one clear line naming the endpoint and the cause.
+    pki = STATE_ROOT / lab_name / "pki"
+    for name, extra in (
+        ("no-cert", ["--etcd-cafile", str(pki / "ca.pem")]),
+        ("plain", []),
+    ):
+        agent = AgentProcess(
+            n1,
+            ["--iface", "eth1", "--etcd-endpoints", f"https://{ETCD_IP}:2379",
+             "--subnet-file", str(tmp_path / name / "subnet.env"), "--metrics-addr", "",
+             "--status-file", str(tmp_path / name / "status.json"), *extra],
+            tmp_path / f"{name}.log",
+        )  # fmt: skip
+        agent.start()
+        try:
+            agent.wait_for_log("Couldn't fetch network config", timeout=30)
+            time.sleep(3)  # several retries: still one line
+        finally:
+            agent.stop()
+        lines = [x for x in agent.log().splitlines() if "Couldn't fetch network config" in x]
+        assert len(lines) == 1, agent.log()
+        assert f"https://{ETCD_IP}:2379" in lines[0]
+        assert "TLS" in lines[0] or "certificate" in lines[0] or "handshake" in lines[0], lines
+        assert "Traceback" not in agent.log()
+        assert not (tmp_path / name / "subnet.env").exists()

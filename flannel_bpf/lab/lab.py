@@ -39,6 +39,7 @@ from .netns import (
     run,
 )
 from .prometheus import Prometheus
+from .tls import make_pki
 
 STATE_ROOT = Path("/run/flannel-bpf/lab")
 CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -125,6 +126,9 @@ class LabSpec:
     rp_filter: int | None = None
     # A Prometheus scraping the agents, with dashboards/alerts.yml loaded.
     prometheus: bool = False
+    # etcd over mutual TLS: a CA, server and client certificates made for this lab (in its
+    # state dir, pki/); agents get the client's with --etcd-cafile/certfile/keyfile.
+    etcd_tls: bool = False
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -194,7 +198,8 @@ def cni(command: str, node: str, pod: str, config: dict[str, Any]) -> dict[str, 
 
 def up(spec: LabSpec) -> LabState:
     down(spec.name, quiet=True)
-    state = LabState(spec.name, spec.network, spec.backend, f"http://{ETCD_IP}:2379")
+    scheme = "https" if spec.etcd_tls else "http"
+    state = LabState(spec.name, spec.network, spec.backend, f"{scheme}://{ETCD_IP}:2379")
     try:
         _build(spec, state)
     except BaseException:
@@ -220,7 +225,21 @@ def _build(spec: LabSpec, state: LabState) -> None:
     etcd_ns = f"{lab}-etcd"
     add_netns(etcd_ns)
     plug(etcd_ns, "etcd", ETCD_IP)
-    member = make_cluster(state.dir / "etcd", 1, host=ETCD_IP, netns=etcd_ns).members[0]
+    tls = make_pki(state.dir / "pki", [ETCD_IP]) if spec.etcd_tls else None
+    member = make_cluster(state.dir / "etcd", 1, host=ETCD_IP, netns=etcd_ns, tls=tls).members[0]
+    pki = state.dir / "pki"
+    tls_args = (
+        [
+            "--etcd-cafile",
+            str(pki / "ca.pem"),
+            "--etcd-certfile",
+            str(pki / "client.pem"),
+            "--etcd-keyfile",
+            str(pki / "client-key.pem"),
+        ]
+        if spec.etcd_tls
+        else []
+    )
     member.start()
     assert member.process is not None
     state.etcd_pid = member.process.pid
@@ -257,6 +276,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
                 str(state.dir / ns / "subnet.env"),
                 "--status-file",
                 str(state.dir / ns / "status.json"),
+                *tls_args,
                 *(["--datapath", datapath] if datapath else []),
                 *spec.agent_args,
             ],
