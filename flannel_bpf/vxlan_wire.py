@@ -34,7 +34,7 @@ def parse_mac(text: str) -> str:
         if len(groups) == 3 and all(len(g) == 4 and all(c in hexdigits for c in g) for g in groups):
             flat = "".join(groups).lower()
             return ":".join(flat[i : i + 2] for i in range(0, 12, 2))
-    raise ValueError(f"invalid MAC address: {text!r}")
+    raise ValueError(f"invalid MAC address: {_shown(text)}")
 
 
 def mac_to_bytes(mac: str) -> bytes:
@@ -45,15 +45,22 @@ def mac_to_bytes(mac: str) -> bytes:
     """
     groups = mac.replace("-", ":").split(":")
     if len(groups) != 6 or any(len(g) != 2 for g in groups):
-        raise ValueError(f"invalid MAC address: {mac!r}")
+        raise ValueError(f"invalid MAC address: {_shown(mac)}")
     try:
         raw = bytes.fromhex("".join(groups))
     except ValueError:
-        raise ValueError(f"invalid MAC address: {mac!r}") from None
+        raise ValueError(f"invalid MAC address: {_shown(mac)}") from None
     if len(raw) != 6:  # fromhex skips blanks, so " a:bb:.." would come out short
-        raise ValueError(f"invalid MAC address: {mac!r}")
+        raise ValueError(f"invalid MAC address: {_shown(mac)}")
     return raw
 
 
 def format_mac(raw: bytes | bytearray) -> str:
     return ":".join(f"{b:02x}" for b in raw)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A bad value as an error message quotes it: bounded, so a huge one cannot flood the log."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

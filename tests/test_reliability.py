@@ -352,3 +352,53 @@ def test_a_burst_of_malformed_frames_on_the_underlay_does_not_disturb_pods(
     # frame by frame, is tests/test_bpf_fuzz.py's.
     assert counters["dropped"] > 1000 and counters["passed"] > 1000, (counters, sent)
     assert sum(counters.values()) > sent / 3, (counters, sent)
+
+
+def test_bad_data_in_etcd_is_one_warning_each_and_harms_no_peer(
+    lab_up: Callable[..., dict[str, Any]], lab_name: str
+) -> None:
+    info = lab_up("--nodes", "2")
+    n1 = info["nodes"][0]["namespace"]
+    n2 = info["nodes"][1]
+    log = STATE_ROOT / lab_name / n1 / "agent.log"
+    bad = {
+        SUBNETS + "10.244.251.0-24": "{not json",
+        SUBNETS + "10.244.252.0-24": '{"PublicIP": 5, "BackendType": "vxlan"}',
+        SUBNETS + "10.244.253.0-24": '{"PublicIP":"198.18.0.9","BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"' + "x" * 70000 + '"}}',  # over 64 KiB
+        SUBNETS + "not-a-subnet": '{"PublicIP":"198.18.0.9"}',
+        SUBNETS + "10.244.254.0-24": '{"PublicIP":"198.18.0.9","BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"' + "z" * 5000 + '"}}',
+    }
+    for key, value in bad.items():
+        etcdctl(lab_name, "put", key, value)
+    # A config that fails validation: running agents keep theirs (flanneld reads it at start).
+    etcdctl(
+        lab_name,
+        "put",
+        "/coreos.com/network/config",
+        '{"Network": "10.244.0.0/16", "SubnetLen": 31}',
+    )
+
+    deadline = time.monotonic() + 10
+    while log.read_text().count("ignoring bad subnet entry") < 4:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    text = log.read_text()
+    for key in list(bad)[:4]:
+        assert text.count(f"ignoring bad subnet entry {key}:") == 1, key
+    (mac_line,) = [x for x in text.splitlines() if "lease JSON for 10.244.254.0/24" in x]
+    assert "(5000 characters)" in mac_line and len(mac_line) < 400  # quoted, not dumped
+    assert "Traceback" not in text
+    assert metric(n1, "flannel_lease_invalid_entries_total") >= 4
+    # The real peer is untouched and traffic flows.
+    assert all(node_entries(n1, n2["subnet"], n2["underlay_ip"]).values())
+    src, dst = info["pods"]
+    ping = subprocess.run(
+        ["ip", "netns", "exec", src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"]],
+        capture_output=True,
+        text=True,
+    )
+    assert ping.returncode == 0, ping.stdout
+    # Nothing stored was lost: every bad entry is still there for its owner to fix.
+    assert set(bad) <= set(leases(lab_name))
