@@ -174,8 +174,10 @@ def test_auto_picks_the_decap_hook_per_device(
     if decap == "tc":
         # Every frame crossed the tc hook; aggregates went on to vxlan.ko, single packets were
         # stripped in BPF. (Under a loaded suite a few frames land under another pass reason.)
+        # 200M of TCP payload plus headers; one run in many counted 0.4% under the payload alone
+        # (iperf3's -n is what the sender wrote, not what crossed before the counters were read).
         hook_total = sum(delta(after, before, h, r)[1] for h, r in after if h == "tc_decap")
-        assert hook_total >= 200 * 1024**2, changed
+        assert hook_total >= 0.98 * 200 * 1024**2, changed
         seen = sum(delta(after, before, "tc_decap", r)[1] for r in ("pass_gso", "decap_redirect"))
         assert seen >= 0.95 * 200 * 1024**2, changed
     else:
