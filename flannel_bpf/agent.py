@@ -123,16 +123,8 @@ class Agent:
         previous = read_previous_subnets(opts.subnet_file)
         if previous.subnet is not None:
             log.info("previous subnet %s read from %s", previous.subnet, opts.subnet_file)
-        settings = EtcdSettings(
-            endpoints=opts.etcd_endpoints,
-            cafile=opts.etcd_cafile,
-            certfile=opts.etcd_certfile,
-            keyfile=opts.etcd_keyfile,
-            username=opts.etcd_username,
-            password=opts.etcd_password,
-        )
         try:
-            store = EtcdStore(settings, observer=self.metrics)
+            store = EtcdStore(EtcdSettings.from_options(opts), observer=self.metrics)
             await store.connect()
         except StoreError as exc:
             raise AgentError(str(exc)) from None

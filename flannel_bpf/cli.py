@@ -207,56 +207,63 @@ def _take_output(args: list[str]) -> tuple[str | None, list[str]]:
     return (output if output in ("text", "json") else None), rest
 
 
-def _pin_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _pin_command(
+    args: list[str],
+    name: str,
+    description: str,
+    document: Callable[[list[Any]], dict[str, Any]],
+    text: Callable[[dict[str, Any], argparse.Namespace], str],
+    add_flags: Callable[[argparse.ArgumentParser], object] = lambda parser: None,
+) -> int:
+    """peers and stats: find the pinned instances, build the document, print it."""
+    from .inspection import InspectionError, find_instances
     from .loader import DEFAULT_BPFFS
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=f"flannel-bpf {name}", description=description)
     parser.add_argument("--pin-dir", help="one instance's pins (default: every instance pinned "
                         "for this network namespace)")  # fmt: skip
     parser.add_argument("--bpffs", default=str(DEFAULT_BPFFS))
     parser.add_argument("--status-file", default=DEFAULT_STATUS_FILE)
     _output_flag(parser)
-    return parser
+    add_flags(parser)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
+    try:
+        instances = find_instances(opts.pin_dir, Path(opts.bpffs), Path(opts.status_file))
+        doc = document(instances)
+    except InspectionError as exc:
+        print(f"flannel-bpf {name}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _emit(doc, opts.output, lambda d: text(d, opts))
+    return EXIT_OK
 
 
 def cmd_peers(args: list[str]) -> int:
-    from .inspection import InspectionError, find_instances, format_peers, peers_document
+    from .inspection import format_peers, peers_document
 
-    parser = _pin_parser(
-        "flannel-bpf peers", "the BPF remote map: peer subnet -> VTEP (read from the pins)"
+    return _pin_command(
+        args,
+        "peers",
+        "the BPF remote map: peer subnet -> VTEP (read from the pins)",
+        peers_document,
+        lambda doc, _: format_peers(doc),
     )
-    opts = _parse(parser, args)
-    if isinstance(opts, int):
-        return opts
-    try:
-        instances = find_instances(opts.pin_dir, Path(opts.bpffs), Path(opts.status_file))
-        doc = peers_document(instances)
-    except InspectionError as exc:
-        print(f"flannel-bpf peers: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    _emit(doc, opts.output, format_peers)
-    return EXIT_OK
 
 
 def cmd_stats(args: list[str]) -> int:
-    from .inspection import InspectionError, find_instances, format_stats, stats_document
+    from .inspection import format_stats, stats_document
 
-    parser = _pin_parser(
-        "flannel-bpf stats",
+    return _pin_command(
+        args,
+        "stats",
         "BPF data-path counters by hook and reason, summed over CPUs (read from the pins)",
+        stats_document,
+        lambda doc, opts: format_stats(doc, show_zero=opts.all),
+        lambda parser: parser.add_argument(
+            "--all", action="store_true", help="text: also the counters at zero"
+        ),
     )
-    parser.add_argument("--all", action="store_true", help="text: also the counters at zero")
-    opts = _parse(parser, args)
-    if isinstance(opts, int):
-        return opts
-    try:
-        instances = find_instances(opts.pin_dir, Path(opts.bpffs), Path(opts.status_file))
-        doc = stats_document(instances)
-    except InspectionError as exc:
-        print(f"flannel-bpf stats: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    _emit(doc, opts.output, lambda d: format_stats(d, show_zero=opts.all))
-    return EXIT_OK
 
 
 def cmd_docker_opts(args: list[str]) -> int:

@@ -7,6 +7,7 @@ versioned by its "schema" field (docs/cli.md); the text output is derived from t
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 from .bpf_maps import FB_REMOTE_SKIP, LayoutMismatch, PinnedMaps
 from .flags import AgentOptions
 from .lease import LeaseAttrs, LeaseFormatError, parse_subnet_key
+from .lease_manager import LeaseManager
 from .store import EtcdSettings, EtcdStore, StoreError
 
 LEASES_SCHEMA = "flannel-bpf/leases/v1"
@@ -27,29 +29,19 @@ class InspectionError(Exception):
     """What is missing, for the operator (exit status 1)."""
 
 
-def etcd_settings(opts: AgentOptions) -> EtcdSettings:
-    return EtcdSettings(
-        endpoints=opts.etcd_endpoints,
-        cafile=opts.etcd_cafile,
-        certfile=opts.etcd_certfile,
-        keyfile=opts.etcd_keyfile,
-        username=opts.etcd_username,
-        password=opts.etcd_password,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # leases
 
 
 async def leases_document(opts: AgentOptions, now: float | None = None) -> dict[str, Any]:
     """Every entry under <prefix>/subnets/: valid leases, and the entries no agent would use."""
-    prefix = "/" + opts.etcd_prefix.strip("/") if opts.etcd_prefix.strip("/") else ""
-    subnets_prefix = f"{prefix}/subnets/"
     try:
-        async with EtcdStore(etcd_settings(opts)) as store:
+        async with EtcdStore(EtcdSettings.from_options(opts)) as store:
+            manager = LeaseManager(store, opts.etcd_prefix)  # flanneld's prefix normalisation
+            prefix, subnets_prefix = manager.prefix, manager.subnets_prefix
             kvs, revision = await store.list_prefix(subnets_prefix)
-            ttls = {kv.lease_id: await store.time_to_live(kv.lease_id) for kv in kvs if kv.lease_id}
+            ids = sorted({kv.lease_id for kv in kvs if kv.lease_id})
+            ttls = dict(zip(ids, await asyncio.gather(*map(store.time_to_live, ids)), strict=True))
     except StoreError as exc:
         raise InspectionError(str(exc)) from None
     now = time.time() if now is None else now

@@ -66,6 +66,10 @@ PROGRAMMING_BUCKETS = (
 # traffic and errors; every other field is a reason a packet was dropped.
 _PLANE_TRAFFIC = {"tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_errors", "rx_errors"}
 _PLANE_ICMP = "icmp_sent"
+# Reported by whichever collector knows: the BPF one reads fb_remotes, the agent one asks the
+# network (kernel routes, userspace tables).
+PEERS_PROGRAMMED = "flannel_peers_programmed"
+PEERS_PROGRAMMED_HELP = "Peers the data path holds entries for (BPF: fb_remotes entries)."
 
 
 @dataclass
@@ -217,11 +221,7 @@ class _AgentCollector(Collector):
         if network.datapath != "bpf":  # the BPF collector reports fb_remotes instead
             programmed = network.programmed_peers()
             if programmed is not None:
-                yield _gauge(
-                    "flannel_peers_programmed",
-                    "Peers the data path holds entries for (BPF: fb_remotes entries).",
-                    programmed,
-                )
+                yield _gauge(PEERS_PROGRAMMED, PEERS_PROGRAMMED_HELP, programmed)
         counters = network.plane_counters()
         if counters is not None:
             yield from _plane_metrics(counters)
@@ -312,16 +312,18 @@ class _BPFCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         network = self.state.network
-        pin_dir = network.datapath_status().get("pin_dir") if network is not None else None
-        if network is None or network.datapath != "bpf" or not pin_dir:
+        if network is None or network.datapath != "bpf":
+            return
+        details = network.datapath_status()
+        if not details.get("pin_dir"):
             return
         started = time.monotonic()
         try:
-            families = list(_bpf_families(Path(pin_dir), network.datapath_status()))
+            families = list(_bpf_families(Path(details["pin_dir"]), details))
         except (OSError, LayoutMismatch) as exc:
             # Cilium's rule: no partial numbers. The gap shows in flannel_collector_errors_total.
             self.errors += 1
-            log.warning("metrics: reading the BPF maps in %s failed: %s", pin_dir, exc)
+            log.warning("metrics: reading the BPF maps in %s failed: %s", details["pin_dir"], exc)
             families = []
         self.last_duration = time.monotonic() - started
         yield from families
@@ -364,11 +366,7 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
         bytes_.add_metric(labels, b)
     yield packets
     yield bytes_
-    yield _gauge(
-        "flannel_peers_programmed",
-        "Peers the data path holds entries for (BPF: fb_remotes entries).",
-        remotes,
-    )
+    yield _gauge(PEERS_PROGRAMMED, PEERS_PROGRAMMED_HELP, remotes)
     # Only the maps that fill up: arrays (fb_config, fb_stats) are full by construction.
     yield _gauge("flannel_bpf_map_entries", "Entries in a pinned map.", remotes, map=REMOTES.name)
     yield _gauge(

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -32,6 +32,9 @@ from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
+
+if TYPE_CHECKING:
+    from .flags import AgentOptions
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,18 @@ class EtcdSettings:
     # Per-request deadline: an etcd that accepts connections but does not answer (lost quorum)
     # must not hang the agent.
     request_timeout: float = 5.0
+
+    @classmethod
+    def from_options(cls, opts: AgentOptions) -> EtcdSettings:
+        """flanneld's --etcd-* flags (the agent's, and `flannel-bpf leases`')."""
+        return cls(
+            endpoints=opts.etcd_endpoints,
+            cafile=opts.etcd_cafile,
+            certfile=opts.etcd_certfile,
+            keyfile=opts.etcd_keyfile,
+            username=opts.etcd_username,
+            password=opts.etcd_password,
+        )
 
 
 @dataclass(frozen=True)

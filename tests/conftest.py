@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -117,6 +118,16 @@ def lab_up(lab_name: str) -> Callable[..., dict[str, Any]]:
         return info
 
     return build
+
+
+def metric(netns: str, series: str) -> float:
+    """One sample of the agent in netns, by its exposition name with labels (default address)."""
+    from flannel_bpf.lab.netns import http_get
+
+    body = http_get(netns, "http://127.0.0.1:9867/metrics")[1].decode()
+    match = re.search(rf"^{re.escape(series)} (\S+)$", body, re.M)
+    assert match, f"{series} not exported by {netns}"
+    return float(match.group(1))
 
 
 def pod_exec(name: str, pod: str, *cmd: str) -> subprocess.CompletedProcess[str]:

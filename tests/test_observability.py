@@ -22,7 +22,7 @@ from flannel_bpf.lab.lab import STATE_ROOT, LabState, prometheus_of
 from flannel_bpf.lab.netns import http_get
 from flannel_bpf.subnet_file import docker_options
 
-from .conftest import cli, pod_exec, requires_root
+from .conftest import cli, metric, pod_exec, requires_root
 from .test_agent import HOST_IP, TwoHosts, hosts, wait_for  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -445,23 +445,17 @@ def test_commands_read_etcd_and_pins_and_counters_survive_restarts(
     assert before[("tc_encap", "encap_redirect")] >= 20
     assert len(before) == 3 * 24  # every (hook, reason), zeros included
 
-    def scraped(name: str) -> float:
-        body = http_get(n1, f"{METRICS}/metrics")[1].decode()
-        match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
-        assert match, name
-        return float(match.group(1))
-
     encap = (
         'flannel_datapath_packets_total{hook="tc_encap",outcome="handled",reason="encap_redirect"}'
     )
-    scraped_before = scraped(encap)
+    scraped_before = metric(n1, encap)
     assert scraped_before == before[("tc_encap", "encap_redirect")]
 
     # The agent restarts: the pins, and so the counters, carry on.
     proc = cli("lab", "--name", lab_name, "restart", n1)
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: _ready(n1), 30, "agent ready after restart")
-    assert scraped(encap) >= scraped_before
+    assert metric(n1, encap) >= scraped_before
     _traffic(info, count=5)
     assert counters()[("tc_encap", "encap_redirect")] >= before[("tc_encap", "encap_redirect")] + 5
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
@@ -20,9 +19,8 @@ import pytest
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.etcd import make_cluster
 from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState
-from flannel_bpf.lab.netns import http_get
 
-from .conftest import requires_root
+from .conftest import metric, pod_exec, requires_root
 
 pytestmark = [pytest.mark.root, requires_root]
 
@@ -53,13 +51,6 @@ def leases(lab: str) -> dict[str, tuple[str, int]]:
         )
         for kv in doc.get("kvs", [])
     }
-
-
-def metric(node: str, name: str) -> float:
-    body = http_get(node, "http://127.0.0.1:9867/metrics")[1].decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.M)
-    assert match, f"{name} not exported by {node}"
-    return float(match.group(1))
 
 
 def test_etcd_down_for_30_seconds_loses_no_ping(
@@ -211,11 +202,7 @@ def test_etcd_with_mutual_tls_in_the_lab(
     info = lab_up("--nodes", "2", "--etcd-tls")
     assert info["etcd"]["endpoint"] == f"https://{ETCD_IP}:2379"
     src, dst = info["pods"]
-    ping = subprocess.run(
-        ["ip", "netns", "exec", src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"]],
-        capture_output=True,
-        text=True,
-    )
+    ping = pod_exec(lab_name, src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"])
     assert ping.returncode == 0, ping.stdout
     n1 = info["nodes"][0]["namespace"]
     status = json.loads(
@@ -394,11 +381,7 @@ def test_bad_data_in_etcd_is_one_warning_each_and_harms_no_peer(
     # The real peer is untouched and traffic flows.
     assert all(node_entries(n1, n2["subnet"], n2["underlay_ip"]).values())
     src, dst = info["pods"]
-    ping = subprocess.run(
-        ["ip", "netns", "exec", src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"]],
-        capture_output=True,
-        text=True,
-    )
+    ping = pod_exec(lab_name, src["namespace"], "ping", "-c", "3", "-i", "0.2", dst["ip"])
     assert ping.returncode == 0, ping.stdout
     # Nothing stored was lost: every bad entry is still there for its owner to fix.
     assert set(bad) <= set(leases(lab_name))

@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import os
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -98,27 +97,17 @@ def entered(netns: str) -> Iterator[None]:
                 raise OSError(err, f"setns back: {os.strerror(err)}")
 
 
-_HTTP_GET = """
-import sys, urllib.error, urllib.request
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as resp:
-        status, body = resp.status, resp.read()
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, exc.read()
-sys.stdout.write(f"{status}\\n")
-sys.stdout.flush()
-sys.stdout.buffer.write(body)
-"""
+def http_get(
+    netns: str, url: str, timeout: float = 10.0, data: bytes | None = None
+) -> tuple[int, bytes]:
+    """GET (POST with data) url from inside netns: (status, body). OSError if nothing answers."""
+    import urllib.error
+    import urllib.request
 
-
-def http_get(netns: str | None, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """GET url from inside netns: (status, body). Raises CommandError if nothing answers."""
-    proc = subprocess.run(
-        in_netns(netns, [sys.executable, "-c", _HTTP_GET, url, str(timeout)]),
-        capture_output=True,
-        timeout=timeout + 30,
-    )
-    if proc.returncode != 0:
-        raise CommandError(f"GET {url} in {netns}: {proc.stderr.decode(errors='replace')[-500:]}")
-    status, _, body = proc.stdout.partition(b"\n")
-    return int(status), body
+    with entered(netns):
+        # The connection is opened here, so its socket belongs to netns for its whole life.
+        try:
+            with urllib.request.urlopen(url, data, timeout=timeout) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())

@@ -10,35 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .netns import in_netns
+from .netns import http_get, in_netns
 from .proc import stop_process
 
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 PROMETHEUS_PORT = 9090
 SCRAPE_INTERVAL = "1s"
 ALERT_RULES = Path(__file__).resolve().parents[2] / "dashboards" / "alerts.yml"
-
-# Runs inside the namespace: one HTTP API call per expression, results as one JSON list.
-_QUERY_SCRIPT = """
-import json, sys, urllib.parse, urllib.request
-base, exprs = sys.argv[1], json.load(sys.stdin)
-out = []
-for expr in exprs:
-    data = urllib.parse.urlencode({"query": expr}).encode()
-    try:
-        with urllib.request.urlopen(base + "/api/v1/query", data, timeout=10) as resp:
-            out.append(json.load(resp))
-    except urllib.error.HTTPError as exc:
-        out.append(json.load(exc))
-json.dump(out, sys.stdout)
-"""
 
 
 class PrometheusError(RuntimeError):
@@ -109,16 +94,15 @@ class Prometheus:
 
     def query(self, exprs: Sequence[str]) -> list[dict[str, Any]]:
         """Instant queries through the HTTP API, one response document per expression."""
-        proc = subprocess.run(
-            in_netns(self.netns, [sys.executable, "-c", _QUERY_SCRIPT, self.url]),
-            input=json.dumps(list(exprs)).encode(),
-            capture_output=True,
-            timeout=60 + 10 * len(exprs),
-        )
-        if proc.returncode != 0:
-            raise PrometheusError(f"query failed: {proc.stderr.decode(errors='replace')[-1000:]}")
-        result: list[dict[str, Any]] = json.loads(proc.stdout)
-        return result
+        results = []
+        for expr in exprs:
+            body = urllib.parse.urlencode({"query": expr}).encode()
+            try:
+                _, raw = http_get(self.netns, f"{self.url}/api/v1/query", data=body)
+            except OSError as exc:
+                raise PrometheusError(f"query {expr!r}: {exc}") from None
+            results.append(json.loads(raw))
+        return results
 
     def log(self) -> str:
         path = self.directory / "prometheus.log"
