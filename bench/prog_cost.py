@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -39,7 +40,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from flannel_bpf import bpf_sys, loader
-from flannel_bpf.bpf_maps import VXLAN_OVERHEAD, DatapathConfig, Hook, PinnedMaps, Reason, Remote
+from flannel_bpf.bpf_maps import (
+    FB_CFG_CHECK_SOURCES,
+    VXLAN_OVERHEAD,
+    DatapathConfig,
+    Hook,
+    PinnedMaps,
+    Reason,
+    Remote,
+)
 from flannel_bpf.lab import netns
 from tests import packets as pk
 
@@ -48,6 +57,8 @@ RESULTS_FILE: Final = Path(__file__).resolve().parent / "results" / "prog_cost.j
 TC_ACT_UNSPEC: Final = 0xFFFFFFFF  # the kernel hands retval back as u32
 TC_ACT_REDIRECT: Final = 7
 XDP_PASS: Final = 2
+XDP_DROP: Final = 1
+TC_ACT_SHOT: Final = 2
 
 UDP_OVERHEAD: Final = 28  # flannel's udp format: outer IPv4 + UDP
 VXLAN_PORT: Final = 8472
@@ -58,7 +69,8 @@ A_IP, B_IP = "198.18.7.1", "198.18.7.2"
 A_MAC, B_MAC = "02:fb:be:00:00:01", "02:fb:be:00:00:02"
 A_VTEP_MAC, B_VTEP_MAC = "0e:fb:be:00:01:01", "0e:fb:be:00:02:01"
 A_POD, B_POD = "10.7.1.5", "10.7.2.7"
-B_SUBNET: Final = "10.7.2.0/24"
+A_SUBNET, B_SUBNET = "10.7.1.0/24", "10.7.2.0/24"
+STRANGER_IP: Final = "198.18.7.66"  # holds no lease: what anti-spoofing drops
 NO_REMOTE_POD: Final = "10.7.9.9"  # no fb_remotes entry covers it
 
 SMALL, LARGE = 64, 1400  # inner IPv4 packet sizes; LARGE still fits a 1500 uplink once wrapped
@@ -95,10 +107,10 @@ def outer_frame(payload: bytes) -> bytes:
     return pk.eth(B_MAC, A_MAC) + payload
 
 
-def vxlan_frame(size: int) -> bytes:
+def vxlan_frame(size: int, src: str = A_IP) -> bytes:
     """flannel's VXLAN as fb_tc_encap sends it (outer UDP checksum 0)."""
     payload = pk.vxlan(1) + pk.eth(B_VTEP_MAC, A_VTEP_MAC) + inner_ip(size)
-    return outer_frame(pk.ipv4(A_IP, B_IP, pk.udp(50000, VXLAN_PORT, payload)))
+    return outer_frame(pk.ipv4(src, B_IP, pk.udp(50000, VXLAN_PORT, payload)))
 
 
 def plain_udp_frame(size: int) -> bytes:
@@ -261,7 +273,9 @@ def _measure(cases: list[Case], runs: int) -> None:
         done += count
 
 
-def _build_cases(a: Node, b: Node, b_udp: Node, floor_xdp: int, floor_tc: int) -> list[Case]:
+def _build_cases(
+    a: Node, b: Node, b_udp: Node, b_checked: Node, floor_xdp: int, floor_tc: int
+) -> list[Case]:
     cases: list[Case] = []
     for size in (SMALL, LARGE):
         frame = encap_frame(size)
@@ -310,6 +324,26 @@ def _build_cases(a: Node, b: Node, b_udp: Node, floor_xdp: int, floor_tc: int) -
                 Case(name, f"udp-format decap, {size} B inner ({len(frame)} B frame)", b.ns, fd,
                      frame, retval, len(frame) - UDP_OVERHEAD, hook, reason, b_udp.maps)
             )  # fmt: skip
+    # --anti-spoofing: the same decapsulation plus one LPM lookup; and a stranger's frame dropped.
+    for name, fd, hook, retval, reason in (
+        ("fb_xdp_decap", b_checked.programs.xdp_decap, Hook.XDP_DECAP, XDP_PASS,
+         Reason.DECAP_PASS),
+        ("fb_tc_decap", b_checked.programs.tc_decap, Hook.TC_DECAP, TC_ACT_REDIRECT,
+         Reason.DECAP_REDIRECT),
+    ):  # fmt: skip
+        dropped = XDP_DROP if hook is Hook.XDP_DECAP else TC_ACT_SHOT
+        frame = vxlan_frame(SMALL)
+        cases.append(
+            Case(name, f"vxlan decap, anti-spoofing on, {SMALL} B inner ({len(frame)} B frame)",
+                 b.ns, fd, frame, retval, len(frame) - VXLAN_OVERHEAD, hook, reason,
+                 b_checked.maps)
+        )  # fmt: skip
+        frame = vxlan_frame(SMALL, src=STRANGER_IP)
+        cases.append(
+            Case(name, f"anti-spoofing drop, no lease, {SMALL} B inner ({len(frame)} B frame)",
+                 b.ns, fd, frame, dropped, len(frame), hook, Reason.DROP_UNKNOWN_SENDER,
+                 b_checked.maps)
+        )  # fmt: skip
     # The floor, on the very frames the decap cases use: only the program differs.
     for name, fd, retval, what in (
         ("baseline_xdp", floor_xdp, XDP_PASS, "XDP: return XDP_PASS"),
@@ -446,11 +480,20 @@ def run(runs: int = 20000) -> dict[str, Any]:
                 vtep_mac="00:00:00:00:00:00",
             ),
         )
+        b_checked = _load_node(
+            stack,
+            ns_b,
+            f"bench-{token}-c",
+            loader.VXLAN,
+            dataclasses.replace(vxlan_config(B_IP, dev_b), flags=FB_CFG_CHECK_SOURCES),
+        )
+        b_checked.maps.set_remote(Remote(IPv4Network(A_SUBNET), IPv4Address(A_IP), A_VTEP_MAC))
+        b_checked.maps.set_sender(IPv4Address(A_IP), 1)
         a.maps.set_remote(Remote(IPv4Network(B_SUBNET), IPv4Address(B_IP), B_VTEP_MAC))
         floor_xdp = _load_floor(stack, bpf_sys.BPF_PROG_TYPE_XDP, XDP_PASS, "bench_floor_xdp")
         floor_tc = _load_floor(stack, bpf_sys.BPF_PROG_TYPE_SCHED_CLS, -1, "bench_floor_tc")
 
-        cases = _build_cases(a, b, b_udp, floor_xdp, floor_tc)
+        cases = _build_cases(a, b, b_udp, b_checked, floor_xdp, floor_tc)
         _measure(cases, runs)
 
     rows = [_row(case) for case in cases]

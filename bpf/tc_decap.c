@@ -50,7 +50,7 @@ int fb_tc_decap(struct __sk_buff *skb)
 
 	__u32 verdict = fb_classify_vxlan(data, data_end, bytes, cfg);
 
-	if (verdict == FB_DROP_INNER_MALFORMED) {
+	if (verdict >= FB_REASON_FIRST_DROP) {
 		fb_count(FB_HOOK_TC_DECAP, verdict, bytes);
 		return TC_ACT_SHOT;
 	}

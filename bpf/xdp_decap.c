@@ -30,7 +30,7 @@ int fb_xdp_decap(struct xdp_md *ctx)
 
 	__u32 verdict = fb_classify_vxlan(data, data_end, bytes, cfg);
 
-	if (verdict == FB_DROP_INNER_MALFORMED) {
+	if (verdict >= FB_REASON_FIRST_DROP) {
 		fb_count(FB_HOOK_XDP_DECAP, verdict, bytes);
 		return XDP_DROP;
 	}

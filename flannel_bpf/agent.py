@@ -201,6 +201,12 @@ class Agent:
             log.error("failed to write subnet file %s: %s", opts.subnet_file, exc)
         for reason in network.fallbacks:
             log.warning("data path fallback: %s", reason)
+        if opts.anti_spoofing and network.datapath != "bpf":
+            log.warning(
+                "--anti-spoofing is enforced by the BPF data path only: the %s data path "
+                "decapsulates from any sender",
+                network.datapath,
+            )
         detail = " ".join(f"{k}={v}" for k, v in network.datapath_status().items() if v != "")
         log.info("datapath=%s backend=%s %s", network.datapath, backend.type, detail)
         self._status = AgentStatus(

@@ -24,7 +24,10 @@ UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in
 LAYOUT_VERSION: Final = 1
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
+MAX_SENDERS: Final = MAX_REMOTES
 FB_REMOTE_SKIP: Final = 0x0001
+FB_CFG_CHECK_SOURCES: Final = 0x01  # --anti-spoofing
+REASON_FIRST_DROP: Final = 40
 
 
 class Hook(enum.IntEnum):
@@ -70,6 +73,8 @@ class Reason(enum.IntEnum):
 
     DROP_INNER_MALFORMED = 40
     DROP_WRITE_FAILED = 41
+    DROP_UNKNOWN_SENDER = 42
+    DROP_SPOOFED_SOURCE = 43
 
     @property
     def label(self) -> str:
@@ -80,7 +85,7 @@ class Reason(enum.IntEnum):
         """handled / passed (to the kernel, untouched) / dropped."""
         if self < 8:
             return "handled"
-        return "passed" if self < 40 else "dropped"
+        return "passed" if self < REASON_FIRST_DROP else "dropped"
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +107,8 @@ REMOTE_VALUE = struct.Struct("<4s6sH")  # vtep_ip, vtep_mac, flags
 CONFIG = struct.Struct("<4sI2sHHBBII6s6s")
 COUNTER = struct.Struct("<QQ")
 INDEX = struct.Struct("<I")
+SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
+SENDER_VALUE = struct.Struct("<I")  # how many leases name it
 
 REMOTES = MapSpec(
     "fb_remotes",
@@ -113,7 +120,15 @@ REMOTES = MapSpec(
 )
 CONFIG_MAP = MapSpec("fb_config", bpf_sys.BPF_MAP_TYPE_ARRAY, 4, CONFIG.size, 1)
 STATS = MapSpec("fb_stats", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size, STATS_ENTRIES)
-ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS)
+SENDERS = MapSpec(
+    "fb_senders",
+    bpf_sys.BPF_MAP_TYPE_HASH,
+    SENDER_KEY.size,
+    SENDER_VALUE.size,
+    MAX_SENDERS,
+    bpf_sys.BPF_F_NO_PREALLOC,
+)
+ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS)
 
 
 @dataclass(frozen=True)
@@ -280,6 +295,22 @@ class PinnedMaps:
             value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
             if value is not None:
                 yield decode_remote(key, value)
+
+    # fb_senders
+    def set_sender(self, address: IPv4Address, leases: int) -> None:
+        bpf_sys.map_update(self.fd(SENDERS), address.packed, SENDER_VALUE.pack(leases))
+
+    def delete_sender(self, address: IPv4Address) -> bool:
+        return bpf_sys.map_delete(self.fd(SENDERS), address.packed)
+
+    def senders(self) -> dict[IPv4Address, int]:
+        fd = self.fd(SENDERS)
+        found = {}
+        for key in list(bpf_sys.map_keys(fd, SENDER_KEY.size)):
+            value = bpf_sys.map_lookup(fd, key, SENDER_VALUE.size)
+            if value is not None:
+                found[IPv4Address(key)] = SENDER_VALUE.unpack(value)[0]
+        return found
 
     # fb_stats
     def counters(self) -> dict[CounterKey, tuple[int, int]]:

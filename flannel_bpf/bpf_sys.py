@@ -37,6 +37,7 @@ BPF_PROG_TYPE_SCHED_CLS: Final = 3
 BPF_PROG_TYPE_XDP: Final = 6
 
 # enum bpf_map_type
+BPF_MAP_TYPE_HASH: Final = 1
 BPF_MAP_TYPE_ARRAY: Final = 2
 BPF_MAP_TYPE_PERCPU_ARRAY: Final = 6
 BPF_MAP_TYPE_LPM_TRIE: Final = 11

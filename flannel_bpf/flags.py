@@ -117,6 +117,7 @@ class AgentOptions:
     datapath: str = "auto"
     bpf_decap: str = "auto"
     bpffs: str = "/run/flannel-bpf/bpffs"
+    anti_spoofing: bool = False
     status_file: str = DEFAULT_STATUS_FILE
     metrics_addr: str = DEFAULT_METRICS_ADDR
 
@@ -422,6 +423,13 @@ _FLAGS: tuple[_Flag, ...] = (
         "bpf filesystem for the pinned maps, mounted when missing (flannel-bpf)",
     ),
     _Flag(
+        "anti-spoofing",
+        _Kind.BOOL,
+        False,
+        "decapsulate only from underlay addresses holding a lease, and only inner sources inside "
+        "that lease's subnet; the rest is dropped and counted (BPF data path) (flannel-bpf)",
+    ),
+    _Flag(
         "status-file",
         _Kind.STRING,
         DEFAULT_STATUS_FILE,
@@ -667,6 +675,7 @@ def parse_run_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOpti
         datapath=state.string("datapath"),
         bpf_decap=state.string("bpf-decap"),
         bpffs=state.string("bpffs"),
+        anti_spoofing=state.boolean("anti-spoofing"),
         status_file=state.string("status-file"),
         metrics_addr=state.string("metrics-addr"),
     )

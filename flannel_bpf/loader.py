@@ -27,9 +27,10 @@ import os
 import re
 import socket
 import struct
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,6 +40,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import bpf_sys
 from .bpf_maps import (
     ALL_MAPS,
+    FB_CFG_CHECK_SOURCES,
     LAYOUT_VERSION,
     DatapathConfig,
     LayoutMismatch,
@@ -485,6 +487,10 @@ class BPFDatapath:
         self.wire = wire
         self.state = AttachState()
         self.maps: PinnedMaps | None = None
+        # What fb_remotes and fb_senders hold, as we wrote them: fb_senders counts, per underlay
+        # address, the remotes naming it, so a peer's last lease going takes its address along.
+        self._remotes: dict[IPv4Network, Remote] = {}
+        self._senders: Counter[IPv4Address] = Counter()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -604,6 +610,7 @@ class BPFDatapath:
             "decap": self.state.decap,
             "decap_reason": self.state.decap_reason,
             "uplink": self.uplink.name,
+            "anti_spoofing": "on" if self.config.flags & FB_CFG_CHECK_SOURCES else "off",
         }
 
     def close(self) -> None:
@@ -620,13 +627,34 @@ class BPFDatapath:
         return self.maps
 
     def set_remote(self, remote: Remote) -> None:
-        self._require_maps().set_remote(remote)
+        maps = self._require_maps()
+        maps.set_remote(remote)
+        previous = self._remotes.get(remote.subnet)
+        self._remotes[remote.subnet] = remote
+        if previous is None or previous.vtep_ip != remote.vtep_ip:
+            self._count_sender(maps, remote.vtep_ip, +1)
+            if previous is not None:
+                self._count_sender(maps, previous.vtep_ip, -1)
 
     def delete_remote(self, subnet: IPv4Network) -> bool:
-        return self._require_maps().delete_remote(subnet)
+        maps = self._require_maps()
+        deleted = maps.delete_remote(subnet)
+        previous = self._remotes.pop(subnet, None)
+        if previous is not None:
+            self._count_sender(maps, previous.vtep_ip, -1)
+        return deleted
+
+    def _count_sender(self, maps: PinnedMaps, address: IPv4Address, change: int) -> None:
+        self._senders[address] += change
+        if self._senders[address] > 0:
+            maps.set_sender(address, self._senders[address])
+        else:
+            del self._senders[address]
+            maps.delete_sender(address)
 
     def sync_remotes(self, wanted: Iterable[Remote]) -> tuple[int, int]:
-        """Mark and sweep: fb_remotes becomes exactly ``wanted``. Returns (written, removed)."""
+        """Mark and sweep: fb_remotes becomes exactly ``wanted`` (and fb_senders their
+        addresses). Returns (written, removed) remotes."""
         maps = self._require_maps()
         desired = {r.subnet: r for r in wanted}
         present = {r.subnet: r for r in maps.remotes()}
@@ -639,6 +667,12 @@ class BPFDatapath:
             if present.get(subnet) != remote:
                 maps.set_remote(remote)
                 written += 1
+        senders = Counter(r.vtep_ip for r in desired.values())
+        for address in maps.senders().keys() - senders.keys():
+            maps.delete_sender(address)
+        for address, leases in senders.items():
+            maps.set_sender(address, leases)
+        self._remotes, self._senders = desired, senders
         return written, removed
 
 

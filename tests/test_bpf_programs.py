@@ -355,6 +355,7 @@ def test_encap_then_decap_round_trip(topo: dict[str, Node]) -> None:
 
 def _vxlan_frame(
     *,
+    src_ip: str = TOPO["local_underlay"],
     dst_ip: str = TOPO["remote_underlay"],
     proto: int = 17,
     port: int = 8472,
@@ -370,7 +371,7 @@ def _vxlan_frame(
         inner = pk.ipv4("10.5.1.5", "10.5.2.7", pk.udp(1, 2, b"hello"))
     payload = pk.vxlan(vni, flags) + pk.eth(inner_mac, TOPO["local_vtep_mac"], inner_proto) + inner
     outer = pk.ipv4(
-        TOPO["local_underlay"], dst_ip, pk.udp(50000, port, payload), proto=proto, frag=frag,
+        src_ip, dst_ip, pk.udp(50000, port, payload), proto=proto, frag=frag,
         options=options,
     )  # fmt: skip
     return pk.eth(TOPO["remote_underlay_mac"], TOPO["local_underlay_mac"]) + outer

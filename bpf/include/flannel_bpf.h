@@ -29,6 +29,13 @@ struct fb_remote_key {
 
 #define FB_REMOTE_SKIP 0x0001 /* let the kernel handle this subnet (e.g. direct routing) */
 
+/*
+ * fb_senders: the underlay addresses holding at least one lease, and how many. Read only with
+ * anti-spoofing on, and only for a frame already failing the check: it tells a stranger on the
+ * underlay (no lease) from a peer sending sources outside its own subnet.
+ */
+#define FB_MAX_SENDERS FB_MAX_REMOTES
+
 struct fb_remote {
 	__be32 vtep_ip;   /* the peer's PublicIP: outer destination */
 	__u8 vtep_mac[6]; /* the peer's VtepMAC: inner destination MAC */
@@ -53,6 +60,12 @@ struct fb_config {
 	__u8 uplink_mac[6];
 };
 
+/*
+ * Anti-spoofing (--anti-spoofing): decapsulate only frames whose outer source holds a lease and
+ * whose inner source lies in that lease's subnet. Off by default, as in flanneld.
+ */
+#define FB_CFG_CHECK_SOURCES 0x01
+
 /* Hooks are places, not formats: an agent runs one network, so vxlan and udp share the slots. */
 enum fb_hook {
 	FB_HOOK_TC_ENCAP = 0,  /* tc egress on flannel.<VNI> (vxlan) or flannel0 (udp) */
@@ -62,6 +75,7 @@ enum fb_hook {
 };
 
 /* What happened to a packet. 0-7: handled; 8-39: passed on to the kernel untouched; 40-63: dropped. */
+#define FB_REASON_FIRST_DROP 40
 enum fb_reason {
 	FB_ENCAP_REDIRECT = 0,       /* encapsulated, outer MACs from the FIB, sent on the uplink */
 	FB_DECAP_PASS = 1,           /* decapsulated, inner packet handed to the stack (XDP) */
@@ -89,6 +103,8 @@ enum fb_reason {
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */
+	FB_DROP_UNKNOWN_SENDER = 42,  /* decap, anti-spoofing: the outer source holds no lease */
+	FB_DROP_SPOOFED_SOURCE = 43,  /* decap, anti-spoofing: inner source outside the sender's subnet */
 
 	FB_REASON_MAX = 64,
 };

@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "flannel_bpf.h"
+#include "anti_spoofing.h"
 
 /* Outer Ethernet + IPv4 + UDP: the 42 bytes udp encapsulation writes (the 28 on the wire + L2). */
 struct fb_udp_headers {
@@ -13,23 +14,12 @@ struct fb_udp_headers {
 	struct udphdr udp;
 } __attribute__((packed));
 
-/*
- * Classify a frame on the uplink. Returns FB_DECAP_PASS when it is a udp-backend datagram for us
- * whose inner packet may be forwarded, otherwise the reason to leave it to the socket (or drop).
- */
-static __always_inline __u32 fb_classify_udp(void *data, void *data_end, __u64 frame_len,
-					      const struct fb_config *cfg)
+/* The frame is UDP to our address: a udp-backend datagram whose inner packet may go on? */
+static __always_inline __u32 fb_classify_udp_ours(void *data, void *data_end, __u64 frame_len,
+						   const struct fb_config *cfg)
 {
 	struct fb_udp_headers *hdr = data;
 
-	if ((void *)(&hdr->eth + 1) > data_end)
-		return FB_PASS_SHORT;
-	if (hdr->eth.h_proto != bpf_htons(ETH_P_IP))
-		return FB_PASS_NOT_IPV4;
-	if ((void *)(&hdr->ip + 1) > data_end)
-		return FB_PASS_SHORT;
-	if (hdr->ip.protocol != IPPROTO_UDP || hdr->ip.daddr != cfg->local_ip)
-		return FB_PASS_NOT_OURS;
 	if (hdr->ip.version != 4 || hdr->ip.ihl != 5)
 		return FB_PASS_IP_OPTIONS;
 	if (hdr->ip.frag_off & bpf_htons(FB_IP_MF | FB_IP_OFFSET))
@@ -52,9 +42,38 @@ static __always_inline __u32 fb_classify_udp(void *data, void *data_end, __u64 f
 	if (inner->ihl < 5 || inner_len < inner->ihl * 4u ||
 	    inner_len > frame_len - sizeof(struct fb_udp_headers))
 		return FB_DROP_INNER_MALFORMED;
+
+	/* Before the TTL: a stranger's datagram must not reach the socket and draw an ICMP error. */
+	__u32 sources = fb_check_sources(cfg, hdr->ip.saddr, inner->saddr);
+
+	if (sources != FB_DECAP_PASS)
+		return sources;
 	if (inner->ttl <= 1)
 		return FB_PASS_TTL_EXPIRED;
 	return FB_DECAP_PASS;
+}
+
+/*
+ * Classify a frame on the uplink. Returns FB_DECAP_PASS when it is a udp-backend datagram for us
+ * whose inner packet may be forwarded, otherwise the reason to leave it to the socket (or drop).
+ */
+static __always_inline __u32 fb_classify_udp(void *data, void *data_end, __u64 frame_len,
+					      const struct fb_config *cfg)
+{
+	struct fb_udp_headers *hdr = data;
+
+	if ((void *)(&hdr->eth + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (hdr->eth.h_proto != bpf_htons(ETH_P_IP))
+		return FB_PASS_NOT_IPV4;
+	if ((void *)(&hdr->ip + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (hdr->ip.protocol != IPPROTO_UDP || hdr->ip.daddr != cfg->local_ip)
+		return FB_PASS_NOT_OURS;
+
+	__u32 verdict = fb_classify_udp_ours(data, data_end, frame_len, cfg);
+
+	return fb_check_kernel_bound(cfg, &hdr->ip, data_end, verdict);
 }
 
 #endif /* FB_UDP_H */

@@ -5,28 +5,12 @@
 
 #include "common.h"
 #include "flannel_bpf.h"
+#include "anti_spoofing.h"
 
-/*
- * Classify a frame starting at data. Returns FB_DECAP_PASS when it is flannel VXLAN for us and
- * safe to strip, otherwise the reason to leave it alone (or drop it). frame_len is the whole
- * frame, linear part and fragments, so truncated inner packets are caught even with XDP frags.
- */
-static __always_inline __u32 fb_classify_vxlan(void *data, void *data_end, __u64 frame_len,
-						const struct fb_config *cfg)
+/* The frame is UDP to our address: is it VXLAN for our VTEP, and safe to strip here? */
+static __always_inline __u32 fb_classify_vxlan_ours(void *data, void *data_end, __u64 frame_len,
+						     const struct fb_config *cfg, struct iphdr *ip)
 {
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end)
-		return FB_PASS_SHORT;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return FB_PASS_NOT_IPV4;
-
-	struct iphdr *ip = (void *)(eth + 1);
-
-	if ((void *)(ip + 1) > data_end)
-		return FB_PASS_SHORT;
-	if (ip->protocol != IPPROTO_UDP || ip->daddr != cfg->local_ip)
-		return FB_PASS_NOT_OURS;
 	if (ip->version != 4 || ip->ihl != 5)
 		return FB_PASS_IP_OPTIONS;
 	if (ip->frag_off & bpf_htons(FB_IP_MF | FB_IP_OFFSET))
@@ -59,7 +43,34 @@ static __always_inline __u32 fb_classify_vxlan(void *data, void *data_end, __u64
 	if (inner->version != 4 || inner->ihl < 5 || inner_len < inner->ihl * 4u ||
 	    inner_len > frame_len - sizeof(struct fb_encap_headers))
 		return FB_DROP_INNER_MALFORMED;
-	return FB_DECAP_PASS;
+	return fb_check_sources(cfg, ip->saddr, inner->saddr);
+}
+
+/*
+ * Classify a frame starting at data. Returns FB_DECAP_PASS when it is flannel VXLAN for us and
+ * safe to strip, otherwise the reason to leave it alone (or drop it). frame_len is the whole
+ * frame, linear part and fragments, so truncated inner packets are caught even with XDP frags.
+ */
+static __always_inline __u32 fb_classify_vxlan(void *data, void *data_end, __u64 frame_len,
+						const struct fb_config *cfg)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return FB_PASS_NOT_IPV4;
+
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (ip->protocol != IPPROTO_UDP || ip->daddr != cfg->local_ip)
+		return FB_PASS_NOT_OURS;
+
+	__u32 verdict = fb_classify_vxlan_ours(data, data_end, frame_len, cfg, ip);
+
+	return fb_check_kernel_bound(cfg, ip, data_end, verdict);
 }
 
 #endif /* FB_VXLAN_H */

@@ -14,7 +14,7 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from ..bpf_maps import DatapathConfig, Remote
+from ..bpf_maps import FB_CFG_CHECK_SOURCES, DatapathConfig, Remote
 from ..iface import ExternalInterface
 from ..loader import (
     BPFDatapath,
@@ -38,6 +38,7 @@ def datapath_config(
     port: int,
     uplink_mac: str,
     vtep: Device,
+    anti_spoofing: bool = False,
 ) -> DatapathConfig:
     low, high = local_port_range()
     return DatapathConfig(
@@ -51,6 +52,7 @@ def datapath_config(
         sport_min=low,
         sport_max=high,
         ttl=default_ttl(),
+        flags=FB_CFG_CHECK_SOURCES if anti_spoofing else 0,
     )
 
 
@@ -64,6 +66,7 @@ async def load_bpf_datapath(
     bpffs: Path,
     decap_mode: str,
     vni: int = 0,
+    anti_spoofing: bool = False,
 ) -> BPFDatapath:
     """Compile, load and attach (in a thread: compiling takes about a second).
 
@@ -74,7 +77,7 @@ async def load_bpf_datapath(
     datapath = BPFDatapath(
         vtep=vtep,
         uplink=Device(iface.name, iface.index, uplink_mac),
-        config=datapath_config(iface, local_ip, vni, port, uplink_mac, vtep),
+        config=datapath_config(iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing),
         pin_dir=pin_dir_for(vtep.name, bpffs),
         bpffs_root=bpffs,
         decap_mode=decap_mode,
@@ -86,6 +89,11 @@ async def load_bpf_datapath(
         raise LoaderError(str(exc)) from None
     for what in state.replaced:
         log.info("replaced the running BPF program on %s in place", what)
+    if anti_spoofing:
+        log.info(
+            "anti-spoofing on: decapsulating only from underlay addresses holding a lease, "
+            "inner sources inside their subnet"
+        )
     return datapath
 
 

@@ -637,6 +637,7 @@ class UDPBackend(Backend):
                 port=port,
                 bpffs=Path(opts.bpffs),
                 decap_mode=opts.bpf_decap,
+                anti_spoofing=opts.anti_spoofing,
             )
         except (LoaderError, BackendError) as exc:
             if opts.datapath == "bpf":

@@ -697,6 +697,7 @@ class VXLANBackend(Backend):
                     port=cfg.udp_port,
                     bpffs=Path(opts.bpffs),
                     decap_mode=opts.bpf_decap,
+                    anti_spoofing=opts.anti_spoofing,
                 )
             except (LoaderError, BackendError) as exc:
                 if wanted == "bpf":

@@ -71,6 +71,7 @@ class NodeState:
     backend: str = ""
     datapath: str = ""
     agent_args: list[str] = field(default_factory=list)
+    agent_env: dict[str, str] = field(default_factory=dict)
     pods: list[PodState] = field(default_factory=list)
 
 
@@ -418,12 +419,26 @@ def exec_in_pod(name: str, pod: str, command: list[str]) -> int:
     return subprocess.call(in_netns(pod, command))
 
 
-def restart_agent(name: str, node_name: str, sig: int = signal.SIGTERM) -> int:
-    """Stop a node's agent with sig (SIGKILL: a crash) and start it again as before; new pid."""
+def restart_agent(
+    name: str,
+    node_name: str,
+    sig: int = signal.SIGTERM,
+    *,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Stop a node's agent with sig (SIGKILL: a crash) and start it again; returns the new pid.
+
+    args and env, when given, replace the agent's flags and extra environment from then on (an
+    upgrade: e.g. FLANNEL_BPF_SOURCE_DIR pointing at changed programs)."""
     state = LabState.load(name)
     node = next((n for n in state.nodes if n.name == node_name), None)
     if node is None:
         raise LabError(f"no node {node_name!r} in lab {name!r}")
+    if args is not None:
+        node.agent_args = list(args)
+    if env is not None:
+        node.agent_env = dict(env)
     if _alive(node.agent_pid):
         os.kill(node.agent_pid, sig)
         deadline = time.monotonic() + 15
@@ -431,7 +446,8 @@ def restart_agent(name: str, node_name: str, sig: int = signal.SIGTERM) -> int:
             if time.monotonic() > deadline:
                 os.kill(node.agent_pid, signal.SIGKILL)
             time.sleep(0.02)
-    agent = AgentProcess(node.name, node.agent_args, state.dir / node.name / "agent.log")
+    log_path = state.dir / node.name / "agent.log"
+    agent = AgentProcess(node.name, node.agent_args, log_path, env=node.agent_env)
     agent.start()
     node.agent_pid = agent.pid or 0
     state.save()

@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Anti-spoofing (--anti-spoofing, fb_config.flags & FB_CFG_CHECK_SOURCES), shared by every decap
+ * program of both wire formats.
+ *
+ * A frame the program decapsulates itself must come from an underlay address holding a lease and
+ * carry an inner source inside that lease's subnet. A frame it leaves to the kernel (IP options,
+ * fragments, odd VXLAN headers, non-IPv4 inside) would still be decapsulated there, by vxlan.ko or
+ * the udp backend's socket, so when it is addressed to our port it must at least come from a
+ * lease holder. Only a first fragment shows the UDP port; dropping it leaves the rest to expire in
+ * reassembly.
+ *
+ * The outer source is trusted as the underlay delivers it: this stops strangers and misconfigured
+ * or compromised peers, not a host able to forge another's underlay address.
+ */
+#ifndef FB_ANTI_SPOOFING_H
+#define FB_ANTI_SPOOFING_H
+
+#include "common.h"
+#include "flannel_bpf.h"
+#include "maps.h"
+
+static __always_inline int fb_checking_sources(const struct fb_config *cfg)
+{
+	return cfg->flags & FB_CFG_CHECK_SOURCES;
+}
+
+/* For a frame about to be decapsulated: FB_DECAP_PASS or the drop reason. */
+static __always_inline __u32 fb_check_sources(const struct fb_config *cfg, __be32 outer_src,
+					      __be32 inner_src)
+{
+	if (!fb_checking_sources(cfg))
+		return FB_DECAP_PASS;
+
+	/* One longest-prefix lookup: the lease owning the inner source must be the sender's. */
+	struct fb_remote_key key = { .prefixlen = 32, .subnet = inner_src };
+	struct fb_remote *owner = fb_remotes.lookup(&key);
+
+	if (owner && owner->vtep_ip == outer_src)
+		return FB_DECAP_PASS;
+	if (!fb_senders.lookup(&outer_src))
+		return FB_DROP_UNKNOWN_SENDER;
+	return FB_DROP_SPOOFED_SOURCE;
+}
+
+/* For a UDP frame to our address that the program is about to leave to the kernel. */
+static __always_inline __u32 fb_check_kernel_bound(const struct fb_config *cfg, struct iphdr *ip,
+						   void *data_end, __u32 verdict)
+{
+	if (!fb_checking_sources(cfg) || verdict == FB_DECAP_PASS ||
+	    verdict >= FB_REASON_FIRST_DROP)
+		return verdict;
+	if (ip->ihl < 5 || ip->frag_off & bpf_htons(FB_IP_OFFSET))
+		return verdict;
+
+	struct udphdr *udp = (void *)ip + ip->ihl * 4;
+
+	if ((void *)(udp + 1) > data_end || udp->dest != cfg->port)
+		return verdict;
+	if (!fb_senders.lookup(&ip->saddr))
+		return FB_DROP_UNKNOWN_SENDER;
+	return verdict;
+}
+
+#endif /* FB_ANTI_SPOOFING_H */
