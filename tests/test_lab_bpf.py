@@ -7,6 +7,8 @@ the kernel fallback, carried the traffic.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from flannel_bpf import loader
 from flannel_bpf.bpf_maps import PinnedMaps, Remote
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import STATE_ROOT
@@ -244,6 +247,93 @@ def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str
     # The pinned counters kept counting across the restart.
     gained = delta(counters(lab_name, n1), before, "tc_encap", "encap_redirect")[1]
     assert gained >= 0.9 * sent
+
+
+def _programs(node: str) -> dict[str, tuple[int, str]]:
+    """hook -> (program id, tag) of what is attached now on a lab node (veths: tc decap)."""
+    found = {}
+    for hook, device, direction in (("encap", "flannel.1", "egress"), ("decap", "eth1", "ingress")):
+        out = subprocess.run(
+            ["tc", "-n", node, "filter", "show", "dev", device, direction],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        match = re.search(r" id (\d+) .*?tag ([0-9a-f]{16})", out)
+        assert match, out
+        found[hook] = (int(match[1]), match[2])
+    return found
+
+
+def _upgraded_sources(tmp_path: Path) -> Path:
+    """bpf/ as a next release might ship it: same maps and behaviour, different instructions."""
+    new = tmp_path / "bpf-next"
+    shutil.copytree(loader.BPF_SOURCE_DIR, new)
+    encap = new / "tc_encap.c"
+    text = encap.read_text()
+    assert "h.ip.ttl = cfg->ttl;" in text
+    encap.write_text(text.replace("h.ip.ttl = cfg->ttl;", "h.ip.ttl = cfg->ttl ?: 64;"))
+    vxlan = new / "lib" / "vxlan.h"
+    text = vxlan.read_text()
+    marker = "\tif (ip->version != 4 || ip->ihl != 5)\n\t\treturn FB_PASS_IP_OPTIONS;\n"
+    assert marker in text
+    vxlan.write_text(
+        text.replace(marker, marker + "\tif (!ip->ttl)\n\t\treturn FB_PASS_NOT_OURS;\n")
+    )
+    return new
+
+
+def test_rolling_upgrade_to_changed_programs_mid_transfer(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    """Both agents restarted, one after the other, onto changed BPF programs during a TCP
+    stream: the programs are replaced in place, the stream never stalls, leases and pinned
+    counters carry on."""
+    info = lab_up("--nodes", "2")
+    nodes = [f"{lab_name}-n{i}" for i in (1, 2)]
+    pods = by_node(info)
+    leases = {n: node_status(lab_name, n)["lease"]["subnet"] for n in nodes}
+    old = {n: _programs(n) for n in nodes}
+    before = {n: counters(lab_name, n) for n in nodes}
+    sources = _upgraded_sources(tmp_path)
+    state = lab.LabState.load(lab_name)
+    with iperf_server(pods[nodes[1]]["namespace"]):
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", pods[nodes[0]]["namespace"], "iperf3", "-c",
+             pods[nodes[1]]["ip"], "-t", "10", "-b", "800M", "-J", "-i", "0.5"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2)
+            for node in state.nodes:
+                log = STATE_ROOT / lab_name / node.name / "agent.log"
+                lab.restart_agent(lab_name, node.name, env={"FLANNEL_BPF_SOURCE_DIR": str(sources)})
+                deadline = time.monotonic() + 60
+                while log.read_text().count("flannel is ready") < 2:
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.1)
+            out, _ = client.communicate(timeout=60)
+        finally:
+            client.kill()
+    result = json.loads(out)
+    assert client.returncode == 0, out[-2000:]
+    sent, received = result["end"]["sum_sent"]["bytes"], result["end"]["sum_received"]["bytes"]
+    assert received >= 0.95 * sent > 0
+    rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
+    assert min(rates) > 100e6, rates
+    for node in nodes:
+        new = _programs(node)
+        for hook in ("encap", "decap"):
+            assert new[hook][0] != old[node][hook][0], (node, hook)  # a new program...
+            assert new[hook][1] != old[node][hook][1], (node, hook)  # ...of other instructions
+        assert node_status(lab_name, node)["lease"]["subnet"] == leases[node]
+        log = (STATE_ROOT / lab_name / node / "agent.log").read_text()
+        assert "replaced the running BPF program on tc egress flannel.1 in place" in log
+        assert "replaced the running BPF program on tc ingress eth1 in place" in log
+        assert "Traceback" not in log
+    # The pinned counters kept counting through both restarts: every byte sent is in them.
+    gained = delta(counters(lab_name, nodes[0]), before[nodes[0]], "tc_encap", "encap_redirect")
+    assert gained[1] >= 0.9 * sent
+    decapped = delta(counters(lab_name, nodes[1]), before[nodes[1]], "tc_decap", "decap_redirect")
+    assert decapped[0] > 0
 
 
 def test_stop_keeps_the_data_path_and_cleanup_removes_it(
