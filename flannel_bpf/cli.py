@@ -38,7 +38,7 @@ commands:
                   Docker daemon options from subnet.env (flanneld's mk-docker-opts.sh)
   cleanup [--bpffs PATH]
                   detach and unpin this namespace's BPF data path (a normal stop leaves it)
-  lab up|status|exec|down
+  lab up|status|exec|restart|etcd|down
                   a multi-node lab on network namespaces (lab -h for its options)
   bench [--quick] [--only prog_cost control_plane datapath]
                   build, measure, tear down; write docs/benchmarks.md (from a source checkout)
@@ -390,6 +390,9 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument(
         "--etcd-tls", action="store_true", help="etcd with mutual TLS (certificates made here)"
     )
+    p_up.add_argument(
+        "--etcd-members", type=int, default=1, help="members of the etcd cluster (1..5)"
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -398,6 +401,11 @@ def cmd_lab(args: list[str]) -> int:
     p_restart = sub.add_parser("restart", help="restart a node's agent (--kill: SIGKILL it)")
     p_restart.add_argument("node")
     p_restart.add_argument("--kill", action="store_true")
+    p_etcd = sub.add_parser(
+        "etcd", help="stop, kill or start one etcd member: etcd stop|kill|start MEMBER"
+    )
+    p_etcd.add_argument("operation", choices=("stop", "kill", "start"))
+    p_etcd.add_argument("member", type=int, help="0-based, as in lab status")
     sub.add_parser("down", help="remove everything the lab made")
     try:
         opts = parser.parse_args(args)
@@ -419,6 +427,7 @@ def cmd_lab(args: list[str]) -> int:
                 opts.rp_filter,
                 opts.prometheus,
                 opts.etcd_tls,
+                opts.etcd_members,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))
@@ -429,6 +438,14 @@ def cmd_lab(args: list[str]) -> int:
             sig = signal.SIGKILL if opts.kill else signal.SIGTERM
             pid = lab.restart_agent(opts.name, opts.node, sig)
             print(f"agent on {opts.node} restarted: pid {pid}")
+        elif opts.action == "etcd":
+            if opts.operation == "start":
+                pid = lab.start_etcd_member(opts.name, opts.member, wait=False)
+                print(f"etcd member {opts.member} started: pid {pid}")
+            else:
+                sig = signal.SIGKILL if opts.operation == "kill" else signal.SIGTERM
+                lab.stop_etcd_member(opts.name, opts.member, sig)
+                print(f"etcd member {opts.member} stopped")
         elif opts.action == "exec":
             command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
             return lab.exec_in_pod(opts.name, opts.pod, command)

@@ -508,14 +508,15 @@ class EtcdStore:
             progress_notify=True,
         )
 
-        async def requests() -> AsyncIterator[Any]:
-            yield WatchRequest(create_request=create)
-            # The stream must stay open for as long as we listen.
-            await asyncio.Event().wait()
-
-        call = self._watch.Watch(requests(), metadata=self._metadata())
+        # Written, not fed from a request generator: gRPC closes such a generator from another
+        # task when the call ends, which fails ("aclose(): asynchronous generator is already
+        # running") every time the server cancels a watch, e.g. on losing its leader.
+        call = self._watch.Watch(metadata=self._metadata())
+        streaming = False
         try:
+            await call.write(WatchRequest(create_request=create))
             async for resp in call:
+                streaming = True
                 if resp.compact_revision:
                     raise WatchCompacted(resp.compact_revision)
                 if resp.canceled:
@@ -540,7 +541,10 @@ class EtcdStore:
             error = StoreUnavailable(
                 f"etcd watch on {key} at {self.endpoint_list}: {exc.code().name}: {exc.details()}"
             )
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # A stream that ran and broke is one member going away: the caller's next watch
+            # goes to another. etcd is unreachable when a watch cannot even be set up.
+            unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if exc.code() in unavailable and not streaming:
                 self._set_reachable(False, error)
             raise error from None
         finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import struct
 import subprocess
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from flannel_bpf.lab import lab
 from flannel_bpf.lab.agent_process import AgentProcess
-from flannel_bpf.lab.etcd import make_cluster
 from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState
 
 from .conftest import metric, pod_exec, requires_root
@@ -29,13 +29,20 @@ ENDPOINT = f"http://{ETCD_IP}:2379"
 SUBNETS = "/coreos.com/network/subnets/"
 
 
-def etcdctl(lab: str, *args: str) -> str:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", f"{lab}-etcd", "etcdctl", "--endpoints", ENDPOINT, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def etcdctl(lab: str, *args: str, within: float = 0) -> str:
+    """etcdctl against every member of the lab's etcd; retried for ``within`` seconds (a
+    cluster electing a new leader refuses writes meanwhile)."""
+    endpoints = LabState.load(lab).etcd_endpoint
+    deadline = time.monotonic() + within
+    while True:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", f"{lab}-etcd", "etcdctl", "--endpoints", endpoints,
+             "--command-timeout=2s", *args],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -58,7 +65,6 @@ def test_etcd_down_for_30_seconds_loses_no_ping(
     lab_up: Callable[..., dict[str, Any]], lab_name: str
 ) -> None:
     info = lab_up("--nodes", "3")
-    state = LabState.load(lab_name)
     n1 = info["nodes"][0]["namespace"]
     src = info["pods"][0]
     before = leases(lab_name)
@@ -87,7 +93,7 @@ def test_etcd_down_for_30_seconds_loses_no_ping(
     ]
     try:
         time.sleep(2)
-        os.kill(state.etcd_pid, signal.SIGTERM)
+        lab.stop_etcd_member(lab_name, 0)
         outage_start = time.monotonic()
         # The agents notice (their watches break) and say so in their metrics.
         deadline = time.monotonic() + 20
@@ -97,11 +103,7 @@ def test_etcd_down_for_30_seconds_loses_no_ping(
         assert metric(n1, 'flannel_etcd_watch_restarts_total{reason="error"}') >= 1
         time.sleep(max(0.0, 30 - (time.monotonic() - outage_start)))
 
-        member = make_cluster(
-            state.dir / "etcd", 1, host=ETCD_IP, netns=f"{lab_name}-etcd"
-        ).members[0]
-        member.start()
-        member.wait_ready()
+        lab.start_etcd_member(lab_name, 0)
         outputs = [p.communicate(timeout=60)[0] for p in pings]
     finally:
         for p in pings:
@@ -195,6 +197,72 @@ def test_peer_churn_is_programmed_and_removed_within_a_second(
     # The real peer was never touched.
     n2_subnet = info["nodes"][1]["subnet"]
     assert all(node_entries(n1, n2_subnet, info["nodes"][1]["underlay_ip"]).values())
+
+
+def test_a_three_member_etcd_losing_a_member_then_quorum(
+    lab_up: Callable[..., dict[str, Any]], lab_name: str
+) -> None:
+    """One member killed: agents carry on through the others (a new peer is programmed). Two
+    killed, no quorum: the data path keeps forwarding, agents wait. Quorum back: they recover
+    by themselves (a peer removed and another added are programmed). Pods ping 10 times a second
+    throughout; no lease is lost or changed."""
+    info = lab_up("--nodes", "2", "--etcd-members", "3")
+    assert [m["running"] for m in info["etcd"]["members"]] == [True] * 3
+    n1, n2 = (node["namespace"] for node in info["nodes"])
+    (p1, p2), before = info["pods"], leases(lab_name)
+    assert len(before) == 2
+    second_key, second_subnet = SUBNETS + "10.244.251.0-24", "10.244.251.0/24"
+    second_value = FAKE_VALUE.replace("198.18.0.99", "198.18.0.98").replace(":99", ":98")
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", p1["namespace"], "ping", "-i", "0.1", "-w", "40", "-q", p2["ip"]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        # One member crashes, the first endpoint every agent was given.
+        lab.stop_etcd_member(lab_name, 0, signal.SIGKILL)
+        etcdctl(lab_name, "put", FAKE_KEY, FAKE_VALUE, within=15)
+        for node in (n1, n2):
+            took = wait_entries(node, FAKE_SUBNET, "198.18.0.99", True, 10)
+            print(f"{node}: new peer programmed {took * 1000:.0f} ms after the put, member 0 down")
+        lab.start_etcd_member(lab_name, 0)
+        logs = {node: STATE_ROOT / lab_name / node / "agent.log" for node in (n1, n2)}
+        with_one_member_down = {node: log.read_text() for node, log in logs.items()}
+
+        # Quorum lost: two of three down. Nothing can be read or written.
+        lab.stop_etcd_member(lab_name, 1, signal.SIGKILL)
+        lab.stop_etcd_member(lab_name, 2, signal.SIGKILL)
+        time.sleep(12)
+        running = {n["namespace"]: n["agent_running"] for n in lab.status(lab_name)["nodes"]}
+        assert running == {n1: True, n2: True}
+        for node in (n1, n2):
+            assert all(node_entries(node, FAKE_SUBNET, "198.18.0.99").values())
+
+        # Quorum back: changes made now reach the agents without anyone restarting them.
+        lab.start_etcd_member(lab_name, 1, wait=False)
+        lab.start_etcd_member(lab_name, 2)
+        etcdctl(lab_name, "del", FAKE_KEY, within=15)
+        etcdctl(lab_name, "put", second_key, second_value)
+        for node in (n1, n2):
+            took = wait_entries(node, FAKE_SUBNET, "198.18.0.99", False, 30)
+            took = max(took, wait_entries(node, second_subnet, "198.18.0.98", True, 30))
+            print(f"{node}: changes after quorum returned programmed within {took:.1f} s")
+        etcdctl(lab_name, "del", second_key)
+        out = ping.communicate(timeout=60)[0]
+    finally:
+        ping.kill()
+    assert " 0% packet loss" in out, out
+    assert int(out.split(" packets transmitted")[0].split()[-1]) >= 350, out
+    assert leases(lab_name) == before  # same values, same etcd leases
+    for node, path in logs.items():
+        log = path.read_text()
+        assert "Traceback" not in log
+        assert log.count("flannel is ready") == 1  # never restarted
+        assert "logger=asyncio" not in log  # no task died unseen (a watch torn down by etcd)
+        # One member down is not etcd down; the lost quorum is, and its end is logged.
+        assert "etcd unreachable" not in with_one_member_down[node]
+        changes = re.findall(r"etcd unreachable|etcd reachable again", log)
+        assert changes[:1] == ["etcd unreachable"] and changes[-1] == "etcd reachable again"
 
 
 def test_etcd_with_mutual_tls_in_the_lab(

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,22 +204,36 @@ def make_cluster(
     size: int = 1,
     *,
     host: str = "127.0.0.1",
+    hosts: Sequence[str] = (),
     netns: str | None = None,
     tls: EtcdTls | None = None,
     name_prefix: str = "etcd",
 ) -> EtcdCluster:
-    members = [
-        EtcdMember(
-            name=f"{name_prefix}{i}",
-            data_dir=base_dir / f"{name_prefix}{i}.data",
-            host=host,
-            client_port=free_port() if netns is None else 2379 + 2 * i,
-            peer_port=free_port() if netns is None else 2380 + 2 * i,
-            netns=netns,
-            tls=tls,
+    """size members under base_dir. In a namespace, members listen on 2379/2380 of their own
+    address from hosts, or share host on consecutive port pairs; outside one, on free ports.
+    The same arguments give the same members again (a lab command stopping or starting one)."""
+    if hosts and len(hosts) < size:
+        raise ValueError(f"{size} members need {size} hosts, got {len(hosts)}")
+
+    def ports(i: int) -> tuple[int, int]:
+        if netns is None:
+            return free_port(), free_port()
+        return (2379, 2380) if hosts else (2379 + 2 * i, 2380 + 2 * i)
+
+    members = []
+    for i in range(size):
+        client_port, peer_port = ports(i)
+        members.append(
+            EtcdMember(
+                name=f"{name_prefix}{i}",
+                data_dir=base_dir / f"{name_prefix}{i}.data",
+                host=hosts[i] if hosts else host,
+                client_port=client_port,
+                peer_port=peer_port,
+                netns=netns,
+                tls=tls,
+            )
         )
-        for i in range(size)
-    ]
     initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
     for member in members:
         member.initial_cluster = initial

@@ -2,7 +2,7 @@
 
 Layout for a lab named NAME (default "fblab"):
 - NAME-ul: the underlay, a bridge br0 that every host's eth1 plugs into (198.18.0.0/24);
-- NAME-etcd: etcd at 198.18.0.2;
+- NAME-etcd: etcd at 198.18.0.2 (with --etcd-members 3: also .4 and .5, one member each);
 - NAME-mon (with --prometheus): Prometheus at 198.18.0.3:9090 scraping every agent's /metrics;
 - NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`;
 - NAME-nIpJ: pod J of host I, attached by the real CNI bridge + host-local plugins with the
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent_process import AgentProcess
-from .etcd import make_cluster
+from .etcd import EtcdCluster, EtcdTls, make_cluster
 from .netns import (
     CommandError,
     add_address,
@@ -45,6 +45,8 @@ STATE_ROOT = Path("/run/flannel-bpf/lab")
 CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
 UNDERLAY = IPv4Network("198.18.0.0/24")
 ETCD_IP = "198.18.0.2"
+# Member i of a lab's etcd cluster listens on ETCD_IPS[i] (.3 is the monitor's).
+ETCD_IPS = (ETCD_IP, "198.18.0.4", "198.18.0.5", "198.18.0.6", "198.18.0.7")
 MONITOR_IP = "198.18.0.3"
 METRICS_PORT = 9867  # the agents' default --metrics-addr port
 PREFIX = "/coreos.com/network"
@@ -80,8 +82,8 @@ class LabState:
     name: str
     network: str
     backend: str
-    etcd_endpoint: str
-    etcd_pid: int = 0
+    etcd_endpoint: str  # every member, comma separated: the agents' --etcd-endpoints
+    etcd_pids: list[int] = field(default_factory=list)  # per member
     prometheus_url: str = ""  # reachable from the NAME-mon namespace
     nodes: list[NodeState] = field(default_factory=list)
 
@@ -130,6 +132,8 @@ class LabSpec:
     # etcd over mutual TLS: a CA, server and client certificates made for this lab (in its
     # state dir, pki/); agents get the client's with --etcd-cafile/certfile/keyfile.
     etcd_tls: bool = False
+    # Members of the etcd cluster (1..5); agents are given every member's endpoint.
+    etcd_members: int = 1
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -198,9 +202,12 @@ def cni(command: str, node: str, pod: str, config: dict[str, Any]) -> dict[str, 
 
 
 def up(spec: LabSpec) -> LabState:
+    if not 1 <= spec.etcd_members <= len(ETCD_IPS):
+        raise LabError(f"etcd members must be 1..{len(ETCD_IPS)}")
     down(spec.name, quiet=True)
     scheme = "https" if spec.etcd_tls else "http"
-    state = LabState(spec.name, spec.network, spec.backend, f"{scheme}://{ETCD_IP}:2379")
+    endpoints = ",".join(f"{scheme}://{ip}:2379" for ip in ETCD_IPS[: spec.etcd_members])
+    state = LabState(spec.name, spec.network, spec.backend, endpoints)
     try:
         _build(spec, state)
     except BaseException:
@@ -226,8 +233,13 @@ def _build(spec: LabSpec, state: LabState) -> None:
     etcd_ns = f"{lab}-etcd"
     add_netns(etcd_ns)
     plug(etcd_ns, "etcd", ETCD_IP)
-    tls = make_pki(state.dir / "pki", [ETCD_IP]) if spec.etcd_tls else None
-    member = make_cluster(state.dir / "etcd", 1, host=ETCD_IP, netns=etcd_ns, tls=tls).members[0]
+    member_ips = ETCD_IPS[: spec.etcd_members]
+    for address in member_ips[1:]:
+        add_address(etcd_ns, "eth1", f"{address}/{UNDERLAY.prefixlen}")
+    if spec.etcd_tls:
+        make_pki(state.dir / "pki", member_ips)
+    state.etcd_pids = [0] * spec.etcd_members
+    cluster = etcd_cluster(state)
     pki = state.dir / "pki"
     tls_args = (
         [
@@ -241,13 +253,15 @@ def _build(spec: LabSpec, state: LabState) -> None:
         if spec.etcd_tls
         else []
     )
-    member.start()
-    assert member.process is not None
-    state.etcd_pid = member.process.pid
+    for i, member in enumerate(cluster.members):
+        member.start()
+        assert member.process is not None
+        state.etcd_pids[i] = member.process.pid
     state.save()
-    member.wait_ready()
+    for member in cluster.members:
+        member.wait_ready()
     config = {"Network": spec.network, "Backend": {"Type": spec.backend}}
-    member.etcdctl("put", f"{PREFIX}/config", json.dumps(config))
+    cluster.members[0].etcdctl("put", f"{PREFIX}/config", json.dumps(config))
 
     for i in range(1, spec.nodes + 1):
         ns = node_ns(lab, i)
@@ -322,6 +336,53 @@ def _build(spec: LabSpec, state: LabState) -> None:
         state.save()
 
 
+def etcd_cluster(state: LabState) -> EtcdCluster:
+    """The lab's etcd members as up made them (same names, addresses, data and TLS files)."""
+    tls = None
+    if state.etcd_endpoint.startswith("https://"):
+        pki = state.dir / "pki"
+        tls = EtcdTls(pki / "ca.pem", pki / "server.pem", pki / "server-key.pem")
+    size = len(state.etcd_pids)
+    return make_cluster(
+        state.dir / "etcd", size, hosts=ETCD_IPS[:size], netns=f"{state.name}-etcd", tls=tls
+    )
+
+
+def stop_etcd_member(name: str, index: int, sig: int = signal.SIGTERM) -> None:
+    """Stop one etcd member (SIGKILL: a crash); its data stays for start_etcd_member."""
+    state = LabState.load(name)
+    pid = _member_pid(state, index)
+    if _alive(pid):
+        os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+
+
+def start_etcd_member(name: str, index: int, wait: bool = True) -> int:
+    """Start a stopped etcd member again on its data; returns its pid. With wait, until it
+    answers (which needs a quorum of members up)."""
+    state = LabState.load(name)
+    if _alive(_member_pid(state, index)):
+        raise LabError(f"etcd member {index} of lab {name!r} is already running")
+    member = etcd_cluster(state).members[index]
+    member.start()
+    assert member.process is not None
+    state.etcd_pids[index] = member.process.pid
+    state.save()
+    if wait:
+        member.wait_ready(timeout=30)
+    return member.process.pid
+
+
+def _member_pid(state: LabState, index: int) -> int:
+    if not 0 <= index < len(state.etcd_pids):
+        raise LabError(f"lab {state.name!r} has etcd members 0..{len(state.etcd_pids) - 1}")
+    return state.etcd_pids[index]
+
+
 def prometheus_of(state: LabState) -> Prometheus:
     """The lab's Prometheus (started by up with prometheus=True, or about to be)."""
     targets = [f"{node.underlay_ip}:{METRICS_PORT}" for node in state.nodes]
@@ -362,8 +423,12 @@ def status(name: str) -> dict[str, Any]:
         "backend": state.backend,
         "etcd": {
             "endpoint": state.etcd_endpoint,
-            "pid": state.etcd_pid,
-            "running": _alive(state.etcd_pid),
+            "members": [
+                {"member": i, "endpoint": endpoint, "pid": pid, "running": _alive(pid)}
+                for i, (endpoint, pid) in enumerate(
+                    zip(state.etcd_endpoint.split(","), state.etcd_pids, strict=True)
+                )
+            ],
         },
         "prometheus": state.prometheus_url,
         "nodes": [
@@ -384,9 +449,15 @@ def status(name: str) -> dict[str, Any]:
 
 
 def format_status(info: dict[str, Any]) -> str:
+    members = info["etcd"]["members"]
+    up_count = sum(1 for m in members if m["running"])
+    if len(members) == 1:
+        etcd = f"etcd {info['etcd']['endpoint']} ({'up' if up_count else 'DOWN'})"
+    else:
+        quorum = "" if up_count > len(members) // 2 else ", NO QUORUM"
+        etcd = f"etcd {len(members)} members ({up_count} up{quorum})"
     lines = [
-        f"lab {info['name']}: network {info['network']}, backend {info['backend']}, "
-        f"etcd {info['etcd']['endpoint']} ({'up' if info['etcd']['running'] else 'DOWN'})",
+        f"lab {info['name']}: network {info['network']}, backend {info['backend']}, {etcd}",
         "",
         f"{'NODE':<14}{'UNDERLAY':<15}{'SUBNET':<17}{'BACKEND':<9}{'DATAPATH':<14}{'MTU':<6}AGENT",
     ]
