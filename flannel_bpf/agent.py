@@ -36,6 +36,7 @@ from .subnet_file import (
     read_previous_subnets,
     write_subnet_file,
 )
+from .systemd import SystemdNotifier
 from .traffic_rules import (
     IptablesRules,
     RulesError,
@@ -60,15 +61,22 @@ class AgentError(Exception):
 class Agent:
     options: AgentOptions
     metrics: AgentMetrics = field(default_factory=AgentMetrics)
+    notifier: SystemdNotifier = field(default_factory=SystemdNotifier)  # off outside systemd
     _status: AgentStatus | None = field(default=None, init=False)
     _endpoints: list[HTTPEndpoint] = field(default_factory=list, init=False)
 
     async def run(self) -> int:
         """Run until SIGTERM (returns 0), lease revocation (0) or a fatal error (AgentError)."""
+        # From the start: waiting for etcd is not hanging.
+        watchdog = asyncio.create_task(self.notifier.keep_watchdog(), name="watchdog")
+        endpoints = ",".join(self.options.etcd_endpoints)
+        self.notifier.status(f"starting: connecting to etcd at {endpoints}")
         try:
             await self._start_endpoints()
             return await self._run_with_store()
         finally:
+            self.notifier.stopping()
+            watchdog.cancel()
             await self._stop_endpoints()
 
     async def _start_endpoints(self) -> None:
@@ -225,6 +233,7 @@ class Agent:
         )
         self._status.write(network)
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
+        self.notifier.ready(self._status_line(network))
 
         try:
             await self._serve(manager, network, keepers)
@@ -237,6 +246,14 @@ class Agent:
             state.network = None
             await network.close()
         return 0
+
+    def _status_line(self, network: Network) -> str:
+        """What `systemctl status` shows."""
+        peers = self.metrics.state.peers
+        return (
+            f"lease {network.lease.subnet}, datapath {network.datapath}, "
+            f"{peers} peer{'' if peers == 1 else 's'}"
+        )
 
     def _install_rules(
         self, config: NetworkConfig, network: Network, previous: PreviousSubnets
@@ -321,7 +338,9 @@ class Agent:
                     peers.add(event.lease.subnet)
                 else:
                     peers.discard(event.lease.subnet)
-            self.metrics.state.peers = len(peers)
+            if self.metrics.state.peers != len(peers):
+                self.metrics.state.peers = len(peers)
+                self.notifier.status(self._status_line(network))
             if self._status is not None:
                 self._status.peers = len(peers)
                 self._status.write(network)

@@ -18,6 +18,7 @@ from . import __version__
 from .agent import Agent, AgentError
 from .flags import DEFAULT_STATUS_FILE, FlagError, HelpRequested, parse_run_args, run_usage
 from .logs import setup_logging
+from .systemd import NOTIFY_VARIABLES, SystemdNotifier
 
 log = logging.getLogger("flannel_bpf")
 
@@ -98,8 +99,13 @@ def cmd_run(args: list[str]) -> int:
         return EXIT_OK
     setup_logging(options.verbosity, options.log_format)
     log.info("flannel-bpf %s starting (pid %d)", __version__, os.getpid())
+    notifier = SystemdNotifier.from_environment(os.environ)
+    for name in NOTIFY_VARIABLES:  # ours alone: not for the compilers and tools we run
+        os.environ.pop(name, None)
+    if notifier.enabled:
+        log.info("notifying systemd (watchdog every %s s)", notifier.watchdog_interval or "-")
     try:
-        status = asyncio.run(_run_until_signalled(Agent(options)))
+        status = asyncio.run(_run_until_signalled(Agent(options, notifier=notifier)))
     except AgentError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

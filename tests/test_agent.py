@@ -33,7 +33,9 @@ class TwoHosts:
     prefix: str
     agents: list[AgentProcess]
 
-    def agent(self, *extra: str, name: str = "agent") -> AgentProcess:
+    def agent(
+        self, *extra: str, name: str = "agent", env: dict[str, str] | None = None
+    ) -> AgentProcess:
         agent = AgentProcess(
             self.host_ns,
             [
@@ -50,6 +52,7 @@ class TwoHosts:
                 *extra,
             ],
             self.tmp / f"{name}{len(self.agents)}.log",
+            env=env or {},
         )
         self.agents.append(agent)
         agent.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from flannel_bpf.bpf_maps import Hook, Reason
 from flannel_bpf.lab.lab import STATE_ROOT, LabState, prometheus_of
 from flannel_bpf.lab.netns import http_get
 from flannel_bpf.subnet_file import docker_options
@@ -443,7 +444,7 @@ def test_commands_read_etcd_and_pins_and_counters_survive_restarts(
 
     before = counters()
     assert before[("tc_encap", "encap_redirect")] >= 20
-    assert len(before) == 3 * 24  # every (hook, reason), zeros included
+    assert len(before) == len(Hook) * len(Reason)  # every (hook, reason), zeros included
 
     encap = (
         'flannel_datapath_packets_total{hook="tc_encap",outcome="handled",reason="encap_redirect"}'
