@@ -442,8 +442,8 @@ def cmd_lab(args: list[str]) -> int:
             print(json.dumps(info, indent=2) if opts.output == "json" else lab.format_status(info))
         elif opts.action == "restart":
             sig = signal.SIGKILL if opts.kill else signal.SIGTERM
-            pid = lab.restart_agent(opts.name, opts.node, sig)
-            print(f"agent on {opts.node} restarted: pid {pid}")
+            pid = lab.restart_agent(opts.name, opts.node, sig, ready_timeout=60)
+            print(f"agent on {opts.node} restarted and ready: pid {pid}")
         elif opts.action == "etcd":
             if opts.operation == "start":
                 pid = lab.start_etcd_member(opts.name, opts.member, wait=False)

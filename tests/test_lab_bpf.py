@@ -78,6 +78,32 @@ def transfer(lab_name: str, src: dict[str, Any], dst: dict[str, Any], size: str 
     return float(result["sum_received"]["bits_per_second"]) / 1e9
 
 
+def stream_through(
+    src: dict[str, Any], dst: dict[str, Any], seconds: int, during: Callable[[], object]
+) -> int:
+    """An 800 Mbit/s TCP stream from pod src to pod dst, with ``during`` run 2 s into it: no
+    half second of it may fall under 100 Mbit/s and 95% must arrive. Returns the bytes sent."""
+    with iperf_server(dst["namespace"]):
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", src["namespace"], "iperf3", "-c", dst["ip"],
+             "-t", str(seconds), "-b", "800M", "-J", "-i", "0.5"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2)
+            during()
+            out, _ = client.communicate(timeout=60)
+        finally:
+            client.kill()
+    result = json.loads(out)
+    assert client.returncode == 0, out[-2000:]
+    sent, received = result["end"]["sum_sent"]["bytes"], result["end"]["sum_received"]["bytes"]
+    assert received >= 0.95 * sent > 0
+    rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
+    assert min(rates) > 100e6, rates
+    return int(sent)
+
+
 def ping_all(lab_name: str, pods: list[dict[str, Any]]) -> None:
     for src in pods:
         for dst in pods:
@@ -215,29 +241,9 @@ def test_agent_killed_mid_transfer(lab_name: str, lab_up: Callable[..., dict[str
         maps.set_remote(
             Remote(IPv4Network("10.244.251.0/24"), IPv4Address("198.18.0.251"), "0e:00:00:00:02:51")
         )
-    with iperf_server(pods[n2]["namespace"]):
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", pods[n1]["namespace"], "iperf3", "-c", pods[n2]["ip"],
-             "-t", "8", "-b", "800M", "-J", "-i", "0.5"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            time.sleep(2)
-            lab.restart_agent(lab_name, n1, 9)
-            deadline = time.monotonic() + 30
-            while log.read_text().count("flannel is ready") < 2:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
-            out, _ = client.communicate(timeout=60)
-        finally:
-            client.kill()
-    result = json.loads(out)
-    assert client.returncode == 0, out[-2000:]
-    sent, received = result["end"]["sum_sent"]["bytes"], result["end"]["sum_received"]["bytes"]
-    assert received >= 0.95 * sent > 0
-    # No interval went dark while the agent was down or restarting.
-    rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
-    assert min(rates) > 100e6, rates
+    sent = stream_through(
+        pods[n1], pods[n2], 8, lambda: lab.restart_agent(lab_name, n1, 9, ready_timeout=30)
+    )
     assert node_status(lab_name, n1)["lease"]["subnet"] == lease
     text = log.read_text()
     assert "replaced the running BPF program" in text
@@ -294,31 +300,13 @@ def test_rolling_upgrade_to_changed_programs_mid_transfer(
     old = {n: _programs(n) for n in nodes}
     before = {n: counters(lab_name, n) for n in nodes}
     sources = _upgraded_sources(tmp_path)
-    state = lab.LabState.load(lab_name)
-    with iperf_server(pods[nodes[1]]["namespace"]):
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", pods[nodes[0]]["namespace"], "iperf3", "-c",
-             pods[nodes[1]]["ip"], "-t", "10", "-b", "800M", "-J", "-i", "0.5"],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            time.sleep(2)
-            for node in state.nodes:
-                log = STATE_ROOT / lab_name / node.name / "agent.log"
-                lab.restart_agent(lab_name, node.name, env={"FLANNEL_BPF_SOURCE_DIR": str(sources)})
-                deadline = time.monotonic() + 60
-                while log.read_text().count("flannel is ready") < 2:
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.1)
-            out, _ = client.communicate(timeout=60)
-        finally:
-            client.kill()
-    result = json.loads(out)
-    assert client.returncode == 0, out[-2000:]
-    sent, received = result["end"]["sum_sent"]["bytes"], result["end"]["sum_received"]["bytes"]
-    assert received >= 0.95 * sent > 0
-    rates = [i["sum"]["bits_per_second"] for i in result["intervals"]]
-    assert min(rates) > 100e6, rates
+    upgraded = {"FLANNEL_BPF_SOURCE_DIR": str(sources)}
+
+    def rolling_upgrade() -> None:
+        for node in nodes:
+            lab.restart_agent(lab_name, node, env=upgraded, ready_timeout=60)
+
+    sent = stream_through(pods[nodes[0]], pods[nodes[1]], 10, rolling_upgrade)
     for node in nodes:
         new = _programs(node)
         for hook in ("encap", "decap"):

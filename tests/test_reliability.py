@@ -17,11 +17,14 @@ from typing import Any
 
 import pytest
 
+from flannel_bpf.bpf_maps import Reason
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState
+from flannel_bpf.lab.netns import add_netns, add_veth, link_up, run
 
 from .conftest import metric, pod_exec, requires_root
+from .test_lab_bpf import counters, delta
 
 pytestmark = [pytest.mark.root, requires_root]
 
@@ -330,6 +333,17 @@ print(sent)
 """
 
 
+def _rogue_on_underlay(lab_name: str) -> str:
+    """A namespace plugged into the lab's underlay bridge that holds no lease: an attacker."""
+    rogue, underlay = f"{lab_name}-rogue", f"{lab_name}-ul"
+    add_netns(rogue)
+    add_veth(rogue, "eth1", underlay, "rogue")
+    run(["ip", "-n", underlay, "link", "set", "rogue", "master", "br0"])
+    link_up(underlay, "rogue")
+    link_up(rogue, "eth1")
+    return rogue
+
+
 def _link_mac(netns: str, device: str) -> str:
     out = subprocess.run(
         ["ip", "-n", netns, "-j", "link", "show", device], capture_output=True, text=True
@@ -342,19 +356,12 @@ def test_a_burst_of_malformed_frames_on_the_underlay_does_not_disturb_pods(
 ) -> None:
     import random
 
-    from flannel_bpf.lab.netns import add_netns, add_veth, link_up, run
-
     from . import packets as pk
     from .test_bpf_fuzz import VXLAN_BOUNDARIES, mutations
 
     info = lab_up("--nodes", "2")
     target = info["nodes"][1]
-    rogue, underlay = f"{lab_name}-rogue", f"{lab_name}-ul"
-    add_netns(rogue)
-    add_veth(rogue, "eth1", underlay, "rogue")
-    run(["ip", "-n", underlay, "link", "set", "rogue", "master", "br0"])
-    link_up(underlay, "rogue")
-    link_up(rogue, "eth1")
+    rogue = _rogue_on_underlay(lab_name)
 
     # Frames aimed at the target's real address, port and VTEP: malformed versions of what a
     # peer would send, and wholly random ones.
@@ -394,20 +401,14 @@ def test_a_burst_of_malformed_frames_on_the_underlay_does_not_disturb_pods(
     for node in info["nodes"]:
         log = (STATE_ROOT / lab_name / node["namespace"] / "agent.log").read_text()
         assert "Traceback" not in log
-    status = json.loads(
-        subprocess.run(
-            ["ip", "netns", "exec", target["namespace"], sys.executable, "-m", "flannel_bpf",
-             "stats", "-o", "json"], capture_output=True, text=True,
-        ).stdout
-    )  # fmt: skip
-    counters = Counter()
-    for c in status["instances"][0]["counters"]:
-        counters[c["outcome"]] += c["packets"]
+    outcomes: Counter[str] = Counter()
+    for (_, reason), (packets, _) in counters(lab_name, target["namespace"]).items():
+        outcomes[Reason[reason.upper()].outcome] += packets
     # The decapsulation program saw the burst (what the bridge forwarded of it: frames with a
     # mangled destination or source MAC stop there) and accounted for it; exact accounting,
     # frame by frame, is tests/test_bpf_fuzz.py's.
-    assert counters["dropped"] > 1000 and counters["passed"] > 1000, (counters, sent)
-    assert sum(counters.values()) > sent / 3, (counters, sent)
+    assert outcomes["dropped"] > 1000 and outcomes["passed"] > 1000, (outcomes, sent)
+    assert sum(outcomes.values()) > sent / 3, (outcomes, sent)
 
 
 def test_bad_data_in_etcd_is_one_warning_each_and_harms_no_peer(
@@ -474,39 +475,18 @@ print(got)
 """
 
 
-def _drop_counters(node_ns: str) -> Counter[str]:
-    stats = json.loads(
-        subprocess.run(
-            ["ip", "netns", "exec", node_ns, sys.executable, "-m", "flannel_bpf", "stats",
-             "-o", "json"], capture_output=True, text=True, check=True,
-        ).stdout
-    )  # fmt: skip
-    found: Counter[str] = Counter()
-    for c in stats["instances"][0]["counters"]:
-        found[c["reason"]] += c["packets"]
-    return found
-
-
 def test_anti_spoofing_blocks_a_rogue_on_the_underlay(
     lab_up: Callable[..., dict[str, Any]], lab_name: str
 ) -> None:
     """--anti-spoofing: well-formed VXLAN aimed at a pod from a stranger on the underlay, and
     from a peer with sources outside its subnet, never reaches the pod; pod traffic carries on.
     Then the same frames with the flag off reach it, so the frames were deliverable."""
-    from flannel_bpf.lab import lab
-    from flannel_bpf.lab.netns import add_netns, add_veth, link_up, run
-
     from . import packets as pk
 
     info = lab_up("--nodes", "3", "--agent-arg=--anti-spoofing")
     (n1, n2, n3), (p1, p2, _) = info["nodes"], info["pods"]
     assert n2["datapath"] == "bpf"
-    rogue, underlay = f"{lab_name}-rogue", f"{lab_name}-ul"
-    add_netns(rogue)
-    add_veth(rogue, "eth1", underlay, "rogue")
-    run(["ip", "-n", underlay, "link", "set", "rogue", "master", "br0"])
-    link_up(underlay, "rogue")
-    link_up(rogue, "eth1")
+    rogue = _rogue_on_underlay(lab_name)
     n2_mac, n2_vtep = _link_mac(n2["namespace"], "eth1"), _link_mac(n2["namespace"], "flannel.1")
 
     def vxlan_to_pod(outer_src: str, inner_src: str, count: int) -> bytes:
@@ -545,7 +525,7 @@ def test_anti_spoofing_blocks_a_rogue_on_the_underlay(
             listener.kill()
         return int(out.split()[-1])
 
-    before = _drop_counters(n2["namespace"])
+    before = counters(lab_name, n2["namespace"])
     ping = subprocess.Popen(
         ["ip", "netns", "exec", p1["namespace"], "ping", "-i", "0.05", "-c", "60", "-q", p2["ip"]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -557,19 +537,14 @@ def test_anti_spoofing_blocks_a_rogue_on_the_underlay(
         ping.kill()
     assert received == 0
     assert " 0% packet loss" in pings, pings
-    gained = _drop_counters(n2["namespace"]) - before
-    assert gained["drop_unknown_sender"] == 200, gained
-    assert gained["drop_spoofed_source"] == 200, gained
+    after = counters(lab_name, n2["namespace"])
+    assert delta(after, before, "tc_decap", "drop_unknown_sender")[0] == 200
+    assert delta(after, before, "tc_decap", "drop_spoofed_source")[0] == 200
     status = json.loads((STATE_ROOT / lab_name / n2["namespace"] / "status.json").read_text())
     assert status["details"]["anti_spoofing"] == "on"
 
     # The control: the same agent restarted without the flag lets both through.
     state = LabState.load(lab_name)
     args = [a for a in state.nodes[1].agent_args if a != "--anti-spoofing"]
-    lab.restart_agent(lab_name, n2["namespace"], args=args)
-    log = STATE_ROOT / lab_name / n2["namespace"] / "agent.log"
-    deadline = time.monotonic() + 30
-    while log.read_text().count("flannel is ready") < 2:
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.1)
+    lab.restart_agent(lab_name, n2["namespace"], args=args, ready_timeout=30)
     assert injected([(rogue, stranger), (n1["namespace"], peer_spoofing)]) == 400

@@ -350,15 +350,7 @@ def etcd_cluster(state: LabState) -> EtcdCluster:
 
 def stop_etcd_member(name: str, index: int, sig: int = signal.SIGTERM) -> None:
     """Stop one etcd member (SIGKILL: a crash); its data stays for start_etcd_member."""
-    state = LabState.load(name)
-    pid = _member_pid(state, index)
-    if _alive(pid):
-        os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.02)
+    _stop_pid(_member_pid(LabState.load(name), index), sig)
 
 
 def start_etcd_member(name: str, index: int, wait: bool = True) -> int:
@@ -497,11 +489,13 @@ def restart_agent(
     *,
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    ready_timeout: float | None = None,
 ) -> int:
     """Stop a node's agent with sig (SIGKILL: a crash) and start it again; returns the new pid.
 
     args and env, when given, replace the agent's flags and extra environment from then on (an
-    upgrade: e.g. FLANNEL_BPF_SOURCE_DIR pointing at changed programs)."""
+    upgrade: e.g. FLANNEL_BPF_SOURCE_DIR pointing at changed programs). With ready_timeout,
+    returns only once the new agent is ready (it wrote its status file)."""
     state = LabState.load(name)
     node = next((n for n in state.nodes if n.name == node_name), None)
     if node is None:
@@ -510,19 +504,44 @@ def restart_agent(
         node.agent_args = list(args)
     if env is not None:
         node.agent_env = dict(env)
-    if _alive(node.agent_pid):
-        os.kill(node.agent_pid, sig)
-        deadline = time.monotonic() + 15
-        while _alive(node.agent_pid):
-            if time.monotonic() > deadline:
-                os.kill(node.agent_pid, signal.SIGKILL)
-            time.sleep(0.02)
+    _stop_pid(node.agent_pid, sig)
     log_path = state.dir / node.name / "agent.log"
     agent = AgentProcess(node.name, node.agent_args, log_path, env=node.agent_env)
     agent.start()
     node.agent_pid = agent.pid or 0
     state.save()
+    if ready_timeout is not None:
+        _wait_ready(state.dir / node.name, node.agent_pid, ready_timeout)
     return node.agent_pid
+
+
+def _wait_ready(node_dir: Path, pid: int, timeout: float) -> None:
+    """Until the agent with this pid has written its status file: the agent's ready point."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if json.loads((node_dir / "status.json").read_text()).get("pid") == pid:
+                return
+        except (OSError, ValueError):
+            pass
+        if not _alive(pid):
+            log = (node_dir / "agent.log").read_text(errors="replace")
+            raise LabError(f"agent {pid} exited before it was ready:\n{log[-3000:]}")
+        if time.monotonic() > deadline:
+            raise LabError(f"agent {pid} not ready after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _stop_pid(pid: int, sig: int) -> None:
+    """Signal a lab process and wait for it to go (SIGKILL after 15 s)."""
+    if not _alive(pid):
+        return
+    os.kill(pid, sig)
+    deadline = time.monotonic() + 15
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
 
 
 def down(name: str, quiet: bool = False) -> list[str]:
