@@ -413,6 +413,14 @@ def cmd_lab(args: list[str]) -> int:
     p_etcd.add_argument("operation", choices=("stop", "kill", "start"))
     p_etcd.add_argument("member", type=int, help="0-based, as in lab status")
     sub.add_parser("down", help="remove everything the lab made")
+    p_attach = sub.add_parser(
+        "attach-pods",
+        help="on a node (a Vagrant VM): pods in this namespace the way the lab attaches them",
+    )
+    p_attach.add_argument("--count", type=int, default=2)
+    p_attach.add_argument("--prefix", default="pod", help="pods are PREFIX1..PREFIXN")
+    p_attach.add_argument("--subnet-file", type=Path, default=Path("/run/flannel/subnet.env"))
+    p_attach.add_argument("--ipam-dir", type=Path, default=Path("/var/lib/cni/flannel-bpf"))
     try:
         opts = parser.parse_args(args)
     except SystemExit as exc:
@@ -452,6 +460,17 @@ def cmd_lab(args: list[str]) -> int:
                 sig = signal.SIGKILL if opts.operation == "kill" else signal.SIGTERM
                 lab.stop_etcd_member(opts.name, opts.member, sig)
                 print(f"etcd member {opts.member} stopped")
+        elif opts.action == "attach-pods":
+            if not 0 <= opts.count <= 20:
+                raise lab.LabError("--count must be 0..20")
+            try:
+                env = lab.read_env(opts.subnet_file)
+                cni_config = lab.flannel_cni_config(env, opts.ipam_dir)
+            except (OSError, KeyError, ValueError) as exc:
+                raise lab.LabError(f"no usable subnet file {opts.subnet_file}: {exc}") from None
+            for i in range(1, opts.count + 1):
+                pod = f"{opts.prefix}{i}"
+                print(f"{pod} {lab.attach_pod(None, pod, cni_config)}")
         elif opts.action == "exec":
             command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
             return lab.exec_in_pod(opts.name, opts.pod, command)

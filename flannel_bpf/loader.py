@@ -51,9 +51,15 @@ from .bpf_maps import (
 
 log = logging.getLogger(__name__)
 
-BPF_SOURCE_DIR: Final = Path(
-    os.environ.get("FLANNEL_BPF_SOURCE_DIR", Path(__file__).resolve().parent.parent / "bpf")
-)
+
+def _bundled_sources() -> Path:
+    """bpf/ of a source checkout, or its copy inside an installed package (flannel_bpf/bpf)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "bpf"
+    return installed if (installed / "tc_encap.c").is_file() else package.parent / "bpf"
+
+
+BPF_SOURCE_DIR: Final = Path(os.environ.get("FLANNEL_BPF_SOURCE_DIR", _bundled_sources()))
 DEFAULT_BPFFS: Final = Path("/run/flannel-bpf/bpffs")
 OUR_PREFIX: Final = "fb_"
 

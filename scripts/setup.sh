@@ -1,21 +1,59 @@
 #!/usr/bin/env bash
-# Brings a fresh Debian 12 machine (as root) to the point where flannel-bpf builds, tests and
-# runs its lab. Idempotent: every step checks first and says in one line what it did or found.
+# Brings a Debian 12 machine (as root) to the point where flannel-bpf builds, tests and runs.
+# Idempotent: every step checks first and says in one line what it did or found. One copy of the
+# steps for every kind of machine the project runs on:
+#   setup.sh                 a developer's or CI machine: node packages plus test and lab tools,
+#                            the project editable in .venv with its test and bench extras
+#   setup.sh --node          a cluster node (the Vagrant VMs run this): node packages, the project
+#                            in /opt/flannel-bpf/venv, /usr/local/bin/flannel-bpf; offline when
+#                            /opt/flannel-bpf/wheels holds the dependencies (the lab's box)
+#   setup.sh --vm-host       what booting the Vagrant lab here needs (libvirt, QEMU, Vagrant)
+#   setup.sh --list-packages ROLE   the Debian packages of a role (node, dev, vm-host), one a line
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
 
-APT_PACKAGES=(
-  # control plane and its tests
-  etcd-server etcd-client python3-venv python3-dev
+NODE_PACKAGES=(
+  # control plane: etcd (the lab's store) and the agent's Python
+  etcd-server etcd-client python3 python3-venv
   # data path: bcc and the kernel headers it compiles against
   bpfcc-tools python3-bpfcc linux-headers-amd64 bpftool
   # the kernel plumbing the backends and the lab drive
   iproute2 iputils-ping iptables nftables ethtool kmod tcpdump procps
-  # lab pods, benchmarks and observability
-  containernetworking-plugins iperf3 qperf prometheus curl
+  # pods attached the way flannel's CNI plugin does, and traffic to try the overlay with
+  containernetworking-plugins iperf3 curl
 )
+DEV_PACKAGES=(
+  "${NODE_PACKAGES[@]}"
+  # building wheels, benchmarks, the lab's Prometheus
+  python3-dev qperf prometheus
+)
+VM_HOST_PACKAGES=(
+  # the Vagrant lab: software-emulated VMs under a libvirtd of our own, and the box's builder
+  vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  dnsmasq-base debootstrap e2fsprogs
+)
+
+ROLE=dev
+case "${1:-}" in
+  "") ;;
+  --node) ROLE=node ;;
+  --vm-host) ROLE=vm-host ;;
+  --list-packages)
+    case "${2:-}" in
+      node) printf '%s\n' "${NODE_PACKAGES[@]}" ;;
+      dev) printf '%s\n' "${DEV_PACKAGES[@]}" ;;
+      vm-host) printf '%s\n' "${VM_HOST_PACKAGES[@]}" ;;
+      *) echo "usage: $0 --list-packages node|dev|vm-host" >&2; exit 2 ;;
+    esac
+    exit 0 ;;
+  *) echo "usage: $0 [--node | --vm-host | --list-packages ROLE]" >&2; exit 2 ;;
+esac
+case $ROLE in
+  dev) VENV=${VENV:-.venv}; APT_PACKAGES=("${DEV_PACKAGES[@]}") ;;
+  node) VENV=${VENV:-/opt/flannel-bpf/venv}; APT_PACKAGES=("${NODE_PACKAGES[@]}") ;;
+  vm-host) APT_PACKAGES=("${VM_HOST_PACKAGES[@]}") ;;
+esac
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -97,7 +135,36 @@ create_venv() {
   say "venv: installed flannel-bpf with its test and bench extras"
 }
 
+install_node_venv() {
+  # A node runs the project as built from this tree, not editable, with the same dependencies;
+  # the box carries them as wheels because its VMs reach no registry.
+  local pip_args=(-q)
+  [ -d /opt/flannel-bpf/wheels ] && pip_args+=(--no-index --find-links /opt/flannel-bpf/wheels)
+  if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    say "venv: created $VENV from /usr/bin/python3 with system site packages (for bcc)"
+  fi
+  if ! "$VENV/bin/python" -m pip install "${pip_args[@]}" . >"$VENV/pip-install.log" 2>&1; then
+    cat "$VENV/pip-install.log" >&2
+    die "pip install of the project into $VENV failed (log above)"
+  fi
+  ln -sfn "$VENV/bin/flannel-bpf" /usr/local/bin/flannel-bpf
+  say "venv: $("$VENV/bin/flannel-bpf" version 2>/dev/null | head -n1) in $VENV, linked from /usr/local/bin"
+}
+
+prepare_kvm_device() {
+  # Debian's udev rule makes /dev/kvm 0660 root:kvm. Where it is left 0600 root, libvirt decides
+  # KVM is unusable for its qemu user and probes QEMU again on every call (a minute per define).
+  [ -c /dev/kvm ] || return 0
+  if [ "$(stat -c %a:%G /dev/kvm)" != "660:kvm" ]; then
+    chgrp kvm /dev/kvm && chmod 660 /dev/kvm
+    say "/dev/kvm: set to Debian's 0660 root:kvm"
+  fi
+}
+
 install_apt_packages
-link_kernel_headers
-mount_bpffs
-create_venv
+case $ROLE in
+  dev) link_kernel_headers; mount_bpffs; create_venv ;;
+  node) link_kernel_headers; mount_bpffs; install_node_venv ;;
+  vm-host) prepare_kvm_device ;;
+esac

@@ -31,6 +31,13 @@ def unique(tag: str) -> str:
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+def pytest_ignore_collect(collection_path: Path) -> bool | None:
+    """tests/vagrant boots VMs (minutes): its own suite, `make test-vagrant`, not `make test`."""
+    if collection_path.name == "vagrant" and collection_path.parent.name == "tests":
+        return os.environ.get("FLANNEL_BPF_VAGRANT") != "1" or None
+    return None
+
+
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
     """One etcd for the whole session; tests keep apart by using their own prefix."""

@@ -23,6 +23,20 @@ PROCESS_MARKERS = (
     "iperf3",
     "qperf",
     "tcpdump",
+    # the Vagrant lab's libvirt and its VMs
+    "/usr/sbin/libvirtd",
+    "/usr/sbin/virtlogd",
+    "qemu-system",
+    "libvirt/network",  # dnsmasq serving a libvirt network
+)
+# Where libvirt keeps what the Vagrant lab defines and stores (domains, networks, pools, images),
+# and its runtime directory, which exists only while a libvirtd runs.
+LIBVIRT_PATHS = (
+    Path("/etc/libvirt/qemu"),
+    Path("/etc/libvirt/qemu/networks"),
+    Path("/etc/libvirt/storage"),
+    Path("/var/lib/libvirt/images"),
+    Path("/run"),
 )
 # bpffs entries that are the kernel's, not ours.
 KERNEL_PINS = {"maps.debug", "progs.debug"}
@@ -35,6 +49,7 @@ class Snapshot:
     programs: frozenset[str]  # "id name" of every program named like ours (fb_*)
     pins: frozenset[str]
     processes: frozenset[str]  # "pid cmdline"
+    libvirt: frozenset[str]  # files libvirt keeps for domains, networks, pools, images
 
     def minus(self, before: Snapshot) -> dict[str, list[str]]:
         found = {
@@ -43,6 +58,7 @@ class Snapshot:
             "BPF programs": self.programs - before.programs,
             "pins": self.pins - before.pins,
             "processes": self.processes - before.processes,
+            "libvirt files": self.libvirt - before.libvirt,
         }
         return {kind: sorted(items) for kind, items in found.items() if items}
 
@@ -101,5 +117,15 @@ def _processes() -> frozenset[str]:
     return frozenset(found)
 
 
+def _libvirt() -> frozenset[str]:
+    found = set()
+    for directory in LIBVIRT_PATHS:
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if directory.name != "run" or entry.name.startswith(("libvirt", "virtlogd")):
+                    found.add(str(entry))
+    return frozenset(found)
+
+
 def snapshot() -> Snapshot:
-    return Snapshot(_namespaces(), _root_links(), _programs(), _pins(), _processes())
+    return Snapshot(_namespaces(), _root_links(), _programs(), _pins(), _processes(), _libvirt())

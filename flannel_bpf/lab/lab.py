@@ -36,6 +36,7 @@ from .netns import (
     in_netns,
     link_up,
     list_netns,
+    netns_exists,
     run,
 )
 from .prometheus import Prometheus
@@ -179,7 +180,7 @@ def flannel_cni_config(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
     }
 
 
-def cni(command: str, node: str, pod: str, config: dict[str, Any]) -> dict[str, Any]:
+def cni(command: str, node: str | None, pod: str, config: dict[str, Any]) -> dict[str, Any]:
     env = {
         **os.environ,
         "CNI_COMMAND": command,
@@ -199,6 +200,36 @@ def cni(command: str, node: str, pod: str, config: dict[str, Any]) -> dict[str, 
         raise LabError(f"CNI {command} for {pod}: {proc.stdout.decode()} {proc.stderr.decode()}")
     result: dict[str, Any] = json.loads(proc.stdout or b"{}")
     return result
+
+
+def pod_address(pod: str) -> str | None:
+    """The IPv4 address CNI gave the pod's eth0, or None (no such pod, or not attached)."""
+    if not netns_exists(pod):
+        return None
+    proc = subprocess.run(
+        ["ip", "-n", pod, "-j", "-4", "addr", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    for link in json.loads(proc.stdout or "[]"):
+        for info in link.get("addr_info", []):
+            return str(info["local"])
+    return None
+
+
+def attach_pod(node: str | None, pod: str, cni_config: dict[str, Any]) -> str:
+    """A pod the way flannel's CNI plugin makes one: its own namespace, a veth on cni0, an address
+    from host-local out of the node's subnet. Returns the address; an attached pod is kept."""
+    address = pod_address(pod)
+    if address is not None:
+        return address
+    if not netns_exists(pod):
+        add_netns(pod)
+    result = cni("ADD", node, pod, cni_config)
+    return str(result["ips"][0]["address"].split("/")[0])
 
 
 def up(spec: LabSpec) -> LabState:
@@ -319,11 +350,9 @@ def _build(spec: LabSpec, state: LabState) -> None:
         cni_config = flannel_cni_config(env, state.dir / node.name / "ipam")
         for j in range(1, spec.pods_per_node + 1):
             pod = PodState(f"{node.name}p{j}", node.name)
-            add_netns(pod.name)
             node.pods.append(pod)
             state.save()
-            result = cni("ADD", node.name, pod.name, cni_config)
-            pod.ip = result["ips"][0]["address"].split("/")[0]
+            pod.ip = attach_pod(node.name, pod.name, cni_config)
     state.save()
     if spec.prometheus:
         monitor = f"{lab}-mon"

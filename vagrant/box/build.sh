@@ -8,7 +8,7 @@
 # partition table: the host kernel here cannot see partitions inside an image file) and the VMs
 # boot its kernel directly (libvirt kernel/initrd/cmd_line), which needs no boot loader.
 #
-# Cached under $CACHE/<key>/, the key a hash of this script, the package list and pyproject.toml:
+# Cached under $CACHE/<key>/, the key a hash of this script, the packages and the Python deps:
 # the same inputs reuse the box, any change builds a new one. Prints the box directory last.
 set -euo pipefail
 
@@ -19,24 +19,31 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 DISK_GB=6
 
-PACKAGES=(
+GUEST_PACKAGES=(
   # what Vagrant needs of a guest
   systemd systemd-sysv dbus udev kmod openssh-server sudo ifupdown isc-dhcp-client netbase
   ca-certificates procps less rsync
   # boot: the kernel, booted directly by libvirt, and an initramfs that finds virtio disks
   linux-image-amd64 initramfs-tools
-  # the node: the same packages scripts/setup.sh installs for the namespace lab
-  python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
-  iproute2 iputils-ping iptables nftables ethtool tcpdump
-  etcd-server etcd-client containernetworking-plugins iperf3 curl
 )
+# The node itself: the very list `scripts/setup.sh --node` installs, so provisioning finds every
+# package present and needs no network.
+mapfile -t NODE_PACKAGES < <(bash "$ROOT/scripts/setup.sh" --list-packages node)
+PACKAGES=("${GUEST_PACKAGES[@]}" "${NODE_PACKAGES[@]}")
 
 say() { printf 'box: %s\n' "$*" >&2; }
 die() { printf 'box: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot, mkfs)"
 
-KEY=$( { cat "$0"; printf '%s\n' "${PACKAGES[@]}"; cat "$ROOT/pyproject.toml"; } | sha256sum | cut -c1-16)
+# The project's runtime dependencies, installed into the box's venv as wheels.
+deps=$(python3 - "$ROOT/pyproject.toml" <<'EOF'
+import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))
+EOF
+)
+mapfile -t requirements <<<"$deps"
+KEY=$( { cat "$0"; printf '%s\n' "${PACKAGES[@]}" "${requirements[@]}"; } | sha256sum | cut -c1-16)
 OUT=$CACHE/$KEY
 if [ -f "$OUT/flannel-bpf-node.box" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ]; then
   say "reusing $OUT"
@@ -126,12 +133,6 @@ in_root test -e "/lib/modules/$release/build/Makefile" || die "no kernel headers
 
 say "Python dependencies into /opt/flannel-bpf/venv (wheels fetched here, installed offline there)"
 mkdir -p "$ROOTFS/opt/flannel-bpf/wheels"
-deps=$(python3 - "$ROOT/pyproject.toml" <<'EOF'
-import sys, tomllib
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))
-EOF
-)
-mapfile -t requirements <<<"$deps"
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --implementation cp \
   -d "$ROOTFS/opt/flannel-bpf/wheels" "${requirements[@]}" setuptools wheel
@@ -155,6 +156,10 @@ cat >"$WORK/box/metadata.json" <<EOF
 EOF
 tar -C "$WORK/box" -cf "$WORK/flannel-bpf-node.box" metadata.json box.img
 
+# One box is kept: older builds (other keys) would only fill the disk.
+for old in "$CACHE"/*/; do
+  [ -f "$old/flannel-bpf-node.box" ] && [ "${old%/}" != "$OUT" ] && rm -rf "$old" && say "removed the older box ${old%/}"
+done
 mkdir -p "$OUT"
 mv "$WORK/vmlinuz" "$WORK/initrd.img" "$OUT/"
 echo "$release" >"$OUT/kernel-release"
