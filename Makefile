@@ -3,12 +3,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint unit demo demo-down clean help bench test-vagrant vm-host-setup
+.PHONY: setup test lint unit demo demo-down clean help bench test-vagrant vagrant-up vagrant-down
 
 help:
 	@echo "make test       install what is missing, then ruff, mypy and the whole test suite"
 	@echo "make bench      every benchmark, side by side; writes docs/benchmarks.md (BENCH_ARGS=--quick)"
 	@echo "make test-vagrant  boot the Vagrant lab (etcd + 3 VMs, libvirt/QEMU), check it, destroy it"
+	@echo "make vagrant-up / vagrant-down  the same Vagrant lab, left running to look at"
 	@echo "make demo       install what is missing, then etcd and an agent in namespaces"
 	@echo "make demo-down  remove everything the demo made"
 
@@ -29,6 +30,14 @@ test: lint
 test-vagrant: setup
 	@bash scripts/setup.sh --vm-host
 	FLANNEL_BPF_VAGRANT=1 $(PY) -m pytest tests/vagrant -s -p no:cacheprovider $(PYTEST_ARGS) -o timeout=1800
+
+# The same lab left running to look at: flannel-bpf vagrant status|ssh NODE [-- CMD].
+vagrant-up: setup
+	@bash scripts/setup.sh --vm-host
+	$(PY) -m flannel_bpf vagrant up
+
+vagrant-down:
+	@if [ -x $(PY) ]; then $(PY) -m flannel_bpf vagrant down; fi
 
 demo: setup
 	$(PY) -m flannel_bpf.lab.demo up

@@ -41,6 +41,8 @@ commands:
                   detach and unpin this namespace's BPF data path (a normal stop leaves it)
   lab up|status|exec|restart|etcd|down
                   a multi-node lab on network namespaces (lab -h for its options)
+  vagrant up|status|ssh|down
+                  the Vagrant lab: etcd and worker VMs under a libvirtd of its own (vagrant -h)
   bench [--quick] [--only prog_cost control_plane datapath]
                   build, measure, tear down; write docs/benchmarks.md (from a source checkout)
   version         print the version
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cleanup": cmd_cleanup,
         "lab": cmd_lab,
         "bench": cmd_bench,
+        "vagrant": cmd_vagrant,
         "version": cmd_version,
     }
     if command in ("-version", "--version"):
@@ -478,6 +481,57 @@ def cmd_lab(args: list[str]) -> int:
             lab.down(opts.name)
     except lab.LabError as exc:
         print(f"flannel-bpf lab: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_vagrant(args: list[str]) -> int:
+    from .lab import vagrant
+
+    parser = argparse.ArgumentParser(
+        prog="flannel-bpf vagrant",
+        description="the Vagrant lab (vagrant/Vagrantfile) on libvirt, run from this machine: "
+        "libvirtd, its networks and every vagrant command live in a network namespace of their own",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_up = sub.add_parser("up", help="build or reuse the box, boot etcd and the workers")
+    p_up.add_argument("--workers", type=int, default=3)
+    sub.add_parser("status", help="each worker's agent: data path, decap hook, lease, peers")
+    p_ssh = sub.add_parser("ssh", help="a shell (or a command, as root) on a VM: ssh NODE [-- CMD]")
+    p_ssh.add_argument("node")
+    p_ssh.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("down", help="vagrant destroy, then everything the lab added to libvirt")
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if opts.action == "up":
+            if not 1 <= opts.workers <= 20:
+                raise vagrant.VagrantLabError("--workers must be 1..20")
+            lab = vagrant.lab_up(opts.workers, lambda text: print(text, flush=True))
+            print(
+                f"\nthe lab is up: etcd at 198.18.100.10, workers {', '.join(lab.nodes)} at "
+                f"198.18.100.11..{10 + lab.workers}\n"
+                "  flannel-bpf vagrant status\n"
+                "  flannel-bpf vagrant ssh node1 -- flannel-bpf stats\n"
+                "  flannel-bpf vagrant ssh node1 -- ip netns exec pod1 ping 10.244.X.2\n"
+                "  flannel-bpf vagrant down"
+            )
+        elif opts.action == "status":
+            lab = vagrant.load()
+            for node in lab.nodes:
+                proc = lab.ssh(node, "flannel-bpf status --no-etcd-probe", check=False)
+                print(f"== {node}\n{proc.stdout or proc.stderr}")
+        elif opts.action == "ssh":
+            lab = vagrant.load()
+            command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+            return lab.interactive_ssh(opts.node, command)
+        else:
+            removed = vagrant.lab_down()
+            print("the Vagrant lab is gone" + (f" ({', '.join(removed)})" if removed else ""))
+    except vagrant.VagrantLabError as exc:
+        print(f"flannel-bpf vagrant: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,3 +69,18 @@ def test_bad_lab_commands_are_clear(lab_name: str) -> None:
     assert proc.returncode == 1 and "no lab named" in proc.stderr
     proc = cli("lab", "--name", lab_name, "up", "--nodes", "0")
     assert proc.returncode == 1 and "--nodes" in proc.stderr
+
+
+def test_bad_vagrant_and_attach_commands_are_clear(tmp_path: Path) -> None:
+    # The Vagrant lab's commands without a lab, and a node without a subnet file: one line each.
+    proc = cli("vagrant", "status")
+    assert proc.returncode == 1 and "no Vagrant lab is up" in proc.stderr
+    proc = cli("vagrant", "up", "--workers", "0")
+    assert proc.returncode == 1 and "--workers must be 1..20" in proc.stderr
+    missing = tmp_path / "subnet.env"
+    proc = cli("lab", "attach-pods", "--subnet-file", str(missing))
+    assert proc.returncode == 1 and f"no usable subnet file {missing}" in proc.stderr
+    missing.write_text("FLANNEL_NETWORK=10.244.0.0/16\n")  # no FLANNEL_SUBNET
+    proc = cli("lab", "attach-pods", "--subnet-file", str(missing))
+    assert proc.returncode == 1 and "no usable subnet file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -151,27 +151,39 @@ class Libvirtd:
         return removed
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
-        self.processes.clear()
+        """The daemons and whatever libvirt started in the namespace (dnsmasq, a qemu left by a
+        failure): SIGTERM, then SIGKILL after a grace period; then the namespace itself."""
         if netns_exists(self.netns):
-            # Whatever libvirt started in there (dnsmasq, a qemu left by a failure) goes too.
-            pids = _run(["ip", "netns", "pids", self.netns]).split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
+            pids = [int(pid) for pid in _run(["ip", "netns", "pids", self.netns]).split()]
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + 15
+                while (
+                    pids := [pid for pid in pids if _alive(pid)]
+                ) and time.monotonic() < deadline:
+                    for proc in self.processes:
+                        proc.poll()  # reap our own children
+                    time.sleep(0.1)
             delete_netns(self.netns)
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self.processes.clear()
         for path in self.made_runtime:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -266,6 +278,12 @@ class VagrantLab:
             )
         return proc
 
+    def interactive_ssh(self, node: str, command: Sequence[str]) -> int:
+        """ssh to a VM with the terminal attached: a shell, or a command run as root."""
+        remote = [f"sudo sh -c {shlex.quote(shlex.join(command))}"] if command else []
+        argv = ["ssh", "-F", str(self.state_dir / "ssh_config"), *(["-t"] if not command else [])]
+        return subprocess.run(in_netns(self.libvirtd.netns, [*argv, node, *remote])).returncode
+
     def host(self, command: Sequence[str], timeout: float = 60) -> str:
         """A command on the host side of the lab's network (the libvirtd's namespace)."""
         return _run(in_netns(self.libvirtd.netns, command), timeout)
@@ -283,12 +301,70 @@ class VagrantLab:
     def stop(self) -> list[str]:
         """Everything the lab made goes: VMs, networks, volumes, daemons, namespace, state."""
         removed: list[str] = []
-        if self.libvirtd.processes:
+        if netns_exists(self.libvirtd.netns) and libvirtd_running():
             with contextlib.suppress(VagrantLabError, subprocess.TimeoutExpired):
                 removed = self.libvirtd.remove_lab_objects()
         self.libvirtd.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return removed
+
+
+STATE_FILE = Path("/run/flannel-bpf/vagrant-lab.json")
+
+
+def save(lab: VagrantLab) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "run_id": lab.run_id,
+        "box_dir": str(lab.box_dir),
+        "workers": lab.workers,
+        "made_runtime": [str(path) for path in lab.libvirtd.made_runtime],
+    }
+    STATE_FILE.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load() -> VagrantLab:
+    try:
+        state = json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        raise VagrantLabError("no Vagrant lab is up (flannel-bpf vagrant up starts one)") from None
+    lab = VagrantLab(Path(state["box_dir"]), int(state["workers"]), state["run_id"])
+    lab.libvirtd.made_runtime = [Path(path) for path in state["made_runtime"]]
+    return lab
+
+
+def lab_up(workers: int, say: Callable[[str], None]) -> VagrantLab:
+    """Builds (or reuses) the box and boots the lab, left running; `lab_down` removes it."""
+    if STATE_FILE.exists():
+        raise VagrantLabError(
+            f"a Vagrant lab is already up ({STATE_FILE}); flannel-bpf vagrant down first"
+        )
+    timings: list[tuple[str, float]] = []
+    with phase("box (build or reuse)", timings, say):
+        box_dir = build_box()
+    lab = VagrantLab(box_dir, workers)
+    try:
+        with phase("libvirtd in its own namespace", timings, say):
+            lab.start()
+        save(lab)
+        with phase("vagrant box add", timings, say):
+            lab.add_box()
+        with phase(f"vagrant up: etcd + {workers} workers", timings, say):
+            lab.up()
+    except BaseException:
+        lab.destroy()
+        lab.stop()
+        STATE_FILE.unlink(missing_ok=True)
+        raise
+    return lab
+
+
+def lab_down() -> list[str]:
+    lab = load()
+    lab.destroy()
+    removed = lab.stop()
+    STATE_FILE.unlink(missing_ok=True)
+    return removed
 
 
 @contextlib.contextmanager
