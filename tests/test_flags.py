@@ -182,7 +182,7 @@ def test_go_bool_spellings(dashes: str, suffix: str, expected: bool) -> None:
         (["--set-node-network-unavailable=0"], "set_node_network_unavailable", False),
         (["--ip-masq-fully-random-disable"], "ip_masq_fully_random_disable", True),
         (["--ip-blackhole-route"], "ip_blackhole_route", True),
-        (["--kube-subnet-mgr"], "kube_subnet_mgr", True),
+        (["--kube-subnet-mgr=false"], "kube_subnet_mgr", False),
         (["--version"], "version", True),
         (["-version=f"], "version", False),
         (["--ip-masq", "--ip-masq=false"], "ip_masq", False),
@@ -465,6 +465,28 @@ def test_renew_margin_out_of_range_from_env_names_the_variable() -> None:
 
     assert message.startswith(RENEW_MARGIN_ERROR)
     assert "FLANNELD_SUBNET_LEASE_RENEW_MARGIN" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "origin"),
+    [
+        (["--kube-subnet-mgr"], {}, "flag --kube-subnet-mgr"),
+        (["-kube-subnet-mgr=true"], {}, "flag --kube-subnet-mgr"),
+        ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR"),
+    ],
+)
+def test_kube_subnet_manager_mode_is_refused_not_ignored(
+    argv: list[str], environ: dict[str, str], origin: str
+) -> None:
+    message = flag_error(argv, environ)
+
+    assert origin in message and "not supported" in message and "--etcd-endpoints" in message
+
+
+def test_kube_flags_without_the_mode_are_accepted() -> None:
+    options = parse(["--kube-subnet-mgr=false", "--kube-api-url=", "--kubeconfig-file="])
+
+    assert options.kube_subnet_mgr is False
 
 
 def test_flag_error_is_a_value_error() -> None:
