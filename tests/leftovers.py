@@ -29,6 +29,9 @@ PROCESS_MARKERS = (
     "qemu-system",
     "libvirt/network",  # dnsmasq serving a libvirt network
 )
+# An agent's files at their default paths: tests give every agent its own, so these belong to a
+# real agent on the machine and must not appear (or be overwritten) because of a test.
+AGENT_DEFAULT_FILES = (Path("/run/flannel-bpf/status.json"), Path("/run/flannel/subnet.env"))
 # Where libvirt keeps what the Vagrant lab defines and stores (domains, networks, pools, images),
 # and its runtime directory, which exists only while a libvirtd runs.
 LIBVIRT_PATHS = (
@@ -50,6 +53,7 @@ class Snapshot:
     pins: frozenset[str]
     processes: frozenset[str]  # "pid cmdline"
     libvirt: frozenset[str]  # files libvirt keeps for domains, networks, pools, images
+    agent_files: frozenset[str]  # an agent's default status and subnet files, with their mtime
 
     def minus(self, before: Snapshot) -> dict[str, list[str]]:
         found = {
@@ -59,6 +63,7 @@ class Snapshot:
             "pins": self.pins - before.pins,
             "processes": self.processes - before.processes,
             "libvirt files": self.libvirt - before.libvirt,
+            "agent files at default paths": self.agent_files - before.agent_files,
         }
         return {kind: sorted(items) for kind, items in found.items() if items}
 
@@ -127,5 +132,21 @@ def _libvirt() -> frozenset[str]:
     return frozenset(found)
 
 
+def _agent_files() -> frozenset[str]:
+    return frozenset(
+        f"{path} (modified {path.stat().st_mtime_ns})"
+        for path in AGENT_DEFAULT_FILES
+        if path.exists()
+    )
+
+
 def snapshot() -> Snapshot:
-    return Snapshot(_namespaces(), _root_links(), _programs(), _pins(), _processes(), _libvirt())
+    return Snapshot(
+        _namespaces(),
+        _root_links(),
+        _programs(),
+        _pins(),
+        _processes(),
+        _libvirt(),
+        _agent_files(),
+    )

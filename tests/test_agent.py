@@ -47,6 +47,9 @@ class TwoHosts:
                 self.prefix,
                 "--subnet-file",
                 str(self.subnet_file),
+                # Never the machine's default (/run/flannel-bpf/status.json): a real agent's.
+                "--status-file",
+                str(self.tmp / f"{name}{len(self.agents)}-status.json"),
                 "-v",
                 "2",
                 *extra,

@@ -295,6 +295,8 @@ def test_dual_network_vxlan_and_host_gw(
                     "/hostgw/network",
                     "--subnet-file",
                     str(tmp_path / node["namespace"] / "hostgw.env"),
+                    "--status-file",
+                    str(tmp_path / node["namespace"] / "hostgw-status.json"),
                 ],
                 tmp_path / node["namespace"] / "hostgw.log",
             )
