@@ -487,6 +487,7 @@ def cmd_lab(args: list[str]) -> int:
 
 def cmd_vagrant(args: list[str]) -> int:
     from .lab import vagrant
+    from .lab.netns import CommandError
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf vagrant",
@@ -530,7 +531,7 @@ def cmd_vagrant(args: list[str]) -> int:
         else:
             removed = vagrant.lab_down()
             print("the Vagrant lab is gone" + (f" ({', '.join(removed)})" if removed else ""))
-    except vagrant.VagrantLabError as exc:
+    except CommandError as exc:  # VagrantLabError, or a command of the lab failing
         print(f"flannel-bpf vagrant: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

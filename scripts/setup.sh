@@ -116,11 +116,15 @@ mount_bpffs() {
   fi
 }
 
-create_venv() {
+ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
     say "venv: created $VENV from /usr/bin/python3 with system site packages (for bcc)"
   fi
+}
+
+create_venv() {
+  ensure_venv
   local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
   if [ -e "$stamp" ]; then
     say "venv: project, test and bench extras installed"
@@ -140,10 +144,7 @@ install_node_venv() {
   # the box carries them as wheels because its VMs reach no registry.
   local pip_args=(-q)
   [ -d /opt/flannel-bpf/wheels ] && pip_args+=(--no-index --find-links /opt/flannel-bpf/wheels)
-  if [ ! -x "$VENV/bin/python" ]; then
-    /usr/bin/python3 -m venv --system-site-packages "$VENV"
-    say "venv: created $VENV from /usr/bin/python3 with system site packages (for bcc)"
-  fi
+  ensure_venv
   if ! "$VENV/bin/python" -m pip install "${pip_args[@]}" . >"$VENV/pip-install.log" 2>&1; then
     cat "$VENV/pip-install.log" >&2
     die "pip install of the project into $VENV failed (log above)"

@@ -41,9 +41,14 @@ def node_status(lab_name: str, node: str) -> dict[str, Any]:
     return info
 
 
-def counters(lab_name: str, node: str) -> Counters:
-    bpf = node_status(lab_name, node).get("bpf") or {}
+def counters_in(status: dict[str, Any]) -> Counters:
+    """The BPF counters of a `flannel-bpf status -o json` document, by (hook, reason)."""
+    bpf = status.get("bpf") or {}
     return {(c["hook"], c["reason"]): (c["packets"], c["bytes"]) for c in bpf.get("counters", [])}
+
+
+def counters(lab_name: str, node: str) -> Counters:
+    return counters_in(node_status(lab_name, node))
 
 
 def delta(after: Counters, before: Counters, hook: str, reason: str) -> tuple[int, int]:

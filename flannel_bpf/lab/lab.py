@@ -13,7 +13,6 @@ deletes them, so it also cleans up after a crashed `up`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,7 +27,6 @@ from typing import Any
 from .agent_process import AgentProcess
 from .etcd import EtcdCluster, EtcdTls, make_cluster
 from .netns import (
-    CommandError,
     add_address,
     add_netns,
     add_veth,
@@ -38,7 +36,9 @@ from .netns import (
     list_netns,
     netns_exists,
     run,
+    stop_netns_processes,
 )
+from .proc import alive
 from .prometheus import Prometheus
 from .tls import make_pki
 
@@ -337,7 +337,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
     for node in state.nodes:
         subnet_file = state.dir / node.name / "subnet.env"
         while not subnet_file.exists():
-            if not _alive(node.agent_pid):
+            if not alive(node.agent_pid):
                 log = (state.dir / node.name / "agent.log").read_text(errors="replace")
                 raise LabError(f"agent on {node.name} exited:\n{log[-3000:]}")
             if time.monotonic() > deadline:
@@ -386,7 +386,7 @@ def start_etcd_member(name: str, index: int, wait: bool = True) -> int:
     """Start a stopped etcd member again on its data; returns its pid. With wait, until it
     answers (which needs a quorum of members up)."""
     state = LabState.load(name)
-    if _alive(_member_pid(state, index)):
+    if alive(_member_pid(state, index)):
         raise LabError(f"etcd member {index} of lab {name!r} is already running")
     member = etcd_cluster(state).members[index]
     member.start()
@@ -424,18 +424,6 @@ def node_datapath(node_dir: Path) -> dict[str, Any]:
     }
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours counts as gone
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
-
-
 def status(name: str) -> dict[str, Any]:
     state = LabState.load(name)
     return {
@@ -445,7 +433,7 @@ def status(name: str) -> dict[str, Any]:
         "etcd": {
             "endpoint": state.etcd_endpoint,
             "members": [
-                {"member": i, "endpoint": endpoint, "pid": pid, "running": _alive(pid)}
+                {"member": i, "endpoint": endpoint, "pid": pid, "running": alive(pid)}
                 for i, (endpoint, pid) in enumerate(
                     zip(state.etcd_endpoint.split(","), state.etcd_pids, strict=True)
                 )
@@ -461,7 +449,7 @@ def status(name: str) -> dict[str, Any]:
                 **node_datapath(state.dir / n.name),
                 "mtu": n.mtu,
                 "agent_pid": n.agent_pid,
-                "agent_running": _alive(n.agent_pid),
+                "agent_running": alive(n.agent_pid),
             }
             for n in state.nodes
         ],
@@ -553,7 +541,7 @@ def _wait_ready(node_dir: Path, pid: int, timeout: float) -> None:
                 return
         except (OSError, ValueError):
             pass
-        if not _alive(pid):
+        if not alive(pid):
             log = (node_dir / "agent.log").read_text(errors="replace")
             raise LabError(f"agent {pid} exited before it was ready:\n{log[-3000:]}")
         if time.monotonic() > deadline:
@@ -563,11 +551,11 @@ def _wait_ready(node_dir: Path, pid: int, timeout: float) -> None:
 
 def _stop_pid(pid: int, sig: int) -> None:
     """Signal a lab process and wait for it to go (SIGKILL after 15 s)."""
-    if not _alive(pid):
+    if not alive(pid):
         return
     os.kill(pid, sig)
     deadline = time.monotonic() + 15
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
@@ -577,13 +565,7 @@ def down(name: str, quiet: bool = False) -> list[str]:
     """Kill whatever runs in the lab's namespaces, delete them and the state. Always safe."""
     removed = list_netns(f"{name}-")
     for ns in removed:
-        try:
-            pids = run(["ip", "netns", "pids", ns], check=False).split()
-        except CommandError:
-            pids = []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
+        stop_netns_processes(ns)
     for ns in removed:
         delete_netns(ns)
     # The agents' pinned maps outlive their namespaces on the shared bpffs: sweep the orphans.

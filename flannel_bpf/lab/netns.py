@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .proc import alive
 
 NETNS_DIR = Path("/run/netns")
 
@@ -20,10 +24,20 @@ class CommandError(RuntimeError):
     pass
 
 
-def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
+) -> str:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise CommandError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
+        # Tools such as vagrant say what went wrong on stdout: its end goes into the message too.
+        output = f"\n{proc.stdout[-3000:].rstrip()}" if proc.stdout.strip() else ""
+        raise CommandError(
+            f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()[-3000:]}{output}"
+        )
     return proc.stdout
 
 
@@ -45,6 +59,22 @@ def delete_netns(name: str) -> None:
     """Remove a namespace; every link inside it goes with it. Missing is fine."""
     if netns_exists(name):
         run(["ip", "netns", "delete", name], check=False)
+
+
+def stop_netns_processes(name: str, grace: float = 0.0) -> None:
+    """Everything running in the namespace: SIGTERM and up to grace seconds to exit, then
+    SIGKILL (at once with no grace)."""
+    try:
+        pids = [int(pid) for pid in run(["ip", "netns", "pids", name], check=False).split()]
+    except (CommandError, ValueError):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
+        while (pids := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def list_netns(prefix: str) -> list[str]:

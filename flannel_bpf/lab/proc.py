@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 
 def stop_process(
@@ -24,3 +25,18 @@ def stop_process(
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
     return proc.returncode
+
+
+def alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (exited, not yet reaped) counts as gone."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

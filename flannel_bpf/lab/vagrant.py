@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,7 +22,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import add_netns, delete_netns, in_netns, netns_exists
+from .netns import (
+    CommandError,
+    add_netns,
+    delete_netns,
+    in_netns,
+    netns_exists,
+    run,
+    stop_netns_processes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
@@ -35,20 +42,8 @@ LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 LIBVIRT_RUNTIME = (Path("/run/libvirt"), Path("/run/libvirtd.pid"), Path("/run/virtlogd.pid"))
 
 
-class VagrantLabError(RuntimeError):
-    pass
-
-
-def _run(cmd: Sequence[str], timeout: float = 600, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-    if proc.returncode != 0:
-        raise VagrantLabError(
-            f"{' '.join(cmd[-6:])}: exit {proc.returncode}\n{proc.stdout[-3000:]}"
-            f"\n{proc.stderr[-3000:]}"
-        )
-    return proc.stdout
+class VagrantLabError(CommandError):
+    """What the lab itself refuses; a failing command raises CommandError (its base)."""
 
 
 def build_box() -> Path:
@@ -84,7 +79,9 @@ class Libvirtd:
     made_runtime: list[Path] = field(default_factory=list)
 
     def virsh(self, *args: str, timeout: float = 120) -> str:
-        return _run(in_netns(self.netns, ["virsh", "-q", "-c", "qemu:///system", *args]), timeout)
+        return run(
+            in_netns(self.netns, ["virsh", "-q", "-c", "qemu:///system", *args]), timeout=timeout
+        )
 
     def start(self, timeout: float = 60) -> None:
         if libvirtd_running():
@@ -111,7 +108,7 @@ class Libvirtd:
             try:
                 self.virsh("version", timeout=10)
                 break
-            except (VagrantLabError, subprocess.TimeoutExpired) as exc:
+            except (CommandError, subprocess.TimeoutExpired) as exc:
                 if any(p.poll() is not None for p in self.processes) or (
                     time.monotonic() > deadline
                 ):
@@ -123,18 +120,18 @@ class Libvirtd:
         removed = []
         for domain in self.virsh("list", "--all", "--name").split():
             if domain.startswith(PREFIX):
-                with contextlib.suppress(VagrantLabError):
+                with contextlib.suppress(CommandError):
                     self.virsh("destroy", domain)
                 self.virsh("undefine", domain, "--nvram", "--remove-all-storage")
                 removed.append(f"domain {domain}")
         for network in self.virsh("net-list", "--all", "--name").split():
             if network.startswith(PREFIX):
-                with contextlib.suppress(VagrantLabError):
+                with contextlib.suppress(CommandError):
                     self.virsh("net-destroy", network)
                 self.virsh("net-undefine", network)
                 removed.append(f"network {network}")
         for pool in self.virsh("pool-list", "--all", "--name").split():
-            with contextlib.suppress(VagrantLabError):
+            with contextlib.suppress(CommandError):
                 self.virsh("pool-refresh", pool)
             volumes = self.virsh("vol-list", pool).splitlines()
             names = [line.split()[0] for line in volumes if line.strip()]
@@ -144,7 +141,7 @@ class Libvirtd:
                     removed.append(f"volume {volume}")
             if pool == "default" and all(name.startswith(PREFIX) for name in names):
                 # vagrant-libvirt defined the default pool for the lab; leave no definition.
-                with contextlib.suppress(VagrantLabError):
+                with contextlib.suppress(CommandError):
                     self.virsh("pool-destroy", pool)
                 self.virsh("pool-undefine", pool)
                 removed.append(f"pool {pool}")
@@ -152,20 +149,9 @@ class Libvirtd:
 
     def stop(self) -> None:
         """The daemons and whatever libvirt started in the namespace (dnsmasq, a qemu left by a
-        failure): SIGTERM, then SIGKILL after a grace period; then the namespace itself."""
+        failure), given 15 s to exit; then the namespace itself."""
         if netns_exists(self.netns):
-            pids = [int(pid) for pid in _run(["ip", "netns", "pids", self.netns]).split()]
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + 15
-                while (
-                    pids := [pid for pid in pids if _alive(pid)]
-                ) and time.monotonic() < deadline:
-                    for proc in self.processes:
-                        proc.poll()  # reap our own children
-                    time.sleep(0.1)
+            stop_netns_processes(self.netns, grace=15)
             delete_netns(self.netns)
         for proc in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -176,14 +162,6 @@ class Libvirtd:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @dataclass
@@ -218,14 +196,16 @@ class VagrantLab:
         }
 
     def vagrant(self, *args: str, timeout: float = 900) -> str:
-        return _run(in_netns(self.libvirtd.netns, ["vagrant", *args]), timeout, self.env())
+        return run(
+            in_netns(self.libvirtd.netns, ["vagrant", *args]), timeout=timeout, env=self.env()
+        )
 
     def add_box(self) -> bool:
         """`vagrant box add` unless this very box (by its cache key) is the one added."""
         stamp = CACHE / "home" / "flannel-bpf-box"
         if stamp.exists() and stamp.read_text() == self.box_dir.name:
             return False
-        _run(
+        run(
             [
                 "vagrant",
                 "box",
@@ -235,6 +215,7 @@ class VagrantLab:
                 BOX_NAME,
                 str(self.box_dir / "flannel-bpf-node.box"),
             ],
+            timeout=600,
             env=self.env(),
         )
         stamp.write_text(self.box_dir.name)
@@ -286,7 +267,7 @@ class VagrantLab:
 
     def host(self, command: Sequence[str], timeout: float = 60) -> str:
         """A command on the host side of the lab's network (the libvirtd's namespace)."""
-        return _run(in_netns(self.libvirtd.netns, command), timeout)
+        return run(in_netns(self.libvirtd.netns, command), timeout=timeout)
 
     def status_of(self, node: str) -> dict[str, object]:
         info: dict[str, object] = json.loads(
@@ -295,14 +276,14 @@ class VagrantLab:
         return info
 
     def destroy(self) -> None:
-        with contextlib.suppress(VagrantLabError, subprocess.TimeoutExpired):
+        with contextlib.suppress(CommandError, subprocess.TimeoutExpired):
             self.vagrant("destroy", "-f", timeout=300)
 
     def stop(self) -> list[str]:
         """Everything the lab made goes: VMs, networks, volumes, daemons, namespace, state."""
         removed: list[str] = []
         if netns_exists(self.libvirtd.netns) and libvirtd_running():
-            with contextlib.suppress(VagrantLabError, subprocess.TimeoutExpired):
+            with contextlib.suppress(CommandError, subprocess.TimeoutExpired):
                 removed = self.libvirtd.remove_lab_objects()
         self.libvirtd.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)

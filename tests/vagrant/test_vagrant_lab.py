@@ -21,6 +21,7 @@ import pytest
 from flannel_bpf.lab.vagrant import PREFIX, VagrantLab, build_box, phase
 
 from ..conftest import requires_root
+from ..test_lab_bpf import Counters, counters_in, delta
 
 pytestmark = requires_root
 
@@ -70,26 +71,13 @@ def ssh_json(lab: VagrantLab, node: str, command: str) -> Any:
 
 
 def pods_of(lab: VagrantLab, node: str) -> dict[str, str]:
-    out = lab.ssh(node, "for p in pod1 pod2; do echo $p $(ip -n $p -4 -o addr show dev eth0); done")
-    pods = {}
-    for line in out.stdout.splitlines():
-        name, *rest = line.split()
-        match = re.search(r"inet (\S+)/", " ".join(rest))
-        assert match, f"{node}: {name} has no address: {line}"
-        pods[name] = match.group(1)
-    return pods
+    """The worker's pods and addresses, as the (idempotent) attach-pods of provisioning says."""
+    out = lab.ssh(node, "flannel-bpf lab attach-pods --count 2").stdout
+    return dict(line.split() for line in out.splitlines())
 
 
-def counters(lab: VagrantLab, node: str) -> dict[tuple[str, str], tuple[int, int]]:
-    status = ssh_json(lab, node, "flannel-bpf status -o json --no-etcd-probe")
-    return {
-        (c["hook"], c["reason"]): (c["packets"], c["bytes"])
-        for c in (status.get("bpf") or {}).get("counters", [])
-    }
-
-
-def grown(after: dict[Any, tuple[int, int]], before: dict[Any, tuple[int, int]], key: Any) -> int:
-    return after.get(key, (0, 0))[0] - before.get(key, (0, 0))[0]
+def counters(lab: VagrantLab, node: str) -> Counters:
+    return counters_in(ssh_json(lab, node, "flannel-bpf status -o json --no-etcd-probe"))
 
 
 def test_workers_run_the_bpf_data_path_with_native_xdp_on_virtio_net(lab: VagrantLab) -> None:
@@ -135,8 +123,8 @@ def test_pods_reach_each_other_across_vms_in_every_direction(lab: VagrantLab) ->
         # Each node's pods sent 2 pings to 4 remote pods and answered 2 x 4 x 2 more, all through
         # the programs: encapsulated at tc, decapsulated at XDP.
         expected = 2 * len(pods[node]) * 2 * (WORKERS - 1)
-        assert grown(after[node], before[node], ("tc_encap", "encap_redirect")) >= expected
-        assert grown(after[node], before[node], ("xdp_decap", "decap_pass")) >= expected
+        assert delta(after[node], before[node], "tc_encap", "encap_redirect")[0] >= expected
+        assert delta(after[node], before[node], "xdp_decap", "decap_pass")[0] >= expected
     say(f"{pairs} pod pairs across VMs answered, every packet through tc encap and XDP decap")
 
 
@@ -160,10 +148,7 @@ def test_a_100_mb_transfer_between_pods_on_two_vms(lab: VagrantLab) -> None:
     # The server's last report can close a moment before the final segments land.
     assert received["bytes"] >= 0.95 * sent, received
     after = counters(lab, server_node)
-    decap_bytes = (
-        after.get(("xdp_decap", "decap_pass"), (0, 0))[1]
-        - before.get(("xdp_decap", "decap_pass"), (0, 0))[1]
-    )
+    decap_bytes = delta(after, before, "xdp_decap", "decap_pass")[1]
     # Everything the client sent arrived through the XDP program (outer headers included).
     assert decap_bytes >= sent, (decap_bytes, sent)
     say(
