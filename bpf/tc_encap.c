@@ -53,58 +53,62 @@ int fb_tc_encap(struct __sk_buff *skb)
 	if (remote->flags & FB_REMOTE_SKIP)
 		return fb_encap_pass(FB_PASS_SKIP, bytes);
 
-	struct bpf_fib_lookup fib;
-	__u32 route = fb_underlay_route(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD, &fib);
+	__u32 hash = fb_flow_hash(skb, ip, data_end, cfg->local_ip);
+	__u32 reason = FB_ENCAP_REDIRECT;
+	struct fb_nexthop *hop = fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD, &reason);
 
-	if (route != FB_ENCAP_REDIRECT)
-		return fb_encap_pass(route, bytes);
+	if (!hop)
+		return fb_encap_pass(reason, bytes);
 
-	struct fb_encap_headers h = {};
+	/* The outer IPv4 header, built before the packet moves: it needs the inner TOS. */
 	__u32 inner_len = skb->len; /* the inner frame, Ethernet header included */
-	__u8 inner_tos = ip->tos;
+	struct iphdr outer_ip = {
+		.version = 4,
+		.ihl = 5,
+		.tos = fb_outer_tos(ip->tos),
+		.tot_len = bpf_htons(inner_len + FB_VXLAN_OVERHEAD - sizeof(struct ethhdr)),
+		/* DF clear as vxlan.ko sends it; the ID counts per peer and CPU from a random start. */
+		.id = bpf_htons(hop->ip_id++),
+		.ttl = cfg->ttl,
+		.protocol = IPPROTO_UDP,
+		.saddr = cfg->local_ip,
+		.daddr = remote->vtep_ip,
+	};
 
-	fb_mac_copy(h.outer_eth.h_dest, fib.dmac);
-	fb_mac_copy(h.outer_eth.h_source, fib.smac);
-	h.outer_eth.h_proto = bpf_htons(ETH_P_IP);
-
-	h.ip.version = 4;
-	h.ip.ihl = 5;
-	h.ip.tos = fb_outer_tos(inner_tos);
-	h.ip.tot_len = bpf_htons(inner_len + sizeof(struct iphdr) + sizeof(struct udphdr) +
-				 sizeof(struct fb_vxlanhdr));
-	/* DF clear as vxlan.ko sends it; IDs random, since fragments of ours are never expected. */
-	h.ip.id = (__be16)bpf_get_prandom_u32();
-	h.ip.ttl = cfg->ttl;
-	h.ip.protocol = IPPROTO_UDP;
-	h.ip.saddr = cfg->local_ip;
-	h.ip.daddr = remote->vtep_ip;
-	h.ip.check = fb_ipv4_csum(&h.ip);
-
-	/* skb_get_hash(), as vxlan.ko: the socket's or the stack's hash when set, else dissected. */
-	__u32 hash = skb->hash;
-
-	if (!hash)
-		hash = bpf_get_hash_recalc(skb);
-	h.udp.source = fb_flow_sport(hash, cfg->sport_min, cfg->sport_max);
-	h.udp.dest = cfg->port;
-	h.udp.len = bpf_htons(inner_len + sizeof(struct udphdr) + sizeof(struct fb_vxlanhdr));
-	h.udp.check = 0; /* legal for IPv4 (RFC 7348) and what Cilium and Calico send */
-
-	h.vxlan.flags = bpf_htonl(FB_VXLAN_FLAGS_VNI);
-	h.vxlan.vni = bpf_htonl(cfg->vni << 8);
-
-	/* Inner MACs as the peer's vxlan.ko requires: its VtepMAC, from our VtepMAC. */
-	fb_mac_copy(h.inner_eth.h_dest, remote->vtep_mac);
-	fb_mac_copy(h.inner_eth.h_source, cfg->vtep_mac);
-	h.inner_eth.h_proto = bpf_htons(ETH_P_IP);
-
+	outer_ip.check = fb_ipv4_csum(&outer_ip);
 	if (bpf_skb_adjust_room(skb, FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FB_ENCAP_FLAGS))
 		return fb_encap_pass(FB_PASS_ADJUST_FAILED, bytes);
-	if (bpf_skb_store_bytes(skb, 0, &h, sizeof(h), 0)) {
+
+	/* Written in place: no helper call per header. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	struct fb_encap_headers *h = data;
+
+	if ((void *)(h + 1) > data_end) {
 		fb_count(FB_HOOK_TC_ENCAP, FB_DROP_WRITE_FAILED, bytes);
 		return TC_ACT_SHOT;
 	}
+	struct ethhdr *outer_eth = data;
+	struct iphdr *outer = (void *)(outer_eth + 1);
+	struct udphdr *udp = (void *)(outer + 1);
+	struct fb_vxlanhdr *vxlan = (void *)(udp + 1);
+	struct ethhdr *inner_eth = (void *)(vxlan + 1);
+
+	__builtin_memcpy(outer_eth->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(outer_eth->h_source, hop->smac, ETH_ALEN);
+	outer_eth->h_proto = bpf_htons(ETH_P_IP);
+	*outer = outer_ip;
+	udp->source = fb_flow_sport(hash, cfg->sport_min, cfg->sport_max);
+	udp->dest = cfg->port;
+	udp->len = bpf_htons(inner_len + sizeof(struct udphdr) + sizeof(struct fb_vxlanhdr));
+	udp->check = 0; /* legal for IPv4 (RFC 7348) and what Cilium and Calico send */
+	vxlan->flags = bpf_htonl(FB_VXLAN_FLAGS_VNI);
+	vxlan->vni = bpf_htonl(cfg->vni << 8);
+	/* Inner MACs as the peer's vxlan.ko requires: its VtepMAC, from our VtepMAC. */
+	__builtin_memcpy(inner_eth->h_dest, remote->vtep_mac, ETH_ALEN);
+	__builtin_memcpy(inner_eth->h_source, cfg->vtep_mac, ETH_ALEN);
+	inner_eth->h_proto = bpf_htons(ETH_P_IP);
 
 	fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes);
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(hop->ifindex, 0);
 }

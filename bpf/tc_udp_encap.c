@@ -70,12 +70,14 @@ int fb_tc_udp_encap(struct __sk_buff *skb)
 	if (skb->gso_size && ip->protocol != IPPROTO_TCP)
 		return fb_udp_encap_pass(FB_PASS_GSO, bytes);
 
-	struct bpf_fib_lookup fib;
-	__u32 route = fb_underlay_route(skb, cfg, remote->vtep_ip, FB_UDP_OVERHEAD, &fib);
+	/* The packet gains an Ethernet header too: it has none on flannel0. */
+	__u32 reason = FB_ENCAP_REDIRECT;
+	struct fb_nexthop *hop =
+		fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_UDP_OVERHEAD + ETH_HLEN, &reason);
 
 	/* An unresolved neighbour goes to the plane, whose socket resolves it. */
-	if (route != FB_ENCAP_REDIRECT)
-		return fb_udp_encap_pass(route, bytes);
+	if (!hop)
+		return fb_udp_encap_pass(reason, bytes);
 
 	/* flanneld's sender decrements the inner TTL once, on top of the kernel's forwarding. */
 	fb_decrease_ttl(ip);
@@ -83,15 +85,15 @@ int fb_tc_udp_encap(struct __sk_buff *skb)
 	struct fb_udp_headers h = {};
 	__u32 inner_len = skb->len;
 
-	fb_mac_copy(h.eth.h_dest, fib.dmac);
-	fb_mac_copy(h.eth.h_source, fib.smac);
+	fb_mac_copy(h.eth.h_dest, hop->dmac);
+	fb_mac_copy(h.eth.h_source, hop->smac);
 	h.eth.h_proto = bpf_htons(ETH_P_IP);
 
 	/* As flanneld's UDP socket sends: TOS 0, DF set (path MTU discovery on), the default TTL. */
 	h.ip.version = 4;
 	h.ip.ihl = 5;
 	h.ip.tot_len = bpf_htons(inner_len + FB_UDP_OVERHEAD);
-	h.ip.id = (__be16)bpf_get_prandom_u32();
+	h.ip.id = bpf_htons(hop->ip_id++);
 	h.ip.frag_off = bpf_htons(FB_IP_DF);
 	h.ip.ttl = cfg->ttl;
 	h.ip.protocol = IPPROTO_UDP;
@@ -115,5 +117,5 @@ int fb_tc_udp_encap(struct __sk_buff *skb)
 	}
 
 	fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes);
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(hop->ifindex, 0);
 }

@@ -25,6 +25,9 @@ LAYOUT_VERSION: Final = 1
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
 MAX_SENDERS: Final = MAX_REMOTES
+NEXTHOP_SLOT_BITS: Final = 12
+NEXTHOP_SLOTS: Final = 1 << NEXTHOP_SLOT_BITS
+NEXTHOP_TTL_JIFFIES: Final = 10
 FB_REMOTE_SKIP: Final = 0x0001
 FB_CFG_CHECK_SOURCES: Final = 0x01  # --anti-spoofing
 REASON_FIRST_DROP: Final = 40
@@ -109,6 +112,8 @@ COUNTER = struct.Struct("<QQ")
 INDEX = struct.Struct("<I")
 SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
 SENDER_VALUE = struct.Struct("<I")  # how many leases name it
+# expires (jiffies), peer (network order), ifindex, mtu, ip_id, smac, dmac
+NEXTHOP = struct.Struct("<Q4sIHH6s6s")
 
 REMOTES = MapSpec(
     "fb_remotes",
@@ -128,7 +133,27 @@ SENDERS = MapSpec(
     MAX_SENDERS,
     bpf_sys.BPF_F_NO_PREALLOC,
 )
-ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS)
+NEXTHOPS = MapSpec(
+    "fb_nexthops", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, INDEX.size, NEXTHOP.size, NEXTHOP_SLOTS
+)
+ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS, NEXTHOPS)
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """One CPU's cached answer of bpf_fib_lookup() for a peer (fb_nexthops)."""
+
+    expires_jiffies: int
+    peer: IPv4Address
+    ifindex: int
+    mtu: int
+    smac: str
+    dmac: str
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> NextHop:
+        expires, peer, ifindex, mtu, _ip_id, smac, dmac = NEXTHOP.unpack(raw)
+        return cls(expires, IPv4Address(peer), ifindex, mtu, format_mac(smac), format_mac(dmac))
 
 
 @dataclass(frozen=True)
@@ -275,6 +300,8 @@ class PinnedMaps:
     # fb_config
     def write_config(self, cfg: DatapathConfig) -> None:
         bpf_sys.map_update(self.fd(CONFIG_MAP), INDEX.pack(0), cfg.pack())
+        # Cached next hops were looked up from the old local address and uplink.
+        self.clear_nexthops()
 
     def read_config(self) -> DatapathConfig | None:
         raw = bpf_sys.map_lookup(self.fd(CONFIG_MAP), INDEX.pack(0), CONFIG.size)
@@ -295,6 +322,25 @@ class PinnedMaps:
             value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
             if value is not None:
                 yield decode_remote(key, value)
+
+    # fb_nexthops
+    def nexthops(self) -> dict[IPv4Address, list[NextHop]]:
+        """The cached next hop to each peer, one per CPU that holds one (expired or not)."""
+        fd = self.fd(NEXTHOPS)
+        found: dict[IPv4Address, list[NextHop]] = {}
+        for slot in range(NEXTHOP_SLOTS):
+            for raw in bpf_sys.map_lookup_percpu(fd, INDEX.pack(slot), NEXTHOP.size) or []:
+                hop = NextHop.unpack(raw)
+                if hop.expires_jiffies:
+                    found.setdefault(hop.peer, []).append(hop)
+        return found
+
+    def clear_nexthops(self) -> None:
+        """Forget every cached next hop: the programs ask the FIB again."""
+        fd = self.fd(NEXTHOPS)
+        empty = bytes(((NEXTHOP.size + 7) & ~7) * bpf_sys.possible_cpus())
+        for slot in range(NEXTHOP_SLOTS):
+            bpf_sys.map_update(fd, INDEX.pack(slot), empty)
 
     # fb_senders
     def set_sender(self, address: IPv4Address, leases: int) -> None:

@@ -165,6 +165,7 @@ def peers_document(instances: list[Instance]) -> dict[str, Any]:
     for instance in instances:
         with _open(instance) as maps:
             remotes = sorted(maps.remotes(), key=lambda r: r.subnet)
+            nexthops = maps.nexthops()
         out.append(
             {
                 "pin_dir": str(instance.pin_dir),
@@ -175,6 +176,9 @@ def peers_document(instances: list[Instance]) -> dict[str, Any]:
                         "vtep_ip": str(r.vtep_ip),
                         "vtep_mac": r.vtep_mac,
                         "flags": ["skip"] if r.flags & FB_REMOTE_SKIP else [],
+                        "next_hops": sorted(
+                            {hop.dmac for hop in nexthops.get(r.vtep_ip, [])}
+                        ),  # as cached by the CPUs that sent to it lately (fb_nexthops)
                     }
                     for r in remotes
                 ],
@@ -187,9 +191,17 @@ def format_peers(doc: dict[str, Any]) -> str:
     lines: list[str] = []
     for instance in doc["instances"]:
         lines.append(f"{instance['device']} ({instance['pin_dir']}):")
-        rows = [("SUBNET", "VTEP IP", "VTEP MAC", "FLAGS")]
+        rows = [("SUBNET", "VTEP IP", "VTEP MAC", "FLAGS", "NEXT HOP MAC")]
         for r in instance["remotes"]:
-            rows.append((r["subnet"], r["vtep_ip"], r["vtep_mac"], ",".join(r["flags"]) or "-"))
+            rows.append(
+                (
+                    r["subnet"],
+                    r["vtep_ip"],
+                    r["vtep_mac"],
+                    ",".join(r["flags"]) or "-",
+                    ",".join(r["next_hops"]) or "-",
+                )
+            )
         lines += ["  " + line for line in _table(rows)]
         lines.append(f"  {len(instance['remotes'])} remotes")
     return "\n".join(lines)

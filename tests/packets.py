@@ -89,3 +89,41 @@ def masked(frame: bytes, *, source_port: bool) -> bytes:
 
 def header_checksum_ok(frame: bytes, offset: int = 14) -> bool:
     return ip_checksum(frame[offset : offset + 20]) == 0
+
+
+def _rol32(word: int, shift: int) -> int:
+    return ((word << shift) | (word >> (32 - shift))) & 0xFFFFFFFF
+
+
+def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
+    """lookup3's final mix over three words, as bpf/lib/common.h (and the kernel) computes it."""
+    mask = 0xFFFFFFFF
+    initval = (initval + 0xDEADBEEF + (3 << 2)) & mask
+    a, b, c = (a + initval) & mask, (b + initval) & mask, (c + initval) & mask
+    for x, y, shift in (
+        ("c", "b", 14), ("a", "c", 11), ("b", "a", 25), ("c", "b", 16),
+        ("a", "c", 4), ("b", "a", 14), ("c", "b", 24),
+    ):  # fmt: skip
+        regs = {"a": a, "b": b, "c": c}
+        regs[x] = ((regs[x] ^ regs[y]) - _rol32(regs[y], shift)) & mask
+        a, b, c = regs["a"], regs["b"], regs["c"]
+    return c
+
+
+def flow_source_port(inner_ip: bytes, local_underlay: str, port_range: tuple[int, int]) -> int:
+    """The outer source port our encapsulation gives a packet that carries no flow hash: a hash of
+    addresses, protocol and ports (ports only for unfragmented TCP/UDP/SCTP/UDP-Lite), seeded with
+    the node's underlay address, folded into the range as udp_flow_src_port() folds it. Words are
+    read as the program reads them: network-order bytes loaded little-endian."""
+
+    def word(raw: bytes) -> int:
+        return int.from_bytes(raw, "little")
+
+    protocol = inner_ip[9]
+    fragment = int.from_bytes(inner_ip[6:8], "big") & 0x3FFF
+    ports = word(inner_ip[20:24]) if protocol in (6, 17, 132, 136) and not fragment else 0
+    seed = word(socket.inet_aton(local_underlay)) ^ protocol
+    hash_ = jhash_3words(word(inner_ip[12:16]), word(inner_ip[16:20]), ports, seed) or 1
+    hash_ = (hash_ ^ (hash_ << 16)) & 0xFFFFFFFF
+    low, high = port_range
+    return ((hash_ * (high - low)) >> 32) + low

@@ -41,6 +41,8 @@ def test_constants_match_the_header() -> None:
     assert _define("FB_UDP_OVERHEAD") == bpf_maps.UDP_OVERHEAD
     assert _define("FB_MAX_REMOTES") == bpf_maps.MAX_REMOTES
     assert _define("FB_REMOTE_SKIP") == bpf_maps.FB_REMOTE_SKIP
+    assert _define("FB_NEXTHOP_SLOT_BITS") == bpf_maps.NEXTHOP_SLOT_BITS
+    assert _define("FB_NEXTHOP_TTL_JIFFIES") == bpf_maps.NEXTHOP_TTL_JIFFIES
 
 
 def test_reason_ranges_say_what_happened() -> None:
@@ -57,6 +59,7 @@ def test_struct_sizes() -> None:
     assert bpf_maps.REMOTE_VALUE.size == 12
     assert bpf_maps.CONFIG.size == 36
     assert bpf_maps.COUNTER.size == 16
+    assert bpf_maps.NEXTHOP.size == 32
 
 
 def test_config_round_trip() -> None:

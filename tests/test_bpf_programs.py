@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -216,12 +217,17 @@ def _kernel_encapsulate(topo: dict[str, Node], inner_ip: bytes) -> bytes:
             sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         with sender:
             sender.sendto(inner_ip, (socket.inet_ntoa(inner_ip[16:20]), 0))
-        while True:
-            frame = capture.recv(65535)
-            if frame[12:14] == b"\x08\x00" and frame[23] == 17 and frame[36:38] == b"\x21\x18":
-                return frame
+        return _next_vxlan_frame(capture)
     finally:
         capture.close()
+
+
+def _next_vxlan_frame(capture: socket.socket) -> bytes:
+    """The next IPv4/UDP frame to port 8472 the capture socket sees."""
+    while True:
+        frame = capture.recv(65535)
+        if frame[12:14] == b"\x08\x00" and frame[23] == 17 and frame[36:38] == b"\x21\x18":
+            return frame
 
 
 @pytest.mark.parametrize(
@@ -240,9 +246,56 @@ def test_encap_matches_live_kernel_capture(topo: dict[str, Node], ip_args: dict[
     kernel = _kernel_encapsulate(topo, frame[14:])
     retval, out, _ = topo["a"].run(Hook.TC_ENCAP, frame)
     assert retval == TC_ACT_REDIRECT
-    # Same boot, same flow hash: the source port must match too.
-    assert pk.masked(out, source_port=False) == pk.masked(kernel, source_port=False)
+    assert pk.masked(out, source_port=True) == pk.masked(kernel, source_port=True)
     assert pk.header_checksum_ok(out)
+    # The frame carries no flow hash: vxlan.ko dissects it with its per-boot key, we hash it.
+    expected = pk.flow_source_port(frame[14:], TOPO["local_underlay"], (32768, 60999))
+    assert pk.outer_fields(out).udp_source == expected
+
+
+def test_encap_and_vxlan_ko_give_a_flow_one_source_port(topo: dict[str, Node]) -> None:
+    """Live, on A's flannel.1: the first packet of a flow finds no underlay neighbour and goes to
+    vxlan.ko (which resolves it), the next ones are encapsulated by the program. The program
+    stores the flow hash it made in the skb, so vxlan.ko sends the flow from the same port."""
+    a, b = topo["a"], topo["b"]
+    inner = inner_frame(payload=b"same flow")[14:]
+    with entered(b.ns):
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    _ip(a.ns, "neigh", "del", TOPO["remote_underlay"], "dev", "u0")
+    before = a.maps.counters()
+    try:
+        capture.bind(("u0", 0))
+        capture.settimeout(5)
+        with entered(a.ns):
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                loader.attach_tc(ipr, a.config.vtep_ifindex, loader.TC_EGRESS, a.programs.encap,
+                                 "fb_tc_encap")  # fmt: skip
+            a.maps.clear_nexthops()
+            with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sender:
+                ports = []
+                for _ in range(3):
+                    sender.sendto(inner, ("10.5.2.7", 0))
+                    ports.append(pk.outer_fields(_next_vxlan_frame(capture)).udp_source)
+    finally:
+        capture.close()
+        with entered(a.ns):
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                loader.detach_tc(ipr, a.config.vtep_ifindex, loader.TC_EGRESS)
+        _ip(a.ns, "neigh", "replace", TOPO["remote_underlay"], "lladdr",
+            TOPO["remote_underlay_mac"], "dev", "u0", "nud", "permanent")  # fmt: skip
+    after = a.maps.counters()
+
+    def moved(reason: Reason) -> int:
+        key = CounterKey(Hook.TC_ENCAP, reason)
+        return after[key][0] - before[key][0]
+
+    assert (moved(Reason.PASS_NO_NEIGH), moved(Reason.ENCAP_REDIRECT)) == (1, 2)
+    expected = pk.flow_source_port(inner, TOPO["local_underlay"], (32768, 60999))
+    assert ports == [expected] * 3
 
 
 def test_encap_source_port_follows_the_flow(topo: dict[str, Node]) -> None:
@@ -263,9 +316,58 @@ def test_encap_on_a_host_that_does_not_forward(topo: dict[str, Node]) -> None:
     sysctl = ["ip", "netns", "exec", topo["a"].ns, "sysctl", "-qw"]
     run([*sysctl, "net.ipv4.conf.u0.forwarding=0"])
     try:
+        topo["a"].maps.clear_nexthops()
         _passes(topo["a"], Hook.TC_ENCAP, INNER_FRAME, Reason.PASS_NOT_FORWARDING)
     finally:
         run([*sysctl, "net.ipv4.conf.u0.forwarding=1"])
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """Keep this thread on one CPU: fb_nexthops is per CPU."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.mark.usefixtures("one_cpu")
+def test_a_cached_next_hop_is_asked_again_within_100_ms(topo: dict[str, Node]) -> None:
+    """The FIB's answer is reused for a while, never for longer than the cache's TTL."""
+    node = topo["a"]
+    node.maps.clear_nexthops()
+    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+    (hop,) = node.maps.nexthops()[IPv4Address(TOPO["remote_underlay"])]
+    assert (hop.ifindex, hop.mtu) == (node.config.uplink_ifindex, 1500)
+    assert (hop.smac, hop.dmac) == (TOPO["local_underlay_mac"], TOPO["remote_underlay_mac"])
+    forwarding = Path("/proc/sys/net/ipv4/conf/u0/forwarding")
+
+    def set_forwarding(on: bool) -> None:  # in-process: the TTL is 40 ms at HZ=250
+        with entered(node.ns):
+            forwarding.write_text("1" if on else "0")
+
+    node.maps.clear_nexthops()
+    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+    set_forwarding(False)
+    try:
+        # Within the TTL the cached answer still holds (as a STALE neighbour would)...
+        assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+        time.sleep(0.11)
+        # ...and after it the FIB is asked again.
+        _passes(node, Hook.TC_ENCAP, INNER_FRAME, Reason.PASS_NOT_FORWARDING)
+    finally:
+        set_forwarding(True)
+    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+
+
+def test_writing_the_config_empties_the_next_hop_cache(topo: dict[str, Node]) -> None:
+    node = topo["a"]
+    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+    assert node.maps.nexthops()
+    node.maps.write_config(node.config)
+    assert node.maps.nexthops() == {}
 
 
 def _passes(node: Node, hook: Hook, frame: bytes, reason: Reason) -> None:

@@ -280,8 +280,8 @@ def _upgraded_sources(tmp_path: Path) -> Path:
     shutil.copytree(loader.BPF_SOURCE_DIR, new)
     encap = new / "tc_encap.c"
     text = encap.read_text()
-    assert "h.ip.ttl = cfg->ttl;" in text
-    encap.write_text(text.replace("h.ip.ttl = cfg->ttl;", "h.ip.ttl = cfg->ttl ?: 64;"))
+    assert ".ttl = cfg->ttl," in text
+    encap.write_text(text.replace(".ttl = cfg->ttl,", ".ttl = cfg->ttl ?: 64,"))
     vxlan = new / "lib" / "vxlan.h"
     text = vxlan.read_text()
     marker = "\tif (ip->version != 4 || ip->ihl != 5)\n\t\treturn FB_PASS_IP_OPTIONS;\n"

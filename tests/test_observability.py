@@ -444,6 +444,17 @@ def test_commands_read_etcd_and_pins_and_counters_survive_restarts(
 
     before = counters()
     assert before[("tc_encap", "encap_redirect")] >= 20
+
+    # The next hop the encapsulation cached for the peer it sent to: node 2's uplink, via the FIB.
+    doc = json.loads(_node_cli(n1, "peers", "-o", "json").stdout)
+    hops = {r["subnet"]: r["next_hops"] for i in doc["instances"] for r in i["remotes"]}
+    node2 = info["nodes"][1]
+    link = subprocess.run(
+        ["ip", "-j", "-n", node2["namespace"], "link", "show", "eth1"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert hops == {node2["subnet"]: [json.loads(link.stdout)[0]["address"]], "10.244.250.0/24": []}
+    assert json.loads(link.stdout)[0]["address"] in _node_cli(n1, "peers").stdout
     assert len(before) == len(Hook) * len(Reason)  # every (hook, reason), zeros included
 
     encap = (

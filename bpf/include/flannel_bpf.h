@@ -43,6 +43,28 @@ struct fb_remote {
 };
 
 /*
+ * fb_nexthops: per CPU, a direct-mapped cache of the underlay next hop to a peer's PublicIP, as
+ * bpf_fib_lookup() last answered (slot: a multiplicative hash of the address; the entry names its
+ * peer, so a slot shared by two peers just costs lookups). An answer is reused for at most
+ * FB_NEXTHOP_TTL_JIFFIES, 100 ms at the lowest HZ (100), so a changed route, neighbour, MTU or
+ * forwarding setting takes effect within that time; the kernel's own neighbour entries go stale
+ * over seconds. Only complete answers are kept. The agent empties it with each fb_config.
+ */
+#define FB_NEXTHOP_SLOT_BITS 12
+#define FB_NEXTHOP_SLOTS (1 << FB_NEXTHOP_SLOT_BITS)
+#define FB_NEXTHOP_TTL_JIFFIES 10
+
+struct fb_nexthop {
+	__u64 expires; /* bpf_jiffies64() from which the FIB is asked again; 0 = empty */
+	__be32 peer;   /* the PublicIP this answer is for */
+	__u32 ifindex; /* the underlay device the route leaves by */
+	__u16 mtu;     /* the route's MTU */
+	__u16 ip_id;   /* the next outer IPv4 ID to this peer from this CPU */
+	__u8 smac[6];  /* the device's MAC */
+	__u8 dmac[6];  /* the next hop's MAC */
+};
+
+/*
  * fb_config: a single entry, written by the agent before the programs are attached. Both wire
  * formats share it; the udp programs ignore vni, vtep_mac and the source port range.
  */

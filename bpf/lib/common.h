@@ -86,6 +86,68 @@ static __always_inline __u8 fb_outer_tos(__u8 inner_tos)
 	return ecn == FB_ECN_CE ? FB_ECN_ECT_0 : ecn;
 }
 
+/* Bob Jenkins' lookup3 final mix over three words, as the kernel's jhash_3words(). */
+static __always_inline __u32 fb_rol32(__u32 word, unsigned int shift)
+{
+	return (word << shift) | (word >> ((32 - shift) & 31));
+}
+
+static __always_inline __u32 fb_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	initval += 0xdeadbeef + (3 << 2);
+	a += initval;
+	b += initval;
+	c += initval;
+	c ^= b;
+	c -= fb_rol32(b, 14);
+	a ^= c;
+	a -= fb_rol32(c, 11);
+	b ^= a;
+	b -= fb_rol32(a, 25);
+	c ^= b;
+	c -= fb_rol32(b, 16);
+	a ^= c;
+	a -= fb_rol32(c, 4);
+	b ^= a;
+	b -= fb_rol32(a, 14);
+	c ^= b;
+	c -= fb_rol32(b, 24);
+	return c;
+}
+
+/*
+ * The flow hash an outer source port is made from: the packet's own when it has one (its socket's,
+ * or the receiving NIC's), exactly as vxlan.ko reads it. A packet without one (ICMP, unconnected
+ * UDP) gets a hash of its addresses, protocol and ports, seeded per node; the kernel would run its
+ * flow dissector instead, which costs more than the rest of encapsulation. The hash is stored in
+ * the skb, so the uplink's queue selection and vxlan.ko, for packets of the flow that we leave to
+ * it, use the same one: one flow, one source port, whichever path it takes.
+ */
+static __always_inline __u32 fb_flow_hash(struct __sk_buff *skb, const struct iphdr *ip,
+					  void *data_end, __u32 seed)
+{
+	__u32 hash = skb->hash;
+
+	if (hash)
+		return hash;
+
+	__u32 ports = 0;
+
+	if (!(ip->frag_off & bpf_htons(FB_IP_MF | FB_IP_OFFSET)) &&
+	    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
+	     ip->protocol == IPPROTO_SCTP || ip->protocol == IPPROTO_UDPLITE)) {
+		const __u32 *l4 = (const void *)(ip + 1); /* callers accept ihl == 5 only */
+
+		if ((void *)(l4 + 1) <= data_end)
+			ports = *l4;
+	}
+	hash = fb_jhash_3words(ip->saddr, ip->daddr, ports, seed ^ ip->protocol);
+	if (!hash)
+		hash = 1; /* 0 means "none" to the kernel */
+	bpf_set_hash(skb, hash);
+	return hash;
+}
+
 /* The kernel's udp_flow_src_port(): a flow hash folded into [min, max). */
 static __always_inline __be16 fb_flow_sport(__u32 hash, __u16 min, __u16 max)
 {

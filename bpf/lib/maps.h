@@ -18,6 +18,8 @@ BPF_TABLE_PINNED("lpm_trie", struct fb_remote_key, struct fb_remote, fb_remotes,
 BPF_TABLE_PINNED("array", __u32, struct fb_config, fb_config, 1, FB_PIN_DIR "/fb_config");
 BPF_TABLE_PINNED("percpu_array", __u32, struct fb_counter, fb_stats, FB_STATS_ENTRIES,
 		 FB_PIN_DIR "/fb_stats");
+BPF_TABLE_PINNED("percpu_array", __u32, struct fb_nexthop, fb_nexthops, FB_NEXTHOP_SLOTS,
+		 FB_PIN_DIR "/fb_nexthops");
 BPF_TABLE_PINNED("hash", __be32, __u32, fb_senders, FB_MAX_SENDERS, FB_PIN_DIR "/fb_senders",
 		 BPF_F_NO_PREALLOC);
 

@@ -5,39 +5,86 @@
 
 #include "common.h"
 #include "flannel_bpf.h"
+#include "maps.h"
+
+static __always_inline __u32 fb_nexthop_slot(__be32 peer)
+{
+	return ((__u32)peer * 0x9e3779b1u) >> (32 - FB_NEXTHOP_SLOT_BITS);
+}
 
 /*
- * Whether the packet still fits the uplink once wrapped in overhead bytes (GSO packets are
- * segmented to fit), and the underlay route to the peer, looked up as the kernel's tunnels do
- * (bound to the uplink). Returns FB_ENCAP_REDIRECT with fib filled, or the reason to pass.
- *
- * Only a complete answer is used. An unresolved neighbour goes to the kernel path, which resolves
- * it (bpf_redirect_neigh would queue the packet with its inner route attached, and the queue flush
- * would then write the inner next hop's MACs as the outer ones).
+ * Whether the packet still fits the route once wrapped in overhead bytes, as bpf_check_mtu()
+ * decides: a GSO packet fits when its segments do (they are cut to fit), anything else by length.
  */
-static __always_inline __u32 fb_underlay_route(struct __sk_buff *skb, const struct fb_config *cfg,
-					       __be32 peer, __s32 overhead,
-					       struct bpf_fib_lookup *fib)
+static __always_inline int fb_fits(struct __sk_buff *skb, const struct fb_nexthop *hop,
+				   __s32 overhead)
 {
-	__u32 mtu = 0;
+	if (skb->gso_size) {
+		__u32 mtu = 0;
 
-	if (bpf_check_mtu(skb, cfg->uplink_ifindex, &mtu, overhead, 0))
-		return FB_PASS_TOO_BIG;
+		return bpf_check_mtu(skb, hop->ifindex, &mtu, overhead, 0) == 0;
+	}
+	return skb->len + overhead <= (__u32)hop->mtu + ETH_HLEN;
+}
 
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET;
-	fib->ipv4_src = cfg->local_ip;
-	fib->ipv4_dst = peer;
-	fib->ifindex = cfg->uplink_ifindex;
-	int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT);
+/*
+ * The underlay next hop to the peer, for a packet about to grow by overhead bytes. Returns this
+ * CPU's fb_nexthops entry (which the caller may take an IP ID from), or NULL with *reason set.
+ *
+ * The FIB is asked as the kernel's tunnels ask it (bound to the uplink), at most once per TTL per
+ * peer and CPU: a lookup costs about as much as the rest of encapsulation, and its answer changes
+ * only with the underlay's routes and neighbours. An unresolved neighbour goes to the kernel path,
+ * which resolves it (bpf_redirect_neigh would queue the packet with its inner route attached, and
+ * the queue flush would then write the inner next hop's MACs as the outer ones).
+ */
+static __always_inline struct fb_nexthop *fb_underlay_hop(struct __sk_buff *skb,
+							  const struct fb_config *cfg, __be32 peer,
+							  __s32 overhead, __u32 *reason)
+{
+	__u32 slot = fb_nexthop_slot(peer);
+	struct fb_nexthop *hop = fb_nexthops.lookup(&slot);
 
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return FB_PASS_NO_NEIGH;
-	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return FB_PASS_NOT_FORWARDING;
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return FB_PASS_NO_ROUTE;
-	return FB_ENCAP_REDIRECT;
+	if (!hop) {
+		*reason = FB_PASS_NO_ROUTE; /* cannot happen: the slot is in range */
+		return NULL;
+	}
+
+	__u64 now = bpf_jiffies64(); /* inlined by the verifier: no call */
+
+	if (hop->peer != peer || now >= hop->expires) {
+		struct bpf_fib_lookup fib = {};
+
+		fib.family = AF_INET;
+		fib.ipv4_src = cfg->local_ip;
+		fib.ipv4_dst = peer;
+		fib.ifindex = cfg->uplink_ifindex;
+		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+				*reason = FB_PASS_NO_NEIGH;
+			else if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+				*reason = FB_PASS_NOT_FORWARDING;
+			else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+				*reason = FB_PASS_TOO_BIG; /* the packet as it is: larger than the route */
+			else
+				*reason = FB_PASS_NO_ROUTE;
+			return NULL;
+		}
+		if (hop->peer != peer)
+			hop->ip_id = (__u16)bpf_get_prandom_u32();
+		hop->expires = now + FB_NEXTHOP_TTL_JIFFIES;
+		hop->peer = peer;
+		hop->ifindex = fib.ifindex;
+		hop->mtu = fib.mtu_result;
+		fb_mac_copy(hop->smac, fib.smac);
+		fb_mac_copy(hop->dmac, fib.dmac);
+	}
+	if (!fb_fits(skb, hop, overhead)) {
+		*reason = FB_PASS_TOO_BIG;
+		return NULL;
+	}
+	return hop;
 }
 
 #endif /* FB_UNDERLAY_H */
