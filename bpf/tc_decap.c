@@ -60,20 +60,26 @@ int fb_tc_decap(struct __sk_buff *skb)
 	if (skb->gso_size)
 		return fb_tc_decap_pass(FB_PASS_GSO, bytes);
 
-	struct fb_encap_headers *hdr = data;
-	struct ethhdr eth;
-
 	/* Addressed to flannel.<VNI> from the peer's VTEP, as vxlan.ko would deliver it. */
-	fb_mac_copy(eth.h_dest, cfg->vtep_mac);
-	fb_mac_copy(eth.h_source, hdr->inner_eth.h_source);
-	eth.h_proto = bpf_htons(ETH_P_IP);
+	struct fb_encap_headers *hdr = data;
+	__u8 peer_vtep_mac[ETH_ALEN];
 
+	fb_mac_copy(peer_vtep_mac, hdr->inner_eth.h_source);
 	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FB_DECAP_FLAGS))
 		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
-	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0)) {
+
+	/* Written in place: no helper call. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end) {
 		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
 		return TC_ACT_SHOT;
 	}
+	fb_mac_copy(eth->h_dest, cfg->vtep_mac);
+	fb_mac_copy(eth->h_source, peer_vtep_mac);
+	fb_set_eth_proto(eth, bpf_htons(ETH_P_IP));
 	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
 	return bpf_redirect(cfg->vtep_ifindex, BPF_F_INGRESS);
 }

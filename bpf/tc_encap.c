@@ -35,7 +35,7 @@ int fb_tc_encap(struct __sk_buff *skb)
 		return fb_encap_pass(FB_PASS_NOT_IPV4, bytes);
 	if ((void *)(ip + 1) > data_end)
 		return fb_encap_pass(FB_PASS_SHORT, bytes);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
+	if (fb_eth_proto(eth) != bpf_htons(ETH_P_IP))
 		return fb_encap_pass(FB_PASS_NOT_IPV4, bytes);
 	if (ip->version != 4 || ip->ihl != 5)
 		return fb_encap_pass(FB_PASS_IP_OPTIONS, bytes);
@@ -96,7 +96,7 @@ int fb_tc_encap(struct __sk_buff *skb)
 
 	__builtin_memcpy(outer_eth->h_dest, hop->dmac, ETH_ALEN);
 	__builtin_memcpy(outer_eth->h_source, hop->smac, ETH_ALEN);
-	outer_eth->h_proto = bpf_htons(ETH_P_IP);
+	fb_set_eth_proto(outer_eth, bpf_htons(ETH_P_IP));
 	*outer = outer_ip;
 	udp->source = fb_flow_sport(hash, cfg->sport_min, cfg->sport_max);
 	udp->dest = cfg->port;
@@ -107,7 +107,7 @@ int fb_tc_encap(struct __sk_buff *skb)
 	/* Inner MACs as the peer's vxlan.ko requires: its VtepMAC, from our VtepMAC. */
 	__builtin_memcpy(inner_eth->h_dest, remote->vtep_mac, ETH_ALEN);
 	__builtin_memcpy(inner_eth->h_source, cfg->vtep_mac, ETH_ALEN);
-	inner_eth->h_proto = bpf_htons(ETH_P_IP);
+	fb_set_eth_proto(inner_eth, bpf_htons(ETH_P_IP));
 
 	fb_count(FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes);
 	return bpf_redirect(hop->ifindex, 0);

@@ -18,11 +18,28 @@ static __always_inline int fb_xdp_pass(__u32 reason, __u64 bytes)
 	return XDP_PASS;
 }
 
+/*
+ * The whole frame's length, linear part and fragments, for the counters and the truncation check.
+ * The helper call is skipped in the common case: an IPv4 frame whose header says it fits the
+ * linear part (fragments would lie beyond it).
+ */
+static __always_inline __u64 fb_xdp_frame_len(struct xdp_md *ctx, void *data, void *data_end)
+{
+	__u64 linear = data_end - data;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) <= data_end && fb_eth_proto(eth) == bpf_htons(ETH_P_IP) &&
+	    ETH_HLEN + bpf_ntohs(ip->tot_len) <= linear)
+		return linear;
+	return bpf_xdp_get_buff_len(ctx);
+}
+
 int fb_xdp_decap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u64 bytes = bpf_xdp_get_buff_len(ctx);
+	__u64 bytes = fb_xdp_frame_len(ctx, data, data_end);
 	struct fb_config *cfg = fb_get_config();
 
 	if (!cfg)
@@ -38,24 +55,18 @@ int fb_xdp_decap(struct xdp_md *ctx)
 		return fb_xdp_pass(verdict, bytes);
 
 	/* The outer MACs become the inner ones: addressed to this host, so PACKET_HOST. */
-	struct ethhdr *outer = data;
-	__u8 dst[ETH_ALEN], src[ETH_ALEN];
+	struct fb_macs macs = *(struct fb_macs *)data;
 
-	fb_mac_copy(dst, outer->h_dest);
-	fb_mac_copy(src, outer->h_source);
 	if (bpf_xdp_adjust_head(ctx, FB_VXLAN_OVERHEAD))
 		return fb_xdp_pass(FB_PASS_ADJUST_FAILED, bytes);
 
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *inner = data;
-
-	if ((void *)(inner + 1) > data_end) {
+	if (data + sizeof(macs) > data_end) {
 		fb_count(FB_HOOK_XDP_DECAP, FB_DROP_WRITE_FAILED, bytes);
 		return XDP_DROP;
 	}
-	fb_mac_copy(inner->h_dest, dst);
-	fb_mac_copy(inner->h_source, src);
+	*(struct fb_macs *)data = macs;
 	fb_count(FB_HOOK_XDP_DECAP, FB_DECAP_PASS, bytes);
 	return XDP_PASS;
 }

@@ -36,15 +36,36 @@ struct fb_encap_headers {
 	struct ethhdr inner_eth;
 } __attribute__((packed));
 
+/* Both MAC addresses of an Ethernet header, as three words: what decapsulation carries over. */
+struct fb_macs {
+	__u32 words[3];
+};
+
 /* The minimum a VXLAN frame for us must hold: all of the above plus an inner IPv4 header. */
 #define FB_DECAP_MIN_LEN (sizeof(struct fb_encap_headers) + sizeof(struct iphdr))
 
-static __always_inline int fb_mac_equal(const __u8 *a, const __u8 *b)
+/* struct ethhdr is packed, so clang would move h_proto a byte at a time: one 16-bit access. */
+static __always_inline __be16 fb_eth_proto(const struct ethhdr *eth)
 {
-	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
-		(a[5] ^ b[5])) == 0;
+	return *(const __be16 *)((const __u8 *)eth + 2 * ETH_ALEN);
 }
 
+static __always_inline void fb_set_eth_proto(struct ethhdr *eth, __be16 proto)
+{
+	*(__be16 *)((__u8 *)eth + 2 * ETH_ALEN) = proto;
+}
+
+/*
+ * MACs compared as a 4- and a 2-byte word. Only for packets and map values, where unaligned loads
+ * are allowed; the verifier refuses them on the stack.
+ */
+static __always_inline int fb_mac_equal(const __u8 *a, const __u8 *b)
+{
+	return (*(const __u32 *)a ^ *(const __u32 *)b) == 0 &&
+	       (*(const __u16 *)(a + 4) ^ *(const __u16 *)(b + 4)) == 0;
+}
+
+/* Byte by byte: safe for any memory, the stack included. */
 static __always_inline void fb_mac_copy(__u8 *dst, const __u8 *src)
 {
 	dst[0] = src[0];

@@ -64,7 +64,7 @@ static __always_inline __u32 fb_classify_udp(void *data, void *data_end, __u64 f
 
 	if ((void *)(&hdr->eth + 1) > data_end)
 		return FB_PASS_SHORT;
-	if (hdr->eth.h_proto != bpf_htons(ETH_P_IP))
+	if (fb_eth_proto(&hdr->eth) != bpf_htons(ETH_P_IP))
 		return FB_PASS_NOT_IPV4;
 	if ((void *)(&hdr->ip + 1) > data_end)
 		return FB_PASS_SHORT;

@@ -23,18 +23,20 @@ static __always_inline __u32 fb_classify_vxlan_ours(void *data, void *data_end, 
 	if (udp->dest != cfg->port)
 		return FB_PASS_NOT_OURS;
 
-	struct fb_encap_headers *hdr = data;
-	struct iphdr *inner = (void *)(hdr + 1);
+	/* Typed pointers, not fb_encap_headers' packed fields: word loads instead of byte loads. */
+	struct fb_vxlanhdr *vxlan = (void *)(udp + 1);
+	struct ethhdr *inner_eth = (void *)(vxlan + 1);
+	struct iphdr *inner = (void *)(inner_eth + 1);
 
 	if ((void *)(inner + 1) > data_end)
 		return FB_PASS_SHORT;
-	if (hdr->vxlan.flags != bpf_htonl(FB_VXLAN_FLAGS_VNI))
+	if (vxlan->flags != bpf_htonl(FB_VXLAN_FLAGS_VNI))
 		return FB_PASS_BAD_FLAGS;
-	if (hdr->vxlan.vni != bpf_htonl(cfg->vni << 8))
+	if (vxlan->vni != bpf_htonl(cfg->vni << 8))
 		return FB_PASS_OTHER_VNI;
-	if (!fb_mac_equal(hdr->inner_eth.h_dest, cfg->vtep_mac))
+	if (!fb_mac_equal(inner_eth->h_dest, cfg->vtep_mac))
 		return FB_PASS_OTHER_MAC;
-	if (hdr->inner_eth.h_proto != bpf_htons(ETH_P_IP))
+	if (fb_eth_proto(inner_eth) != bpf_htons(ETH_P_IP))
 		return FB_PASS_INNER_NOT_IPV4;
 
 	/* What ip_rcv() would reject anyway; dropping here keeps it visible in our counters. */
@@ -58,7 +60,7 @@ static __always_inline __u32 fb_classify_vxlan(void *data, void *data_end, __u64
 
 	if ((void *)(eth + 1) > data_end)
 		return FB_PASS_SHORT;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
+	if (fb_eth_proto(eth) != bpf_htons(ETH_P_IP))
 		return FB_PASS_NOT_IPV4;
 
 	struct iphdr *ip = (void *)(eth + 1);
