@@ -20,6 +20,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flannel_bpf.lab import lab
+from tests import packets as pk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IPERF_PORT = 5201
@@ -81,6 +83,7 @@ class Sample:
     tcp1_gbps: float = 0.0
     tcp4_gbps: float = 0.0
     udp64_pps: float = 0.0
+    gen64_pps: float = 0.0
     tcp_lat_us: float = 0.0
     udp_lat_us: float = 0.0
     cpu_s_per_gbit: float = 0.0
@@ -162,6 +165,41 @@ def iperf_udp64(client: str, server_ns: str, ip: str, seconds: int) -> float:
     return received / float(total["seconds"])
 
 
+def trafgen_udp64(client: str, server_ns: str, server_ip: str, seconds: int) -> float:
+    """Packets per second the receiving pod got while trafgen, in the sending pod, pushed 64-byte
+    UDP payloads through its veth as fast as one CPU can (packet ring, no socket, no qdisc). No
+    sender stack stands in the way, so this is where the data path's per-packet cost shows."""
+
+    def first(*cmd: str) -> dict[str, Any]:
+        found: list[dict[str, Any]] = json.loads(ns_run(client, "ip", "-j", *cmd).stdout or "[]")
+        if not found:
+            raise RuntimeError(f"trafgen set-up: nothing from ip {' '.join(cmd)} in {client}")
+        return found[0]
+
+    ns_run(client, "ping", "-c", "1", "-W", "2", server_ip)  # resolves the gateway's MAC
+    own_mac = first("link", "show", "eth0")["address"]
+    own_ip = first("-4", "addr", "show", "eth0")["addr_info"][0]["local"]
+    gateway = first("route", "show", "default")["gateway"]
+    gateway_mac = first("neigh", "show", gateway, "dev", "eth0")["lladdr"]
+    frame = pk.eth(gateway_mac, own_mac) + pk.ipv4(own_ip, server_ip, pk.udp(9, 9, bytes(64)))
+    with tempfile.NamedTemporaryFile("w", prefix="fb-trafgen-", suffix=".cfg") as cfg:
+        cfg.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+        cfg.flush()
+        before = rx_packets(server_ns, "eth0")
+        start = time.monotonic()
+        # --no-sock-mem and --notouch-irq: trafgen would otherwise tune the host's socket memory
+        # and IRQ affinities.
+        ns_run(
+            client, "timeout", "-s", "INT", str(seconds), "trafgen", "--dev", "eth0",
+            "--conf", cfg.name, "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+            timeout=seconds + 30,
+        )  # fmt: skip
+        elapsed = time.monotonic() - start
+        time.sleep(0.2)  # what is still queued arrives
+        received = rx_packets(server_ns, "eth0") - before
+    return received / elapsed
+
+
 _LATENCY = re.compile(r"latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)")
 _SCALE = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}
 
@@ -240,6 +278,7 @@ def measure(live: LiveLab, seconds: int) -> Sample:
     four = iperf_tcp(client, srv, ip, seconds, 4)
     sample.tcp4_gbps = float(four["end"]["sum_received"]["bits_per_second"]) / 1e9
     sample.udp64_pps = iperf_udp64(client, srv, ip, seconds)
+    sample.gen64_pps = trafgen_udp64(client, srv, ip, seconds)
     sample.tcp_lat_us, sample.udp_lat_us = qperf_latency(client, srv, ip, max(2, seconds - 1))
     return sample
 
@@ -282,7 +321,8 @@ def run(
                     live.result.samples.append(sample)
                     log(
                         f"[mtu {mtu}] round {round_no} {label}: "
-                        f"{sample.tcp1_gbps:.2f} Gbit/s, {sample.udp64_pps / 1e3:.0f} kpps, "
+                        f"{sample.tcp1_gbps:.2f} Gbit/s, {sample.udp64_pps / 1e3:.0f} kpps "
+                        f"(trafgen {sample.gen64_pps / 1e3:.0f}), "
                         f"{sample.tcp_lat_us:.1f} us"
                     )
             results.extend(live.result for live in lives)
@@ -311,7 +351,7 @@ def summarize(results: list[Result], rounds: int, seconds: int) -> dict[str, Any
     for row in rows:
         for base in ("host-gw", "vxlan-kernel"):
             ref = by_key.get((base, row["mtu"]))
-            for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_pps"):
+            for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_pps", "gen64_pps"):
                 ratio = row[metric] / ref[metric] if ref and ref[metric] else 0.0
                 row[f"{metric}_vs_{base}"] = ratio
     return {
@@ -342,7 +382,13 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
 
     ratio_target("BPF TCP throughput vs kernel vxlan (MTU 1500)", "tcp1_gbps", kernel, 1.10)
     ratio_target("BPF TCP throughput vs host-gw (MTU 1500)", "tcp1_gbps", hostgw, 0.95)
-    ratio_target("BPF 64-byte packet rate vs kernel vxlan (MTU 1500)", "udp64_pps", kernel, 1.5)
+    # The packet rate where the data path is the bottleneck: trafgen, not a socket, sends.
+    ratio_target("BPF 64-byte packet rate vs kernel vxlan (MTU 1500)", "gen64_pps", kernel, 1.5)
+    if bpf and kernel and kernel["udp64_pps"]:
+        out[-1]["note"] += (
+            f"; trafgen in the sending pod; through an iperf3 socket "
+            f"{bpf['udp64_pps'] / kernel['udp64_pps']:.2f} x (the socket is the limit there)"
+        )
     for metric, name in (("tcp_lat_us", "TCP"), ("udp_lat_us", "UDP")):
         if bpf and kernel and kernel[metric]:
             out.append({
@@ -365,7 +411,7 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
 def print_table(report: dict[str, Any]) -> None:
     header = (
         f"{'configuration':36} {'MTU':>5} {'decap':>6} {'1 strm':>7} {'4 strm':>7} "
-        f"{'xKvx':>5} {'xHgw':>5} {'64B kpps':>9} {'tcp us':>7} {'udp us':>7} "
+        f"{'xKvx':>5} {'xHgw':>5} {'64B kpps':>9} {'gen kpps':>9} {'tcp us':>7} {'udp us':>7} "
         f"{'CPUs/Gb':>8} {'fr/GiB':>8}"
     )
     print(header)
@@ -377,6 +423,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{row['label']:36} {row['mtu']:>5} {row['decap']:>6} {row['tcp1_gbps']:>7.2f} "
             f"{row['tcp4_gbps']:>7.2f} {row['tcp1_gbps_vs_vxlan-kernel']:>5.2f} "
             f"{row['tcp1_gbps_vs_host-gw']:>5.2f} {row['udp64_pps'] / 1e3:>9.0f} "
+            f"{row['gen64_pps'] / 1e3:>9.0f} "
             f"{row['tcp_lat_us']:>7.1f} {row['udp_lat_us']:>7.1f} {row['cpu_s_per_gbit']:>8.3f} "
             f"{row['frames_per_gib'] / 1e3:>7.0f}k"
         )

@@ -60,8 +60,11 @@ def datapath_section(data: dict[str, Any]) -> list[str]:
         "",
         f"Medians of {data['rounds']} interleaved rounds of {data['seconds']} s runs, all "
         "configurations of one MTU built at once (one namespace lab each) and measured in shuffled "
-        "order in the same run. Throughput: iperf3 TCP, one and four streams. 64 B rate: iperf3 "
-        "UDP with 64-byte payloads at full speed, packets the receiver got per second. Latency: "
+        "order in the same run. Throughput: iperf3 TCP, one and four streams. 64 B rates, packets "
+        "the receiving pod got per second: *socket*, iperf3 UDP with 64-byte payloads at full "
+        "speed (the sending socket is the limit); *trafgen*, the same packets from trafgen's "
+        "packet ring in the sending pod, one CPU, no socket or qdisc (the data path is the "
+        "limit, so per-packet cost shows; the target uses this one). Latency: "
         "qperf tcp_lat / udp_lat (one way, half the round trip). CPU: busy CPU seconds of the "
         "whole machine per Gbit moved in the one-stream run. Frames per GiB: frames on the "
         "receiving node's uplink per GiB delivered (big GSO frames mean few).",
@@ -69,19 +72,21 @@ def datapath_section(data: dict[str, Any]) -> list[str]:
     ]
     header = [
         "configuration", "MTU", "decap", "1 stream Gbit/s", "4 streams Gbit/s",
-        "x kernel vxlan", "x host-gw", "64 B kpps", "64 B x kernel vxlan", "tcp_lat us",
+        "x kernel vxlan", "x host-gw", "64 B socket kpps", "64 B trafgen kpps",
+        "trafgen x kernel vxlan", "tcp_lat us",
         "udp_lat us", "CPU s/Gbit", "frames/GiB", "note",
     ]  # fmt: skip
     rows = []
     for r in data["rows"]:
         if r["error"] and not r["samples"]:
-            rows.append([r["label"], str(r["mtu"]), "", "error: " + r["error"]] + [""] * 10)
+            rows.append([r["label"], str(r["mtu"]), "", "error: " + r["error"]] + [""] * 11)
             continue
         rows.append([
             r["label"], str(r["mtu"]), r["decap"] or "-", _num(r["tcp1_gbps"]),
             _num(r["tcp4_gbps"]), _num(r["tcp1_gbps_vs_vxlan-kernel"]),
             _num(r["tcp1_gbps_vs_host-gw"]), _num(r["udp64_pps"] / 1e3, 0),
-            _num(r["udp64_pps_vs_vxlan-kernel"]), _num(r["tcp_lat_us"], 1),
+            _num(r.get("gen64_pps", 0.0) / 1e3, 0), _num(r.get("gen64_pps_vs_vxlan-kernel", 0.0)),
+            _num(r["tcp_lat_us"], 1),
             _num(r["udp_lat_us"], 1), _num(r["cpu_s_per_gbit"], 3),
             f"{r['frames_per_gib'] / 1e3:.0f}k", r["note"],
         ])  # fmt: skip
@@ -142,7 +147,7 @@ def chart(data: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(1, len(mtus))
     for ax, metric, scale, title in (
         (axes[0], "tcp1_gbps", 1.0, "TCP, one stream (Gbit/s)"),
-        (axes[1], "udp64_pps", 1e-3, "64-byte UDP (kpps received)"),
+        (axes[1], "gen64_pps", 1e-3, "64-byte UDP from trafgen (kpps received)"),
     ):
         for i, mtu in enumerate(mtus):
             by_label = {r["label"]: r for r in rows if r["mtu"] == mtu}

@@ -299,9 +299,12 @@ class PinnedMaps:
 
     # fb_config
     def write_config(self, cfg: DatapathConfig) -> None:
+        previous = self.read_config()
         bpf_sys.map_update(self.fd(CONFIG_MAP), INDEX.pack(0), cfg.pack())
-        # Cached next hops were looked up from the old local address and uplink.
-        self.clear_nexthops()
+        # Next hops cached under another config were looked up for another address or uplink.
+        # Unconfigured programs cache nothing, and a restart with the same config keeps them.
+        if previous is not None and previous != cfg:
+            self.clear_nexthops()
 
     def read_config(self) -> DatapathConfig | None:
         raw = bpf_sys.map_lookup(self.fd(CONFIG_MAP), INDEX.pack(0), CONFIG.size)

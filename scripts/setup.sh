@@ -27,6 +27,8 @@ DEV_PACKAGES=(
   "${NODE_PACKAGES[@]}"
   # building wheels, benchmarks, the lab's Prometheus
   python3-dev qperf prometheus
+  # trafgen: 64-byte packets from a pod faster than any socket sends them (bench/)
+  netsniff-ng
 )
 VM_HOST_PACKAGES=(
   # the Vagrant lab: software-emulated VMs under a libvirtd of our own, and the box's builder

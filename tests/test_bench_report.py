@@ -23,6 +23,7 @@ def _datapath_results() -> dict[str, object]:
                 tcp1_gbps=tcp,
                 tcp4_gbps=tcp,
                 udp64_pps=float(pps),
+                gen64_pps=2.0 * pps,
                 tcp_lat_us=30.0,
                 udp_lat_us=30.0,
                 cpu_s_per_gbit=0.1,
