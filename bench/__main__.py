@@ -7,6 +7,8 @@ saves bench/results/<name>.json; the report is written from whatever results exi
 from __future__ import annotations
 
 import argparse
+import functools
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,10 @@ QUICK_ARGS = {
     "control_plane": ["--leases", "1000", "--agents", "10"],
     "datapath": ["--rounds", "1", "--seconds", "2", "--mtu", "1500"],
 }
+
+
+def _forward(child: subprocess.Popen[bytes], signum: int, _frame: object) -> None:
+    child.send_signal(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== bench {name} {' '.join(extra)}", flush=True)
         start = time.monotonic()
         # Separate processes: a benchmark's state (bcc, labs, etcd) never leaks into the next.
-        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT)
-        print(f"== bench {name}: exit {proc.returncode} in {time.monotonic() - start:.0f} s")
-        if proc.returncode != 0:
+        proc = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT)
+        # A SIGTERM goes on to the benchmark, which tears down what it built before it exits.
+        previous = signal.signal(signal.SIGTERM, functools.partial(_forward, proc))
+        try:
+            returncode = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        print(f"== bench {name}: exit {returncode} in {time.monotonic() - start:.0f} s")
+        if returncode == 130:
+            return 130
+        if returncode != 0:
             failed.append(name)
     from bench import report
 

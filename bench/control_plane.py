@@ -49,6 +49,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Final
 
+from bench import unwind_on_sigterm
 from flannel_bpf import bpf_sys
 from flannel_bpf.bpf_maps import REMOTE_KEY, REMOTE_VALUE, remote_key
 from flannel_bpf.lab.agent_process import AgentProcess
@@ -1348,10 +1349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     opts = parser.parse_args(argv)
 
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through run()'s cleanup
-
-    signal.signal(signal.SIGTERM, interrupted)
+    unwind_on_sigterm()  # unwinds through run()'s cleanup
     try:
         result = run(
             opts.leases, opts.agents, churn_events=opts.churn_events, churn_rate=opts.churn_rate

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import unwind_on_sigterm
 from flannel_bpf.lab import lab
 from tests import packets as pk
 
@@ -442,8 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", choices=[c.key for c in CONFIGS], help="a subset of configurations"
     )
     args = parser.parse_args(argv)
+    unwind_on_sigterm()  # a killed run still tears down what it built
     configs = tuple(c for c in CONFIGS if not args.only or c.key in args.only)
-    report = run(tuple(args.mtu), args.rounds, args.seconds, configs)
+    try:
+        report = run(tuple(args.mtu), args.rounds, args.seconds, configs)
+    except KeyboardInterrupt:
+        print("datapath: interrupted; every lab it built was taken down", file=sys.stderr)
+        return 130
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "datapath.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)

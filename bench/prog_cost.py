@@ -39,6 +39,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Final
 
+from bench import unwind_on_sigterm
 from flannel_bpf import bpf_sys, loader
 from flannel_bpf.bpf_maps import (
     FB_CFG_CHECK_SOURCES,
@@ -547,12 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.prog_cost", description=__doc__)
     parser.add_argument("--runs", type=int, default=20000, help="runs per case (default 20000)")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()  # a killed run still tears down what it built
     started = time.monotonic()
     try:
         result = run(args.runs)
     except (loader.LoaderError, netns.CommandError, PermissionError, ValueError) as exc:
         print(f"prog_cost: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("prog_cost: interrupted; everything it created was removed", file=sys.stderr)
+        return 130
     print(format_table(result))
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(json.dumps(result, indent=2) + "\n")
