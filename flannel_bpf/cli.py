@@ -341,10 +341,9 @@ def cmd_cleanup(args: list[str]) -> int:
         "pinned maps; also unpins maps of namespaces that no longer exist",
     )
     parser.add_argument("--bpffs", default=str(loader.DEFAULT_BPFFS))
-    try:
-        opts = parser.parse_args(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
     root = Path(opts.bpffs)
     done: list[str] = []
     try:
@@ -424,10 +423,9 @@ def cmd_lab(args: list[str]) -> int:
     p_attach.add_argument("--prefix", default="pod", help="pods are PREFIX1..PREFIXN")
     p_attach.add_argument("--subnet-file", type=Path, default=Path("/run/flannel/subnet.env"))
     p_attach.add_argument("--ipam-dir", type=Path, default=Path("/var/lib/cni/flannel-bpf"))
-    try:
-        opts = parser.parse_args(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
     try:
         if opts.action == "up":
             if not 1 <= opts.nodes <= 50 or not 0 <= opts.pods_per_node <= 20:
@@ -502,10 +500,9 @@ def cmd_vagrant(args: list[str]) -> int:
     p_ssh.add_argument("node")
     p_ssh.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("down", help="vagrant destroy, then everything the lab added to libvirt")
-    try:
-        opts = parser.parse_args(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    opts = _parse(parser, args)
+    if isinstance(opts, int):
+        return opts
     try:
         if opts.action == "up":
             if not 1 <= opts.workers <= 20:

@@ -100,13 +100,13 @@ def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
     mask = 0xFFFFFFFF
     initval = (initval + 0xDEADBEEF + (3 << 2)) & mask
     a, b, c = (a + initval) & mask, (b + initval) & mask, (c + initval) & mask
-    for x, y, shift in (
-        ("c", "b", 14), ("a", "c", 11), ("b", "a", 25), ("c", "b", 16),
-        ("a", "c", 4), ("b", "a", 14), ("c", "b", 24),
-    ):  # fmt: skip
-        regs = {"a": a, "b": b, "c": c}
-        regs[x] = ((regs[x] ^ regs[y]) - _rol32(regs[y], shift)) & mask
-        a, b, c = regs["a"], regs["b"], regs["c"]
+    c = ((c ^ b) - _rol32(b, 14)) & mask
+    a = ((a ^ c) - _rol32(c, 11)) & mask
+    b = ((b ^ a) - _rol32(a, 25)) & mask
+    c = ((c ^ b) - _rol32(b, 16)) & mask
+    a = ((a ^ c) - _rol32(c, 4)) & mask
+    b = ((b ^ a) - _rol32(a, 14)) & mask
+    c = ((c ^ b) - _rol32(b, 24)) & mask
     return c
 
 
