@@ -149,7 +149,16 @@ class Agent:
         config = await manager.wait_for_network_config()
         if config.enable_ipv6:
             raise AgentError("EnableIPv6 is set in the network config: IPv6 is not supported yet")
+        manager.prefetch_leases()
+        try:
+            return await self._run_with_config(manager, config, previous)
+        finally:
+            manager.drop_startup_listing()  # a no-op once the peer watch took it
 
+    async def _run_with_config(
+        self, manager: LeaseManager, config: NetworkConfig, previous: PreviousSubnets
+    ) -> int:
+        opts = self.options
         try:
             iface = await find_external_interface(opts)
         except InterfaceError as exc:
@@ -182,6 +191,8 @@ class Agent:
         except (BackendError, StoreAuthError, StoreError) as exc:
             raise AgentError(f"Error registering network: {exc}") from None
 
+        if not network.wants_peers:
+            manager.drop_startup_listing()
         try:
             keepers = await asyncio.to_thread(self._install_rules, config, network, previous)
         except RulesError as exc:

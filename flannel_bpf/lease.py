@@ -18,6 +18,9 @@ from typing import Any
 # accept exactly the same strings; we match the whole key name rather than only its end because
 # anything else under subnets/ is a foreign key, not a lease.
 _SUBNET_KEY_RE = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+_JSON_WHITESPACE = re.compile(rb"[ \t\r\n]")
+# The members kept as raw bytes (lower-cased: Go matches names case-insensitively).
+_RAW_MEMBERS = frozenset({"backenddata", "backendv6data"})
 
 
 class LeaseFormatError(ValueError):
@@ -77,6 +80,8 @@ def compact_json(raw: bytes) -> bytes:
     Go re-emits a json.RawMessage compacted but otherwise untouched (number spelling, key order),
     so BackendData read from a peer is kept as these exact bytes.
     """
+    if _JSON_WHITESPACE.search(raw) is None:
+        return raw  # what every flanneld writes: nothing to drop, no byte loop
     out = bytearray()
     in_string = escaped = False
     for byte in raw:
@@ -107,8 +112,9 @@ def _go_field(obj: Mapping[str, Any], name: str) -> tuple[bool, Any]:
     return found, value
 
 
-def _raw_fields(data: bytes) -> dict[str, bytes]:
-    """The top-level members of a JSON object, each value as its compacted raw bytes."""
+def _raw_fields(data: bytes, wanted: frozenset[str]) -> dict[str, bytes]:
+    """The top-level members of a JSON object whose lower-cased names are in wanted, each value
+    as its compacted raw bytes (the others are only stepped over)."""
     decoder = json.JSONDecoder()
     text = data.decode("utf-8")
     idx = _skip_ws(text, 0)
@@ -127,7 +133,8 @@ def _raw_fields(data: bytes) -> dict[str, bytes]:
             raise LeaseFormatError("lease value is not valid JSON")
         start = _skip_ws(text, idx + 1)
         _, idx = decoder.raw_decode(text, start)
-        fields[key] = compact_json(text[start:idx].encode())
+        if key.lower() in wanted:
+            fields[key] = compact_json(text[start:idx].encode())
         idx = _skip_ws(text, idx)
         if idx < len(text) and text[idx] == ",":
             idx = _skip_ws(text, idx + 1)
@@ -177,7 +184,7 @@ class LeaseAttrs:
         """Decode a lease value the way flanneld does (case-insensitive names, unknown ignored)."""
         try:
             decoded = json.loads(data)
-            raw = _raw_fields(data)
+            raw = _raw_fields(data, _RAW_MEMBERS)
         except (UnicodeDecodeError, ValueError) as exc:
             if isinstance(exc, LeaseFormatError):
                 raise

@@ -101,6 +101,10 @@ class LeaseManager:
     clock: Callable[[], float] = time.time
     stats: WatchStats = field(default_factory=WatchStats)
     _warned: set[tuple[str, int]] = field(default_factory=set)
+    # The start-up listing (see prefetch_leases): read once, used by the first acquire and then
+    # by the first watch snapshot.
+    _prefetch: asyncio.Task[tuple[list[Lease], int]] | None = field(default=None, repr=False)
+    _startup_listing: tuple[list[Lease], int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Go's path.Join drops trailing slashes, so "/x/" and "/x" are the same prefix.
@@ -187,6 +191,36 @@ class LeaseManager:
             leases = list(await asyncio.gather(*(self._with_expiration(x) for x in leases)))
         return leases, revision
 
+    def prefetch_leases(self) -> None:
+        """Start listing the leases now, in the background, while the interface and backend
+        are set up. acquire_lease takes this listing for its first attempt and hands it on to
+        the first watch snapshot, so at start-up thousands of leases are read and parsed once,
+        not twice, and not while the data path waits for them."""
+        if self._prefetch is None and self._startup_listing is None:
+            self._prefetch = asyncio.create_task(self.list_leases(), name="prefetch-leases")
+
+    def drop_startup_listing(self) -> None:
+        """For an agent that will not watch peers: nothing is left holding the listing."""
+        task, self._prefetch, self._startup_listing = self._prefetch, None, None
+        if task is not None:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed prefetch is not worth a warning
+
+    async def _first_listing(self) -> tuple[list[Lease], int]:
+        """The prefetched listing when there is one (kept for the first watch), else a fresh
+        one. A prefetch that failed is simply redone, with its error reported as usual."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            try:
+                listing = await task
+            except StoreError as exc:
+                log.debug("prefetched lease listing failed (%s); listing again", exc)
+            else:
+                self._startup_listing = listing
+                return listing
+        return await self.list_leases()
+
     async def _with_expiration(self, lease: Lease) -> Lease:
         if lease.lease_id == 0:
             return lease
@@ -204,7 +238,9 @@ class LeaseManager:
     ) -> Lease:
         """flanneld's order: reuse by PublicIP, then subnet.env's subnet, then a random pick."""
         for attempt in range(1, CREATE_RACE_RETRIES + 1):
-            leases, _ = await self.list_leases()
+            # The first listing may be the prefetched one, then also the first watch snapshot:
+            # the removal of an incompatible lease of ours below shows there too, as it should.
+            leases, _ = await (self._first_listing() if attempt == 1 else self.list_leases())
 
             mine = next((x for x in leases if x.attrs.public_ip == attrs.public_ip), None)
             if mine is not None:
@@ -494,7 +530,10 @@ class LeaseManager:
         while True:
             try:
                 if revision is None:
-                    leases, revision = await self.list_leases()
+                    # Whatever changed since the start-up listing, the watch from its revision
+                    # on delivers, our own lease's creation included.
+                    listing, self._startup_listing = self._startup_listing, None
+                    leases, revision = listing or await self.list_leases()
                     self.stats.snapshots += 1
                     self.stats.revision = revision
                     events = watcher.reset(leases)

@@ -20,7 +20,7 @@ from flannel_bpf.lease_manager import (
     OutOfSubnets,
     free_subnets,
 )
-from flannel_bpf.store import EtcdSettings, EtcdStore, StoreUnavailable
+from flannel_bpf.store import EtcdSettings, EtcdStore, KeyValue, StoreUnavailable
 
 ADDED, REMOVED = LeaseEventType.ADDED, LeaseEventType.REMOVED
 CONFIG_10_3 = b'{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'
@@ -241,6 +241,52 @@ async def test_watch_add_remove_skips_own_and_other_backends(
     removed = await _next(gen)
     assert summary(removed) == [("removed", "10.3.1.0/24")]
     assert removed[0].lease.attrs.public_ip == IPv4Address("1.1.1.1")  # last-known attrs
+    await gen.aclose()
+
+
+async def test_the_start_up_listing_is_read_once_and_the_watch_misses_nothing(
+    mgr: LeaseManager, store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prefetch_leases: the first acquire and the first watch snapshot share one listing, and
+    whatever changed between that listing and the watch still arrives, through the watch."""
+    listings = 0
+    list_prefix = store.list_prefix
+
+    async def counted(prefix: str) -> tuple[list[KeyValue], int]:
+        nonlocal listings
+        listings += 1
+        return await list_prefix(prefix)
+
+    monkeypatch.setattr(store, "list_prefix", counted)
+    config = parse_network_config(CONFIG_10_3)
+    await put_lease(store, mgr, "10.3.1.0/24", attrs("1.1.1.1"))
+    await put_lease(store, mgr, "10.3.2.0/24", attrs("1.1.1.2"))
+    # An old lease of ours outside SubnetMax: acquire deletes it, so it is never a peer.
+    await put_lease(store, mgr, "10.3.31.0/24", attrs("1.2.3.4"))
+
+    mgr.prefetch_leases()
+    own = await mgr.acquire_lease(config, attrs("1.2.3.4"))
+    assert own.subnet != IPv4Network("10.3.31.0/24")
+    await put_lease(store, mgr, "10.3.3.0/24", attrs("1.1.1.3"))
+    await store.delete(mgr.lease_key(IPv4Network("10.3.2.0/24")))
+
+    gen = mgr.watch_leases(own.subnet)
+    assert summary(await _next(gen)) == [("added", "10.3.1.0/24"), ("added", "10.3.2.0/24")]
+    assert listings == 1  # the snapshot was the prefetched listing
+    later: list[LeaseEvent] = []
+    while len(later) < 2:
+        later += await _next(gen)
+    assert summary(later) == [("added", "10.3.3.0/24"), ("removed", "10.3.2.0/24")]
+    await gen.aclose()
+
+
+async def test_a_dropped_start_up_listing_is_not_used(mgr: LeaseManager, store: EtcdStore) -> None:
+    mgr.prefetch_leases()
+    await asyncio.sleep(0.5)  # the listing is done
+    mgr.drop_startup_listing()
+    await put_lease(store, mgr, "10.3.1.0/24", attrs("1.1.1.1"))
+    gen = mgr.watch_leases(IPv4Network("10.3.9.0/24"))
+    assert summary(await _next(gen)) == [("added", "10.3.1.0/24")]
     await gen.aclose()
 
 
