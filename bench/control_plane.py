@@ -37,9 +37,7 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -1377,39 +1375,6 @@ def _alloc_phase(lab: BenchLab, report: Report, agents: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The kernel's own cost of a peer's entries
 
-RTM_NEWNEXTHOP: Final = 104
-NHA_ID, NHA_OIF, NHA_GATEWAY = 1, 5, 6
-RTA_NH_ID: Final = 30
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + bytes(-length % 4)
-
-
-def _nexthop_request(peer: PeerLease, oif: int) -> NlRequest:
-    """ip nexthop replace id <subnet as u32> via <subnet.0> dev flannel.1 onlink"""
-    header = struct.pack("=BBBBI", socket.AF_INET, 0, rtnl_batch.RTPROT_BOOT, 0, 0x04)
-    gateway = peer.subnet.network_address
-    attrs = (
-        _attr(NHA_ID, struct.pack("=I", int(gateway)))
-        + _attr(NHA_OIF, struct.pack("=I", oif))
-        + _attr(NHA_GATEWAY, gateway.packed)
-    )
-    return NlRequest(RTM_NEWNEXTHOP, rtnl_batch.NLM_REPLACE, header + attrs)
-
-
-def _route_by_nexthop_request(peer: PeerLease) -> NlRequest:
-    """ip route replace <subnet> nhid <subnet as u32>"""
-    header = struct.pack(
-        "=BBBBBBBBI", socket.AF_INET, peer.subnet.prefixlen, 0, 0, rtnl_batch.RT_TABLE_MAIN,
-        rtnl_batch.RTPROT_BOOT, 0, rtnl_batch.RTN_UNICAST, 0,
-    )  # fmt: skip
-    attrs = _attr(rtnl_batch.RTA_DST, peer.subnet.network_address.packed) + _attr(
-        RTA_NH_ID, struct.pack("=I", int(peer.subnet.network_address))
-    )
-    return NlRequest(rtnl_batch.RTM_NEWROUTE, rtnl_batch.NLM_REPLACE, header + attrs)
-
 
 async def _timed(nl: RtnlBatch, requests: list[NlRequest]) -> float:
     """Seconds the kernel took for requests (answered inside send(): the agent's own batching)."""
@@ -1448,8 +1413,21 @@ async def _entry_costs(peers: Sequence[PeerLease], oif: int) -> dict[str, float]
                 for p in peers
             ],
         )
-        costs["nexthops"] = await _timed(nl, [_nexthop_request(p, oif) for p in peers])
-        costs["routes_by_nexthop"] = await _timed(nl, [_route_by_nexthop_request(p) for p in peers])
+        # One nexthop object per peer, its ID the subnet's address: unique, as a peer's gateway.
+        costs["nexthops"] = await _timed(
+            nl,
+            [
+                rtnl_batch.nexthop_request(int(p.subnet.network_address), p.subnet[0], oif)
+                for p in peers
+            ],
+        )
+        costs["routes_by_nexthop"] = await _timed(
+            nl,
+            [
+                rtnl_batch.route_by_nexthop_request(p.subnet, int(p.subnet.network_address))
+                for p in peers
+            ],
+        )
     return costs
 
 

@@ -47,10 +47,14 @@ NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 RTN_UNICAST = 1
+RTM_NEWNEXTHOP = 104
+NHA_ID, NHA_OIF, NHA_GATEWAY = 1, 5, 6
+RTA_NH_ID = 30
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, port id
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src len, tos, table, proto, scope, type, flags
+_NHMSG = struct.Struct("=BBBxI")  # family, scope, protocol, flags
 _NLATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _ERROR = struct.Struct("=i")
@@ -153,6 +157,30 @@ def route_request(
         if add
         else NlRequest(RTM_DELROUTE, NLM_REQUEST, body)
     )
+
+
+def nexthop_request(nexthop_id: int, gateway: IPv4Address, oif: int) -> NlRequest:
+    """ip nexthop replace id <nexthop_id> via <gateway> dev <oif> onlink proto boot.
+
+    Not what the agent writes (it keeps flanneld's routes): the control-plane benchmark times
+    it as the alternative whose routes the kernel inserts in constant time.
+    """
+    body = (
+        _NHMSG.pack(socket.AF_INET, 0, RTPROT_BOOT, RTNH_F_ONLINK)
+        + _nlattr(NHA_ID, _U32.pack(nexthop_id))
+        + _nlattr(NHA_OIF, _U32.pack(oif))
+        + _nlattr(NHA_GATEWAY, gateway.packed)
+    )
+    return NlRequest(RTM_NEWNEXTHOP, NLM_REPLACE, body)
+
+
+def route_by_nexthop_request(dst: IPv4Network, nexthop_id: int) -> NlRequest:
+    """ip route replace <dst> nhid <nexthop_id> proto boot (table main); see nexthop_request."""
+    header = _RTMSG.pack(
+        socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0
+    )
+    attrs = _nlattr(RTA_DST, dst.network_address.packed) + _nlattr(RTA_NH_ID, _U32.pack(nexthop_id))
+    return NlRequest(RTM_NEWROUTE, NLM_REPLACE, header + attrs)
 
 
 def route_get_request(dst: IPv4Address) -> NlRequest:

@@ -6,6 +6,7 @@ makes lands in the test's namespace; nothing touches the root namespace.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -33,7 +34,7 @@ from flannel_bpf.backends.vxlan import (
     peer_vtep,
 )
 from flannel_bpf.config import BackendConfig
-from flannel_bpf.lab.netns import add_address, run
+from flannel_bpf.lab.netns import add_address, entered, run
 from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 from flannel_bpf.rtnl_batch import (
     ACK_BUFFER,
@@ -42,6 +43,8 @@ from flannel_bpf.rtnl_batch import (
     RtnlBatch,
     fdb_request,
     neigh_request,
+    nexthop_request,
+    route_by_nexthop_request,
     route_get_request,
     route_request,
 )
@@ -359,6 +362,37 @@ async def test_rtnl_batch_survives_a_full_receive_buffer() -> None:
 
 # --------------------------------------------------------------------------------------------
 # Real kernel
+
+
+@requires_root
+def test_nexthop_requests_make_what_iproute2_makes(netns: Callable[[str], str]) -> None:
+    """The nexthop builders the control-plane benchmark times: the same kernel state as
+    `ip nexthop add ... onlink proto boot` plus `ip route add ... nhid N proto boot`."""
+    ours, theirs = netns("nh"), netns("nh")
+    for ns in (ours, theirs):
+        run(["ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+        for end in ("v0", "v1"):  # a nexthop needs a device with carrier
+            run(["ip", "-n", ns, "link", "set", end, "up"])
+    oif = int(run(["ip", "netns", "exec", ours, "cat", "/sys/class/net/v0/ifindex"]))
+
+    async def program() -> list[int]:
+        async with RtnlBatch() as nl:
+            replies = await nl.run(
+                [
+                    nexthop_request(7, IPv4Address("10.129.3.0"), oif),
+                    route_by_nexthop_request(IPv4Network("10.129.3.0/24"), 7),
+                ]
+            )
+        return [reply.error for reply in replies]
+
+    with entered(ours):
+        assert asyncio.run(program()) == [0, 0]
+    run(["ip", "-n", theirs, "nexthop", "add", "id", "7", "via", "10.129.3.0", "dev", "v0",
+         "onlink", "proto", "boot"])  # fmt: skip
+    run(["ip", "-n", theirs, "route", "add", "10.129.3.0/24", "nhid", "7", "proto", "boot"])
+    for what in (["nexthop", "show"], ["route", "show", "10.129.3.0/24"]):
+        made = [json.loads(run(["ip", "-d", "-j", "-n", ns, *what])) for ns in (ours, theirs)]
+        assert made[0] == made[1] and made[0], what
 
 
 @requires_root
