@@ -16,6 +16,17 @@ from .netns import in_netns
 from .proc import stop_process
 
 
+class AgentStillRunning(subprocess.TimeoutExpired):
+    """wait() ran out of time; the message ends with the agent's log."""
+
+    def __init__(self, cmd: Sequence[str], timeout: float, log: str) -> None:
+        super().__init__(list(cmd), timeout)
+        self.log = log
+
+    def __str__(self) -> str:
+        return f"agent still running after {self.timeout} s; the end of its log:\n{self.log}"
+
+
 @dataclass
 class AgentProcess:
     netns: str | None
@@ -54,7 +65,11 @@ class AgentProcess:
 
     def wait(self, timeout: float) -> int:
         assert self.process is not None
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            # Where it hangs is in its log, which goes with the test's temporary directory.
+            raise AgentStillRunning(exc.cmd, timeout, self.log()[-4000:]) from None
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL for the whole session if it does not go."""
