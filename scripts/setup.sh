@@ -3,7 +3,8 @@
 # Idempotent: every step checks first and says in one line what it did or found. One copy of the
 # steps for every kind of machine the project runs on:
 #   setup.sh                 a developer's or CI machine: node packages plus test and lab tools,
-#                            the project editable in .venv with its test and bench extras
+#                            the project editable in .venv with its test and bench extras, and
+#                            the real flanneld, Kubernetes and etcd built from Go modules
 #   setup.sh --node          a cluster node (the Vagrant VMs run this): node packages, the project
 #                            in /opt/flannel-bpf/venv, /usr/local/bin/flannel-bpf; offline when
 #                            /opt/flannel-bpf/wheels holds the dependencies (the lab's box)
@@ -165,9 +166,15 @@ prepare_kvm_device() {
   fi
 }
 
+build_peers() {
+  # The real flanneld, Kubernetes control plane and etcd the suite, the lab and the benchmarks
+  # run beside flannel-bpf: built from Go modules, cached by version (scripts/build-peers.sh).
+  bash scripts/build-peers.sh all
+}
+
 install_apt_packages
 case $ROLE in
-  dev) link_kernel_headers; mount_bpffs; create_venv ;;
+  dev) link_kernel_headers; mount_bpffs; create_venv; build_peers ;;
   node) link_kernel_headers; mount_bpffs; install_node_venv ;;
   vm-host) prepare_kvm_device ;;
 esac

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Builds the real programs flannel-bpf is tested and benchmarked against, from Go modules through
+# the module proxy, with this machine's Go, into a cache keyed by version:
+#   $PEERS_CACHE/flanneld-<version>/flanneld
+#   $PEERS_CACHE/kubernetes-<version>/{kube-apiserver,kube-controller-manager,kubectl}
+#   $PEERS_CACHE/etcd-<version>/etcd        (Kubernetes 1.36 wants etcd >= 3.5; Debian has 3.4)
+# A directory appears only when its build finished (built in a temporary directory, renamed), so
+# a second run says "already built" and an interrupted one starts over. Nothing prebuilt is
+# downloaded: only module sources, which the go command checks against the checksum database.
+#
+#   build-peers.sh [flanneld|kubernetes|etcd|all]   (default all)
+#   build-peers.sh --print-dir NAME                 the cache directory of NAME's pinned version
+set -euo pipefail
+
+FLANNEL_VERSION=v0.28.9
+# The newest release whose go.mod accepts Go 1.26 (1.37's does too, but 1.36 is what flannel
+# v0.28.9's client-go 0.33 and this suite were checked against; one k8s.io/* release everywhere).
+KUBERNETES_VERSION=v1.36.3
+# The etcd that Kubernetes v1.36.3's go.mod names.
+ETCD_VERSION=v3.6.8
+
+PEERS_CACHE=${FLANNEL_BPF_PEERS_CACHE:-/var/cache/flannel-bpf/peers}
+GO_CACHE_ROOT=${FLANNEL_BPF_GO_CACHE:-/var/cache/flannel-bpf/go}
+
+say() { printf 'peers: %s\n' "$*"; }
+die() { printf 'peers: error: %s\n' "$*" >&2; exit 1; }
+
+dir_of() {
+  case $1 in
+    flanneld) echo "$PEERS_CACHE/flanneld-$FLANNEL_VERSION" ;;
+    kubernetes) echo "$PEERS_CACHE/kubernetes-$KUBERNETES_VERSION" ;;
+    etcd) echo "$PEERS_CACHE/etcd-$ETCD_VERSION" ;;
+    *) die "unknown peer '$1' (flanneld, kubernetes or etcd)" ;;
+  esac
+}
+
+if [ "${1:-}" = --print-dir ]; then
+  dir_of "${2:?usage: $0 --print-dir flanneld|kubernetes|etcd}"
+  exit 0
+fi
+
+check_go() {
+  command -v go >/dev/null 2>&1 || die "no 'go' on PATH: the peers are built from Go modules (Go >= 1.26 needed)"
+  local proxy
+  proxy=$(go env GOPROXY)
+  [ "$proxy" != off ] || die "GOPROXY is off: the peers are built from Go modules through the module proxy"
+  # One small request tells a missing proxy apart from a failing build.
+  if ! go list -m -json "github.com/flannel-io/flannel@$FLANNEL_VERSION" >/dev/null 2>"$WORK/proxy.err"; then
+    die "the Go module proxy ($proxy) did not answer for github.com/flannel-io/flannel@$FLANNEL_VERSION: $(tail -n1 "$WORK/proxy.err")"
+  fi
+}
+
+# Builds run with this machine's Go only (no toolchain download), caches under /var/cache.
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
+export GOMODCACHE=$GO_CACHE_ROOT/mod GOCACHE=$GO_CACHE_ROOT/build
+
+# finish NAME TMPDIR SECONDS: writes BUILD-INFO and moves the finished tree into place.
+finish() {
+  local name=$1 tmp=$2 started=$3 final
+  final=$(dir_of "$name")
+  {
+    echo "name=$name"
+    echo "go=$(go env GOVERSION)"
+    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "build_seconds=$(( $(date +%s) - started ))"
+  } >"$tmp/out/BUILD-INFO"
+  rm -rf "$final"
+  mv "$tmp/out" "$final"
+  say "$name: built in $(( $(date +%s) - started )) s into $final ($(du -sh "$final" | cut -f1))"
+}
+
+build_flanneld() {
+  local final tmp src started
+  final=$(dir_of flanneld)
+  if [ -x "$final/flanneld" ] && [ -e "$final/BUILD-INFO" ]; then
+    say "flanneld $FLANNEL_VERSION: already built ($final)"
+    return
+  fi
+  say "flanneld $FLANNEL_VERSION: building from github.com/flannel-io/flannel (a few minutes)"
+  started=$(date +%s)
+  tmp=$(mktemp -d "$WORK/flanneld.XXXX")
+  src=$(go mod download -json "github.com/flannel-io/flannel@$FLANNEL_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -d "$src" ] || die "flanneld: the module source was not downloaded"
+  cp -r "$src" "$tmp/src" && chmod -R u+w "$tmp/src" && mkdir "$tmp/out"
+  # v0.28.9 links a Tencent Cloud backend whose SDK module (tencentcloud/vpc v1.3.149) the module
+  # proxy refuses ("not available"). It is a cloud-routing backend no test here can use, so it is
+  # left out of main.go; every other backend and the whole of flanneld are built as released.
+  sed -i '\#"github.com/flannel-io/flannel/pkg/backend/tencentvpc"#d' "$tmp/src/main.go"
+  (
+    cd "$tmp/src"
+    go mod edit -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc \
+      -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common
+    # The udp backend's packet proxy is C (cgo), as in flannel's own amd64 build.
+    CGO_ENABLED=1 go build -trimpath -o "$tmp/out/flanneld" \
+      -ldflags "-s -w -X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" .
+  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "flanneld: go build failed (log above)"; }
+  echo "version=$FLANNEL_VERSION" >"$tmp/out/VERSION"
+  echo "note=built without pkg/backend/tencentvpc (its SDK module is not served)" >>"$tmp/out/VERSION"
+  finish flanneld "$tmp" "$started"
+}
+
+build_etcd() {
+  local final tmp started
+  final=$(dir_of etcd)
+  if [ -x "$final/etcd" ] && [ -e "$final/BUILD-INFO" ]; then
+    say "etcd $ETCD_VERSION: already built ($final)"
+    return
+  fi
+  say "etcd $ETCD_VERSION: building from go.etcd.io/etcd/server/v3 (a few minutes)"
+  started=$(date +%s)
+  tmp=$(mktemp -d "$WORK/etcd.XXXX")
+  mkdir "$tmp/src" "$tmp/out"
+  # etcd's own main module carries replace lines, so it cannot be built by module path; its
+  # main.go is one call into etcdmain, which is an ordinary package of the server module.
+  cat >"$tmp/src/main.go" <<'EOF'
+// The etcd server, as etcd's own main.go starts it.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+EOF
+  (
+    cd "$tmp/src"
+    go mod init flannel-bpf.invalid/peers/etcd
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+    go mod tidy
+    go build -trimpath -o "$tmp/out/etcd" \
+      -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" .
+  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "etcd: go build failed (log above)"; }
+  echo "version=$ETCD_VERSION" >"$tmp/out/VERSION"
+  finish etcd "$tmp" "$started"
+}
+
+build_kubernetes() {
+  local final tmp gomod minor started ldflags pkg
+  final=$(dir_of kubernetes)
+  if [ -x "$final/kube-apiserver" ] && [ -x "$final/kube-controller-manager" ] \
+      && [ -x "$final/kubectl" ] && [ -e "$final/BUILD-INFO" ]; then
+    say "kubernetes $KUBERNETES_VERSION: already built ($final)"
+    return
+  fi
+  say "kubernetes $KUBERNETES_VERSION: building kube-apiserver, kube-controller-manager, kubectl from k8s.io/kubernetes (20-40 minutes on 2 cores)"
+  started=$(date +%s)
+  tmp=$(mktemp -d "$WORK/kubernetes.XXXX")
+  mkdir "$tmp/src" "$tmp/out"
+  gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
+  [ -f "$gomod" ] || die "kubernetes: the module's go.mod was not downloaded"
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  (
+    cd "$tmp/src"
+    go mod init flannel-bpf.invalid/peers/kubernetes
+    # k8s.io/kubernetes points its staging modules at ./staging; outside its tree each one is
+    # the published module of the same release: v1.36.3 -> v0.36.3.
+    sed -n 's#^\t\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod" | while read -r mod; do
+      go mod edit -replace="$mod=$mod@v0.${KUBERNETES_VERSION#v1.}"
+    done
+    go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION"
+    go get k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kubectl
+    # What hack/lib/version.sh stamps, so the binaries report their release (the apiserver's
+    # /version, kubectl's skew check).
+    ldflags="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+      ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
+    go build -trimpath -o "$tmp/out/" -ldflags "$ldflags" k8s.io/kubernetes/cmd/kube-apiserver \
+      k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "kubernetes: go build failed (log above)"; }
+  echo "version=$KUBERNETES_VERSION" >"$tmp/out/VERSION"
+  finish kubernetes "$tmp" "$started"
+}
+
+mkdir -p "$PEERS_CACHE" "$GO_CACHE_ROOT"
+# Two set-ups at once (make test beside make bench) build once: the second waits here.
+exec 9>"$PEERS_CACHE/.lock"
+if ! flock -n 9; then
+  say "another build-peers.sh is building; waiting for it"
+  flock 9
+fi
+WORK=$(mktemp -d "$PEERS_CACHE/.work.XXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+what=${1:-all}
+case $what in
+  flanneld|kubernetes|etcd|all) ;;
+  *) die "usage: $0 [flanneld|kubernetes|etcd|all] | --print-dir NAME" ;;
+esac
+# The proxy is asked only when something is to be built.
+need=()
+for name in flanneld etcd kubernetes; do
+  [ "$what" = all ] || [ "$what" = "$name" ] || continue
+  need+=("$name")
+done
+for name in "${need[@]}"; do
+  case $name in
+    flanneld) [ -x "$(dir_of flanneld)/flanneld" ] && [ -e "$(dir_of flanneld)/BUILD-INFO" ] || { check_go; break; } ;;
+    etcd) [ -x "$(dir_of etcd)/etcd" ] && [ -e "$(dir_of etcd)/BUILD-INFO" ] || { check_go; break; } ;;
+    kubernetes) [ -e "$(dir_of kubernetes)/BUILD-INFO" ] || { check_go; break; } ;;
+  esac
+done
+for name in "${need[@]}"; do
+  "build_$name"
+done
