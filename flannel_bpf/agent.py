@@ -241,6 +241,7 @@ class Agent:
                 "keyfile": opts.etcd_keyfile,
                 "username": opts.etcd_username,
             },
+            subnet_file=opts.subnet_file,
         )
         self._status.write(network)
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)

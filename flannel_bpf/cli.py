@@ -138,14 +138,24 @@ def _emit(doc: dict[str, Any], output: str, text: Callable[[dict[str, Any]], str
 
 
 def cmd_status(args: list[str]) -> int:
-    from .status import StatusError, collect, format_status
+    from .status import (
+        STATUS_LIST_SCHEMA,
+        StatusError,
+        collect,
+        format_status,
+        status_file_for_subnet_file,
+        status_files,
+    )
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf status",
         description="the agent: data path and why, lease and expiry, etcd endpoints and their "
-        "health, BPF hooks; exit status 0 only while the agent runs",
+        "health, BPF hooks; exit status 0 only while the agent runs with its devices here. "
+        "Without --status-file or --subnet-file: every agent instance on this host.",
     )
-    parser.add_argument("--status-file", default=DEFAULT_STATUS_FILE)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--status-file", help="one instance, by its status file")
+    which.add_argument("--subnet-file", help="one instance, by the subnet file it writes")
     parser.add_argument(
         "--no-etcd-probe",
         action="store_true",
@@ -156,17 +166,29 @@ def cmd_status(args: list[str]) -> int:
     opts = _parse(parser, args)
     if isinstance(opts, int):
         return opts
+    if opts.status_file:
+        paths = [Path(opts.status_file)]
+    elif opts.subnet_file:
+        paths = [status_file_for_subnet_file(opts.subnet_file)]
+    else:
+        # Several agents on one host (flanneld's multi-network mode) each have their own file.
+        paths = status_files() or [Path(DEFAULT_STATUS_FILE)]
+    password = os.environ.get("FLANNELD_ETCD_PASSWORD", "")
     try:
-        info = collect(
-            Path(opts.status_file),
-            probe_etcd=not opts.no_etcd_probe,
-            password=os.environ.get("FLANNELD_ETCD_PASSWORD", ""),
-        )
+        docs = [collect(path, not opts.no_etcd_probe, password) for path in paths]
     except StatusError as exc:
         print(f"flannel-bpf status: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    _emit(info, opts.output, format_status)
-    return EXIT_OK if info.get("running") else EXIT_FAILURE
+    if len(docs) == 1:
+        _emit(docs[0], opts.output, format_status)
+    else:
+        listing = {"schema": STATUS_LIST_SCHEMA, "instances": docs}
+        _emit(listing, opts.output, lambda doc: "\n\n".join(
+            f"== instance {d['status_file']} (subnet file {d.get('subnet_file') or '?'})\n"
+            + format_status(d) for d in doc["instances"]
+        ))  # fmt: skip
+    healthy = all(d.get("running") and not d.get("problems") for d in docs)
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 def cmd_leases(args: list[str]) -> int:
@@ -401,6 +423,15 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument(
         "--etcd-members", type=int, default=1, help="members of the etcd cluster (1..5)"
     )
+    p_up.add_argument(
+        "--flanneld-nodes",
+        type=int,
+        default=0,
+        help="hosts 1..N run the real flanneld (built by scripts/build-peers.sh) instead",
+    )
+    p_up.add_argument(
+        "--flanneld-arg", action="append", default=[], help="extra flag for every flanneld"
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -443,6 +474,8 @@ def cmd_lab(args: list[str]) -> int:
                 opts.prometheus,
                 opts.etcd_tls,
                 opts.etcd_members,
+                opts.flanneld_nodes,
+                tuple(opts.flanneld_arg),
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

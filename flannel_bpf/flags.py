@@ -48,7 +48,12 @@ from enum import Enum
 ENV_PREFIX = "FLANNELD"
 # Documented in docs/metrics.md; Prometheus' own conventions put exporters in the 9xxx range.
 DEFAULT_METRICS_ADDR = "0.0.0.0:9867"
-DEFAULT_STATUS_FILE = "/run/flannel-bpf/status.json"
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+# Where agents keep their status files unless told otherwise; FLANNEL_BPF_STATUS_DIR moves it
+# (tests, and hosts whose /run is laid out differently).
+DEFAULT_STATUS_DIR = "/run/flannel-bpf"
+STATUS_DIR_ENV = "FLANNEL_BPF_STATUS_DIR"
+DEFAULT_STATUS_FILE = f"{DEFAULT_STATUS_DIR}/status.json"
 
 DATAPATHS = ("auto", "bpf", "kernel", "userspace")
 BPF_DECAP_MODES = ("auto", "xdp", "tc", "xdp-generic")
@@ -118,7 +123,7 @@ class AgentOptions:
     bpf_decap: str = "auto"
     bpffs: str = "/run/flannel-bpf/bpffs"
     anti_spoofing: bool = False
-    status_file: str = DEFAULT_STATUS_FILE
+    status_file: str = DEFAULT_STATUS_FILE  # parse_run_args derives it from the subnet file
     metrics_addr: str = DEFAULT_METRICS_ADDR
 
 
@@ -289,7 +294,7 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "subnet-file",
         _Kind.STRING,
-        "/run/flannel/subnet.env",
+        DEFAULT_SUBNET_FILE,
         "filename where env variables (subnet, MTU, ... ) will be written to",
     ),
     _Flag(
@@ -432,8 +437,10 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "status-file",
         _Kind.STRING,
-        DEFAULT_STATUS_FILE,
-        "where the agent records its state for `flannel-bpf status` (flannel-bpf)",
+        "",
+        "where the agent records its state for `flannel-bpf status`; by default one file per "
+        f"subnet file: {DEFAULT_STATUS_FILE} for {DEFAULT_SUBNET_FILE}, else "
+        f"{DEFAULT_STATUS_DIR}/status-<subnet file path>.json (flannel-bpf)",
     ),
     _Flag(
         "metrics-addr",
@@ -684,9 +691,26 @@ def parse_run_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOpti
         bpf_decap=state.string("bpf-decap"),
         bpffs=state.string("bpffs"),
         anti_spoofing=state.boolean("anti-spoofing"),
-        status_file=state.string("status-file"),
+        status_file=state.string("status-file")
+        or default_status_file(state.string("subnet-file"), environ),
         metrics_addr=state.string("metrics-addr"),
     )
+
+
+def status_dir(environ: Mapping[str, str]) -> str:
+    return environ.get(STATUS_DIR_ENV) or DEFAULT_STATUS_DIR
+
+
+def default_status_file(subnet_file: str, environ: Mapping[str, str]) -> str:
+    """One status file per agent instance. flanneld's multi-network mode runs one daemon per
+    -subnet-file (and -etcd-prefix), so the subnet file names the instance: the usual one keeps
+    the well-known status.json, any other gets its path in the name, e.g.
+    /run/flannel/networks/blue.env -> status-run-flannel-networks-blue.env.json."""
+    directory = status_dir(environ)
+    if subnet_file == DEFAULT_SUBNET_FILE:
+        return f"{directory}/status.json"
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", subnet_file.strip("/")) or "subnet"
+    return f"{directory}/status-{slug}.json"
 
 
 def flag_names() -> tuple[str, ...]:

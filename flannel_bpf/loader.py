@@ -760,7 +760,8 @@ def instance_dirs(root: Path = DEFAULT_BPFFS) -> list[Path]:
     return sorted(d for inst in base.iterdir() if inst.is_dir() for d in inst.glob("v*"))
 
 
-def _live_netns_inodes() -> set[int]:
+def live_netns_inodes() -> set[int]:
+    """Inodes of every network namespace in use by a process or named in /run/netns."""
     inodes: set[int] = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -782,7 +783,7 @@ def remove_orphans(root: Path = DEFAULT_BPFFS) -> list[str]:
     """Unpin the maps of network namespaces that no longer exist (their programs died with them)."""
     if not root.is_dir():
         return []
-    live = _live_netns_inodes()
+    live = live_netns_inodes()
     done: list[str] = []
     for netns_dir in sorted(root.glob("netns-*")):
         try:

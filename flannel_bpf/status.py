@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .flags import DEFAULT_STATUS_FILE, default_status_file, status_dir
+from .loader import netns_tag
 from .store import EtcdSettings, EtcdStore, StoreError
 
 if TYPE_CHECKING:
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 STATUS_SCHEMA = "flannel-bpf/status/v1"
+# `status` with several instances on the host: {"schema": ..., "instances": [status/v1, ...]}.
+STATUS_LIST_SCHEMA = "flannel-bpf/status-list/v1"
 
 
 @dataclass
@@ -36,6 +40,7 @@ class AgentStatus:
     iface: str
     public_ip: str
     etcd: dict[str, Any]  # endpoints, prefix and TLS file paths (never the password)
+    subnet_file: str = ""
     peers: int = 0
 
     def document(self, network: Network) -> dict[str, Any]:
@@ -53,6 +58,9 @@ class AgentStatus:
             "public_ip": self.public_ip,
             "peers": self.peers,
             "etcd": self.etcd,
+            "subnet_file": self.subnet_file,
+            # Device indexes in the details mean something only in this network namespace.
+            "netns": netns_tag(),
             "details": network.datapath_status(),
         }
 
@@ -83,14 +91,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def status_files(environ: dict[str, str] | None = None) -> list[Path]:
+    """Every agent instance's status file in the status directory (status.json first)."""
+    directory = Path(status_dir(os.environ if environ is None else environ))
+    found = [directory / "status.json"] if (directory / "status.json").is_file() else []
+    return found + sorted(p for p in directory.glob("status-*.json") if p.is_file())
+
+
+def status_file_for_subnet_file(subnet_file: str) -> Path:
+    """The status file of the instance writing subnet_file: the one that records it, else the
+    default an agent derives from it."""
+    for path in status_files():
+        try:
+            recorded = json.loads(path.read_text()).get("subnet_file")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded == subnet_file:
+            return path
+    return Path(default_status_file(subnet_file, os.environ))
+
+
 def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str, Any]:
     """The status file as the stable status document (docs/cli.md), plus what only the system
-    knows now: whether the agent lives, each etcd endpoint's health, and the BPF pins."""
+    knows now: whether the agent lives, each etcd endpoint's health, and the BPF pins.
+
+    What is wrong goes to "problems" (the agent is gone, its devices are in another network
+    namespace or missing); a document with problems makes `status` exit non-zero."""
     try:
         raw: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
+        hint = "" if path == Path(DEFAULT_STATUS_FILE) else " (or --subnet-file)"
         raise StatusError(
-            f"no status at {path}: the agent is not running, or runs with another --status-file"
+            f"no status at {path}: the agent is not running, or runs with another "
+            f"--status-file{hint}"
         ) from None
     except (OSError, ValueError) as exc:
         raise StatusError(f"cannot read {path}: {exc}") from None
@@ -102,9 +135,17 @@ def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str
     assert isinstance(etcd, dict)
     details = raw.get("details") if isinstance(raw.get("details"), dict) else {}
     assert isinstance(details, dict)
+    running = isinstance(pid, int) and _alive(pid)
+    problems: list[str] = []
+    if not running:
+        problems.append(f"agent not running: pid {pid} from {path} has exited")
+    netns = _netns_check(raw)
+    if netns["problem"]:
+        problems.append(netns["problem"])
     info: dict[str, Any] = {
         "schema": STATUS_SCHEMA,
-        "running": isinstance(pid, int) and _alive(pid),
+        "status_file": str(path),
+        "running": running,
         "pid": pid,
         "version": raw.get("version"),
         "updated": raw.get("updated"),
@@ -115,6 +156,9 @@ def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str
         "public_ip": raw.get("public_ip"),
         "mtu": raw.get("mtu"),
         "peers": raw.get("peers"),
+        "subnet_file": raw.get("subnet_file"),
+        "netns": {"agent": netns["agent"], "here": netns["here"]},
+        "problems": problems,
         "lease": {
             "subnet": raw.get("lease"),
             "expiration": expiration,
@@ -136,8 +180,42 @@ def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str
     }
     pin_dir = details.get("pin_dir")
     if info["datapath"] == "bpf" and isinstance(pin_dir, str):
-        info["bpf"] = _bpf_live(Path(pin_dir))
+        # Counters live in the pins, readable from any namespace; which programs are attached
+        # can only be asked where the devices are.
+        info["bpf"] = _bpf_live(Path(pin_dir), devices_here=not netns["problem"])
+        attached = info["bpf"].get("attached")
+        if isinstance(attached, dict) and "error" in attached:
+            problems.append(f"BPF hooks unreadable: {attached['error']}")
     return info
+
+
+def _netns_check(raw: dict[str, Any]) -> dict[str, str]:
+    """Whether this process shares the agent's network namespace (where its ifindexes mean
+    something). Status files written before the netns field: taken from the pin directory."""
+    here = netns_tag()
+    agent = raw.get("netns")
+    if not isinstance(agent, str):
+        pin_dir = (raw.get("details") or {}).get("pin_dir")
+        parts = Path(pin_dir).parts if isinstance(pin_dir, str) else ()
+        agent = next((p for p in parts if p == "host" or p.startswith("netns-")), here)
+    problem = ""
+    if agent != here:
+        where = "the host namespace" if agent == "host" else f"network namespace {agent}"
+        gone = agent.startswith("netns-") and not _netns_exists(int(agent.removeprefix("netns-")))
+        problem = (
+            f"devices missing here: the agent's devices are in {where}, which no longer exists"
+            if gone
+            else f"devices missing here: the agent's devices are in {where}, this command runs "
+            f"in {'the host namespace' if here == 'host' else here} (run it there, e.g. "
+            "ip netns exec NAME flannel-bpf status)"
+        )
+    return {"agent": agent, "here": here, "problem": problem}
+
+
+def _netns_exists(inode: int) -> bool:
+    from .loader import live_netns_inodes
+
+    return inode in live_netns_inodes()
 
 
 def _etcd_health(etcd: dict[str, Any], password: str) -> list[dict[str, Any]]:
@@ -171,7 +249,9 @@ def _etcd_health(etcd: dict[str, Any], password: str) -> list[dict[str, Any]]:
     return asyncio.run(probe_all()) if endpoints else []
 
 
-def _bpf_live(pin_dir: Path) -> dict[str, Any]:
+def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     from .bpf_maps import LayoutMismatch, PinnedMaps
     from .loader import attached
 
@@ -195,9 +275,15 @@ def _bpf_live(pin_dir: Path) -> dict[str, Any]:
             if p
         ],
     }
-    if cfg is not None:
+    if cfg is not None and devices_here:
         try:
             live["attached"] = attached(cfg.vtep_ifindex, cfg.uplink_ifindex)
+        except NetlinkError as exc:
+            # The namespace is right but a device went (deleted by hand, or mid-shutdown).
+            live["attached"] = {
+                "error": f"device ifindex {cfg.uplink_ifindex} or {cfg.vtep_ifindex} missing "
+                f"here ({exc.args[-1] if exc.args else exc})"
+            }
         except OSError as exc:
             live["attached"] = {"error": str(exc)}
     return live
@@ -210,6 +296,7 @@ def format_status(info: dict[str, Any]) -> str:
     running = "running" if info.get("running") else "NOT running"
     lines = [
         f"agent:     {running} (pid {info.get('pid')}, version {info.get('version')})",
+        *(f"PROBLEM:   {problem}" for problem in info.get("problems") or []),
         f"backend:   {info.get('backend')}    datapath: {info.get('datapath')}",
         f"lease:     {lease.get('subnet')}    {expiry}",
         f"overlay:   mtu {info.get('mtu')}    peers {info.get('peers')}",
@@ -231,8 +318,14 @@ def format_status(info: dict[str, Any]) -> str:
         if "error" in bpf:
             lines.append(f"bpf:       {bpf['error']}")
         else:
-            hooks = ", ".join(f"{k}={v}" for k, v in (bpf.get("attached") or {}).items())
-            lines.append(f"attached:  {hooks or 'nothing'}")
+            hooks_here = bpf.get("attached")
+            if hooks_here is None:
+                lines.append("attached:  unknown (not in the agent's network namespace)")
+            elif "error" in hooks_here:
+                lines.append(f"attached:  unknown ({hooks_here['error']})")
+            else:
+                hooks = ", ".join(f"{k}={v}" for k, v in hooks_here.items())
+                lines.append(f"attached:  {hooks or 'nothing'}")
             lines.append(f"pins:      {bpf['pin_dir']}")
             lines.append(f"remotes:   {len(bpf['remotes'])} (flannel-bpf peers lists them)")
             handled = [c for c in bpf["counters"] if c["reason"] in _HANDLED]
