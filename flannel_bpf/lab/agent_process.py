@@ -1,4 +1,5 @@
-"""A `flannel-bpf run` process inside a namespace, as the lab and the tests start it."""
+"""A `flannel-bpf run` process (or a real flanneld) inside a namespace, as the lab and the tests
+start it."""
 
 from __future__ import annotations
 
@@ -27,15 +28,26 @@ class AgentStillRunning(subprocess.TimeoutExpired):
         return f"agent still running after {self.timeout} s; the end of its log:\n{self.log}"
 
 
+FLANNEL_BPF = "flannel-bpf"
+FLANNELD = "flanneld"
+PROGRAMS = (FLANNEL_BPF, FLANNELD)
+
+
 @dataclass
 class AgentProcess:
     netns: str | None
     args: Sequence[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # flannel-bpf, or flanneld: the real one (lab/peers.py), which takes the same flags.
+    program: str = FLANNEL_BPF
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
+        if self.program == FLANNELD:
+            from .peers import flanneld_binary
+
+            return in_netns(self.netns, [flanneld_binary(), *self.args])
         return in_netns(self.netns, [sys.executable, "-m", "flannel_bpf", "run", *self.args])
 
     def start(self) -> None:

@@ -4,7 +4,8 @@ Layout for a lab named NAME (default "fblab"):
 - NAME-ul: the underlay, a bridge br0 that every host's eth1 plugs into (198.18.0.0/24);
 - NAME-etcd: etcd at 198.18.0.2 (with --etcd-members 3: also .4 and .5, one member each);
 - NAME-mon (with --prometheus): Prometheus at 198.18.0.3:9090 scraping every agent's /metrics;
-- NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`;
+- NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`, or with
+  --flanneld-nodes N (hosts 1..N) the real flanneld with the same flags (lab/peers.py);
 - NAME-nIpJ: pod J of host I, attached by the real CNI bridge + host-local plugins with the
   configuration the flannel CNI plugin derives from the host's subnet.env.
 Everything the lab starts runs inside those namespaces; `down` kills what runs in them and
@@ -24,7 +25,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from .agent_process import AgentProcess
+from .agent_process import FLANNEL_BPF, FLANNELD, PROGRAMS, AgentProcess
 from .etcd import EtcdCluster, EtcdTls, make_cluster
 from .netns import (
     add_address,
@@ -76,6 +77,7 @@ class NodeState:
     agent_args: list[str] = field(default_factory=list)
     agent_env: dict[str, str] = field(default_factory=dict)
     pods: list[PodState] = field(default_factory=list)
+    agent: str = FLANNEL_BPF  # or flanneld
 
 
 @dataclass
@@ -135,6 +137,10 @@ class LabSpec:
     etcd_tls: bool = False
     # Members of the etcd cluster (1..5); agents are given every member's endpoint.
     etcd_members: int = 1
+    # Hosts 1..flanneld_nodes run the real flanneld instead of flannel-bpf, with the same
+    # store flags plus flanneld_args; agent_args and datapaths are for the flannel-bpf hosts.
+    flanneld_nodes: int = 0
+    flanneld_args: tuple[str, ...] = ()
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -235,6 +241,15 @@ def attach_pod(node: str | None, pod: str, cni_config: dict[str, Any]) -> str:
 def up(spec: LabSpec) -> LabState:
     if not 1 <= spec.etcd_members <= len(ETCD_IPS):
         raise LabError(f"etcd members must be 1..{len(ETCD_IPS)}")
+    if not 0 <= spec.flanneld_nodes <= spec.nodes:
+        raise LabError(f"--flanneld-nodes must be 0..{spec.nodes} (the number of nodes)")
+    if spec.flanneld_nodes:
+        from .peers import PeerMissing, flanneld_binary
+
+        try:
+            flanneld_binary()
+        except PeerMissing as exc:
+            raise LabError(str(exc)) from None
     down(spec.name, quiet=True)
     scheme = "https" if spec.etcd_tls else "http"
     endpoints = ",".join(f"{scheme}://{ip}:2379" for ip in ETCD_IPS[: spec.etcd_members])
@@ -271,19 +286,6 @@ def _build(spec: LabSpec, state: LabState) -> None:
         make_pki(state.dir / "pki", member_ips)
     state.etcd_pids = [0] * spec.etcd_members
     cluster = etcd_cluster(state)
-    pki = state.dir / "pki"
-    tls_args = (
-        [
-            "--etcd-cafile",
-            str(pki / "ca.pem"),
-            "--etcd-certfile",
-            str(pki / "client.pem"),
-            "--etcd-keyfile",
-            str(pki / "client-key.pem"),
-        ]
-        if spec.etcd_tls
-        else []
-    )
     for i, member in enumerate(cluster.members):
         member.start()
         assert member.process is not None
@@ -299,35 +301,31 @@ def _build(spec: LabSpec, state: LabState) -> None:
         add_netns(ns)
         plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i))
         run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        if "userspace" in spec.datapaths:
+        if "userspace" in spec.datapaths or (spec.flanneld_nodes and spec.backend == "udp"):
             # A NIC finishes checksums and segments before the wire; a veth hands its peer the
             # skb as is (checksum pending, aggregates whole), which a receiving UDP socket cannot
-            # use. With a userspace receiver in the lab, every sender does that work in software.
+            # use. With a userspace receiver in the lab (ours, or flanneld's udp proxy), every
+            # sender does that work in software.
             run(["ip", "netns", "exec", ns, "ethtool", "-K", "eth1", "tx", "off"])
         if spec.rp_filter is not None:
             for scope in ("all", "default", "eth1"):
                 sysctl = f"net.ipv4.conf.{scope}.rp_filter={spec.rp_filter}"
                 run(["ip", "netns", "exec", ns, "sysctl", "-qw", sysctl])
-        datapath = spec.datapaths[(i - 1) % len(spec.datapaths)] if spec.datapaths else ""
+        program = FLANNELD if i <= spec.flanneld_nodes else FLANNEL_BPF
+        if program == FLANNELD:
+            extra = list(spec.flanneld_args)
+        else:
+            k = i - 1 - spec.flanneld_nodes  # datapaths cycle over the flannel-bpf hosts
+            datapath = spec.datapaths[k % len(spec.datapaths)] if spec.datapaths else ""
+            extra = [*(["--datapath", datapath] if datapath else []), *spec.agent_args]
         node = NodeState(
             ns,
             str(UNDERLAY.network_address + 10 + i),
             backend=spec.backend,
-            agent_args=[
-                "--iface",
-                "eth1",
-                "--etcd-endpoints",
-                state.etcd_endpoint,
-                "--subnet-file",
-                str(state.dir / ns / "subnet.env"),
-                "--status-file",
-                str(state.dir / ns / "status.json"),
-                *tls_args,
-                *(["--datapath", datapath] if datapath else []),
-                *spec.agent_args,
-            ],
+            agent=program,
+            agent_args=agent_args(state, ns, program, extra),
         )
-        agent = AgentProcess(ns, node.agent_args, state.dir / ns / "agent.log")
+        agent = AgentProcess(ns, node.agent_args, state.dir / ns / "agent.log", program=program)
         agent.start()
         node.agent_pid = agent.pid or 0
         state.nodes.append(node)
@@ -346,7 +344,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
         env = read_env(subnet_file)
         node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
         node.mtu = int(env["FLANNEL_MTU"])
-        node.datapath = node_datapath(state.dir / node.name)["datapath"]
+        node.datapath = node_datapath(state.dir / node.name, node.agent)["datapath"]
         cni_config = flannel_cni_config(env, state.dir / node.name / "ipam")
         for j in range(1, spec.pods_per_node + 1):
             pod = PodState(f"{node.name}p{j}", node.name)
@@ -363,6 +361,29 @@ def _build(spec: LabSpec, state: LabState) -> None:
         server.wait_ready()
         state.prometheus_url = server.url
         state.save()
+
+
+def agent_args(state: LabState, ns: str, program: str, extra: list[str]) -> list[str]:
+    """A host's agent flags: flanneld's own names, which flannel-bpf takes too; flannel-bpf also
+    gets a status file in the lab (never the machine's default)."""
+    node_dir = state.dir / ns
+    args = [
+        "--iface",
+        "eth1",
+        "--etcd-endpoints",
+        state.etcd_endpoint,
+        "--etcd-prefix",
+        PREFIX,
+        "--subnet-file",
+        str(node_dir / "subnet.env"),
+    ]
+    if state.etcd_endpoint.startswith("https://"):
+        pki = state.dir / "pki"
+        args += ["--etcd-cafile", str(pki / "ca.pem"), "--etcd-certfile", str(pki / "client.pem")]
+        args += ["--etcd-keyfile", str(pki / "client-key.pem")]
+    if program == FLANNEL_BPF:
+        args += ["--status-file", str(node_dir / "status.json")]
+    return [*args, *extra]
 
 
 def etcd_cluster(state: LabState) -> EtcdCluster:
@@ -406,12 +427,17 @@ def _member_pid(state: LabState, index: int) -> int:
 
 def prometheus_of(state: LabState) -> Prometheus:
     """The lab's Prometheus (started by up with prometheus=True, or about to be)."""
-    targets = [f"{node.underlay_ip}:{METRICS_PORT}" for node in state.nodes]
+    targets = [
+        f"{node.underlay_ip}:{METRICS_PORT}" for node in state.nodes if node.agent == FLANNEL_BPF
+    ]
     return Prometheus(f"{state.name}-mon", MONITOR_IP, targets, state.dir / "prometheus")
 
 
-def node_datapath(node_dir: Path) -> dict[str, Any]:
-    """What the node's agent reports it runs (its status file): data path, decap hook, fallbacks."""
+def node_datapath(node_dir: Path, program: str = FLANNEL_BPF) -> dict[str, Any]:
+    """What the node's agent reports it runs (its status file): data path, decap hook, fallbacks.
+    flanneld keeps no such file: its data path is the kernel's, as it builds it."""
+    if program == FLANNELD:
+        return {"datapath": "flanneld", "decap": "", "fallbacks": []}
     try:
         info = json.loads((node_dir / "status.json").read_text())
     except (OSError, ValueError):
@@ -446,7 +472,8 @@ def status(name: str) -> dict[str, Any]:
                 "underlay_ip": n.underlay_ip,
                 "subnet": n.subnet,
                 "backend": n.backend,
-                **node_datapath(state.dir / n.name),
+                "agent": n.agent,
+                **node_datapath(state.dir / n.name, n.agent),
                 "mtu": n.mtu,
                 "agent_pid": n.agent_pid,
                 "agent_running": alive(n.agent_pid),
@@ -472,7 +499,8 @@ def format_status(info: dict[str, Any]) -> str:
     ]
     notes = []
     for n in info["nodes"]:
-        agent = f"{n['agent_pid']}" + ("" if n["agent_running"] else " (exited)")
+        agent = f"{n.get('agent', FLANNEL_BPF)} {n['agent_pid']}"
+        agent += "" if n["agent_running"] else " (exited)"
         datapath = n["datapath"] + (f"/{n['decap']}" if n.get("decap") else "")
         lines.append(
             f"{n['namespace']:<14}{n['underlay_ip']:<15}{n['subnet']:<17}"
@@ -507,37 +535,61 @@ def restart_agent(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     ready_timeout: float | None = None,
+    program: str | None = None,
+    between: list[str] | None = None,
 ) -> int:
     """Stop a node's agent with sig (SIGKILL: a crash) and start it again; returns the new pid.
 
     args and env, when given, replace the agent's flags and extra environment from then on (an
-    upgrade: e.g. FLANNEL_BPF_SOURCE_DIR pointing at changed programs). With ready_timeout,
-    returns only once the new agent is ready (it wrote its status file)."""
+    upgrade: e.g. FLANNEL_BPF_SOURCE_DIR pointing at changed programs). program switches the node
+    between flannel-bpf and flanneld (a migration or a rollback: same subnet file and public IP;
+    args default to the lab's for that program); between is a command run in the node's
+    namespace after the stop (e.g. flannel-bpf cleanup before flanneld takes over). With
+    ready_timeout, returns only once the new agent is ready (flannel-bpf: its status file has
+    its pid; flanneld: it has written the subnet file)."""
     state = LabState.load(name)
     node = next((n for n in state.nodes if n.name == node_name), None)
     if node is None:
         raise LabError(f"no node {node_name!r} in lab {name!r}")
+    if program is not None and program not in PROGRAMS:
+        raise LabError(f"program must be one of {', '.join(PROGRAMS)}")
+    if program is not None and program != node.agent:
+        node.agent = program
+        node.agent_env = {}
+        if args is None:
+            args = agent_args(state, node.name, program, [])
     if args is not None:
         node.agent_args = list(args)
     if env is not None:
         node.agent_env = dict(env)
     _stop_pid(node.agent_pid, sig)
+    if between:
+        run(in_netns(node.name, between))
     log_path = state.dir / node.name / "agent.log"
-    agent = AgentProcess(node.name, node.agent_args, log_path, env=node.agent_env)
+    started = time.time()
+    agent = AgentProcess(
+        node.name, node.agent_args, log_path, env=node.agent_env, program=node.agent
+    )
     agent.start()
     node.agent_pid = agent.pid or 0
     state.save()
     if ready_timeout is not None:
-        _wait_ready(state.dir / node.name, node.agent_pid, ready_timeout)
+        _wait_ready(state.dir / node.name, node.agent_pid, ready_timeout, node.agent, started)
     return node.agent_pid
 
 
-def _wait_ready(node_dir: Path, pid: int, timeout: float) -> None:
-    """Until the agent with this pid has written its status file: the agent's ready point."""
+def _wait_ready(
+    node_dir: Path, pid: int, timeout: float, program: str = FLANNEL_BPF, since: float = 0.0
+) -> None:
+    """Until the agent with this pid is ready: flannel-bpf has written its status file with its
+    pid; flanneld has written the subnet file (after since)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if json.loads((node_dir / "status.json").read_text()).get("pid") == pid:
+            if program == FLANNELD:
+                if (node_dir / "subnet.env").stat().st_mtime >= since:
+                    return
+            elif json.loads((node_dir / "status.json").read_text()).get("pid") == pid:
                 return
         except (OSError, ValueError):
             pass
