@@ -10,6 +10,8 @@ One run measures, against an etcd 3.4 started in its own namespace:
    per event the time from the etcd write returning to the fb_remotes entry appearing or going,
    and whether renewals (the same value put again) make the agent reprogram anything;
 3. agent memory (VmRSS, VmHWM and what the mappings hold) at steady state on both data paths;
+   the real flanneld (v0.28.9, scripts/build-peers.sh) is started the same way on the same
+   leases, and its time to every peer programmed and its memory are rows of the same run;
 4. ``agents`` agents with the alloc backend started at once on one etcd: time until each has
    written its subnet file, and whether all subnets are distinct.
 
@@ -55,7 +57,7 @@ from bench import unwind_on_sigterm
 from flannel_bpf import bpf_sys, rtnl_batch
 from flannel_bpf.bpf_build import objects
 from flannel_bpf.bpf_maps import REMOTE_KEY, REMOTE_VALUE, remote_key
-from flannel_bpf.lab.agent_process import AgentProcess
+from flannel_bpf.lab.agent_process import FLANNEL_BPF, FLANNELD, AgentProcess
 from flannel_bpf.lab.etcd import EtcdMember, make_cluster
 from flannel_bpf.lab.netns import (
     CommandError,
@@ -114,7 +116,7 @@ class BenchError(RuntimeError):
 @dataclass(frozen=True)
 class Row:
     metric: str
-    path: str  # "bpf" | "kernel" | "alloc"
+    path: str  # "bpf" | "kernel" | "alloc" | "flanneld" (the real one)
     value: float
     unit: str
     note: str = ""
@@ -346,7 +348,10 @@ class BenchLab:
     def node_dir(self, ns: str) -> Path:
         return self.workdir / ns
 
-    def agent(self, ns: str, prefix: str, datapath: str = "") -> AgentProcess:
+    def agent(
+        self, ns: str, prefix: str, datapath: str = "", program: str = FLANNEL_BPF
+    ) -> AgentProcess:
+        """flannel-bpf, or the real flanneld with the same store flags."""
         d = self.node_dir(ns)
         args = [
             "--iface",
@@ -357,11 +362,11 @@ class BenchLab:
             prefix,
             "--subnet-file",
             str(d / "subnet.env"),
-            "--status-file",
-            str(d / "status.json"),
-            *(["--datapath", datapath] if datapath else []),
         ]
-        agent = AgentProcess(ns, args, d / "agent.log")
+        if program == FLANNEL_BPF:
+            args += ["--status-file", str(d / "status.json")]
+            args += ["--datapath", datapath] if datapath else []
+        agent = AgentProcess(ns, args, d / "agent.log", program=program)
         self.agents.append(agent)
         return agent
 
@@ -640,9 +645,10 @@ def _measure_bpf_startup(
 
 
 def start_kernel_agent(
-    lab: BenchLab, ns: str, peers: Sequence[PeerLease]
+    lab: BenchLab, ns: str, peers: Sequence[PeerLease], program: str = FLANNEL_BPF
 ) -> tuple[AgentProcess, Startup]:
-    agent = lab.agent(ns, PREFIX, "kernel")
+    """Our kernel data path, or flanneld's (which programs the same entries)."""
+    agent = lab.agent(ns, PREFIX, "kernel", program=program)
     wall0, t0 = time.time(), time.monotonic()
     agent.start()
     first: list[float] = []
@@ -677,9 +683,9 @@ def start_kernel_agent(
         )
         counts = kernel_counts(ns)
     log = agent.log()
-    ready = log_time(log, "flannel is ready")
+    ready = log_time(log, "flannel is ready")  # flanneld logs in klog's format: not parsed
     return agent, Startup(
-        path="kernel",
+        path="kernel" if program == FLANNEL_BPF else FLANNELD,
         programmed_s=done - t0,
         first_entry_s=(first[0] if first else done) - t0,
         ready_s=None if ready is None else ready - wall0,
@@ -1037,7 +1043,8 @@ def run(
             raise BenchError(f"wrote {leases} leases, etcd holds {written}")
         report.env["bulk_write_s"] = round(time.monotonic() - t, 3)
 
-        _bpf_phase(lab, report, peers, lease_id, churn_events, churn_rate, rng)
+        flanneld = _flanneld_phase(lab, report, peers)
+        _bpf_phase(lab, report, peers, lease_id, churn_events, churn_rate, rng, flanneld)
         _kernel_phase(lab, report, peers)
         _netlink_phase(lab, report, peers)
         _compile_phase(report)
@@ -1055,6 +1062,7 @@ def _bpf_phase(
     churn_events: int,
     churn_rate: float,
     rng: random.Random,
+    flanneld: FlanneldFigures,
 ) -> None:
     assert lab.client is not None
     n = len(peers)
@@ -1102,8 +1110,19 @@ def _bpf_phase(
                 "s",
                 "<= 1 s",
                 programmed <= 1.0,
-                f"median of {len(starts)} starts, slowest {max(starts):.2f} s; flanneld measured "
-                f"3.2 s; agent ready at {up.ready_s or math.nan:.2f} s",
+                f"median of {len(starts)} starts, slowest {max(starts):.2f} s; agent ready at "
+                f"{up.ready_s or math.nan:.2f} s; {flanneld.programmed_note(programmed)}",
+            )
+        )
+        report.targets.append(
+            Target(
+                f"{n:,} peers programmed after start: flanneld's time / ours",
+                round(flanneld.programmed_s / programmed, 2) if programmed else 0.0,
+                "x",
+                "> 1 (ahead of flanneld)",
+                flanneld.programmed_s > programmed,
+                f"flanneld {flanneld.programmed_s:.2f} s, flannel-bpf {programmed:.2f} s (BPF), "
+                "medians of this run",
             )
         )
 
@@ -1122,8 +1141,8 @@ def _bpf_phase(
                 "MB",
                 "<= 80 MB",
                 mem.rss_kb / 1024 <= 80,
-                f"flanneld had 39 MB; {mem.bcc_llvm_kb / 1024:.1f} MB resident in "
-                f"libbcc/LLVM/clang mappings",
+                f"flanneld {flanneld.rss_mb:.1f} MB in this run; {mem.bcc_llvm_kb / 1024:.1f} MB "
+                f"resident in libbcc/LLVM/clang mappings",
             )
         )
 
@@ -1291,6 +1310,65 @@ def _report_memory(report: Report, path: str, n: int, mem: Memory) -> None:
         "MB",
         "file-backed pages of the compiler libraries the agent keeps mapped",
     )
+
+
+@dataclass(frozen=True)
+class FlanneldFigures:
+    programmed_s: float  # median of STARTUP_RUNS starts
+    rss_mb: float
+
+    def programmed_note(self, ours: float) -> str:
+        ratio = self.programmed_s / ours if ours else math.nan
+        return f"flanneld {self.programmed_s:.2f} s in this run ({ratio:.1f}x ours)"
+
+
+def _flanneld_phase(lab: BenchLab, report: Report, peers: list[PeerLease]) -> FlanneldFigures:
+    """The real flanneld on the same leases: started STARTUP_RUNS times, each in a fresh
+    namespace, until its routes, neighbours and FDB entries cover every peer; memory of the
+    last at steady state."""
+    assert lab.client is not None
+    n = len(peers)
+    starts: list[float] = []
+    mem: Memory | None = None
+    counts: dict[str, int] = {}
+    for run_no in range(STARTUP_RUNS):
+        ns = lab.add_host(f"f{run_no}", f"198.18.0.{31 + run_no}")
+        agent: AgentProcess | None = None
+        try:
+            agent, up = start_kernel_agent(lab, ns, peers, program=FLANNELD)
+            starts.append(up.programmed_s)
+            counts = up.counts
+            if run_no == STARTUP_RUNS - 1:
+                time.sleep(2.0)
+                assert agent.pid is not None
+                mem = memory_of(agent.pid)
+        finally:
+            if agent is not None:
+                lab.stop_agents([agent])
+            own = _own_lease_key(lab, ns) if (lab.node_dir(ns) / "subnet.env").exists() else None
+            lab.remove_netns(ns)
+            if own is not None:
+                lab.client.delete(own)
+    assert mem is not None
+    programmed = statistics.median(starts)
+    report.add(
+        f"{n:,} peers programmed after agent start",
+        FLANNELD,
+        programmed,
+        "s",
+        f"the real flanneld {flanneld_version()}: median of {len(starts)} starts "
+        f"({', '.join(f'{x:.3f}' for x in starts)} s); routes {counts.get('routes')}, "
+        f"neighbours {counts.get('neighbours')}, FDB {counts.get('fdb')} on {DEVICE}",
+    )
+    report.add(f"agent VmRSS at {n:,} peers", FLANNELD, mem.rss_kb / 1024, "MB", mem.note())
+    report.add(f"agent VmHWM at {n:,} peers", FLANNELD, mem.hwm_kb / 1024, "MB", "peak resident")
+    return FlanneldFigures(programmed, mem.rss_kb / 1024)
+
+
+def flanneld_version() -> str:
+    from flannel_bpf.lab.peers import peer
+
+    return peer("flanneld").version
 
 
 def _kernel_phase(lab: BenchLab, report: Report, peers: list[PeerLease]) -> None:

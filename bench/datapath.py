@@ -1,11 +1,12 @@
 """Data-path benchmark: pod to pod across two lab nodes, every configuration side by side.
 
 All configurations of one underlay MTU are built at once (one namespace lab each) and measured in
-interleaved rounds, so drift on the machine hits them alike; each figure is the median of the
-rounds. Per configuration: TCP throughput with 1 and 4 streams (iperf3), 64-byte UDP packet rate
-(iperf3, packets the receiver got per second), TCP and UDP request/response latency (qperf), CPU
-seconds per Gbit (all CPUs, /proc/stat, during the 1-stream run) and underlay frames per GiB on
-the receiving node's uplink.
+interleaved rounds, the real flanneld's vxlan, udp and host-gw among them (both nodes running
+flanneld v0.28.9, built by scripts/build-peers.sh), so drift on the machine hits them alike; each
+figure is the median of the rounds. Per configuration: TCP throughput with 1 and 4 streams
+(iperf3), 64-byte UDP packet rate (iperf3, packets the receiver got per second), TCP and UDP
+request/response latency (qperf), CPU seconds per Gbit (all CPUs, /proc/stat, during the 1-stream
+run) and underlay frames per GiB on the receiving node's uplink.
 
 Run: ``python -m bench.datapath [--rounds 3] [--seconds 3] [--mtu 1500 9000]``. Results go to
 bench/results/datapath.json; ``python -m bench.report`` turns all results into docs/benchmarks.md.
@@ -50,12 +51,17 @@ class Config:
     # Turn TSO off on the bridge ports facing the nodes: what native XDP on a veth forces on its
     # peer, applied to a path without XDP so its numbers can be compared with the XDP ones.
     peer_tso_off: bool = False
+    # Both nodes run the real flanneld instead of flannel-bpf (datapath and agent_args unused).
+    flanneld: bool = False
     note: str = ""
 
 
 CONFIGS: tuple[Config, ...] = (
+    Config("flanneld-vxlan", "flanneld vxlan (the real one)", "vxlan", flanneld=True),
+    Config("flanneld-udp", "flanneld udp (the real one)", "udp", flanneld=True),
+    Config("flanneld-host-gw", "flanneld host-gw (the real one)", "host-gw", flanneld=True),
     Config("host-gw", "host-gw (no encapsulation)", "host-gw"),
-    Config("vxlan-kernel", "kernel vxlan (flanneld)", "vxlan", "kernel"),
+    Config("vxlan-kernel", "kernel vxlan (flannel-bpf)", "vxlan", "kernel"),
     Config("bpf-auto", "BPF vxlan, decap auto", "vxlan", "bpf"),
     Config(
         "bpf-xdp",
@@ -74,7 +80,7 @@ CONFIGS: tuple[Config, ...] = (
         peer_tso_off=True,
         note="like for like with the XDP row",
     ),
-    Config("udp-userspace", "udp, userspace (flanneld's design)", "udp", "userspace"),
+    Config("udp-userspace", "udp, userspace (flannel-bpf)", "udp", "userspace"),
     Config("udp-bpf", "udp format in BPF", "udp", "bpf"),
 )
 
@@ -242,6 +248,7 @@ def build(config: Config, mtu: int, run_id: str) -> LiveLab:
         underlay_mtu=mtu,
         agent_args=config.agent_args,
         datapaths=(config.datapath,) if config.datapath else (),
+        flanneld_nodes=2 if config.flanneld else 0,
     )
     lab.up(spec)
     info = lab.status(name)
@@ -349,12 +356,19 @@ def summarize(results: list[Result], rounds: int, seconds: int) -> dict[str, Any
             row[name] = r.median(name)
         rows.append(row)
     by_key = {(row["config"], row["mtu"]): row for row in rows}
-    for row in rows:
-        for base in ("host-gw", "vxlan-kernel"):
+    for row, r in zip(rows, results, strict=True):
+        # the real flanneld of the same backend: what an operator would switch from
+        bases = ("host-gw", "vxlan-kernel", f"flanneld-{r.config.backend}")
+        for base, name in zip(bases, ("host-gw", "vxlan-kernel", "flanneld"), strict=True):
             ref = by_key.get((base, row["mtu"]))
             for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_pps", "gen64_pps"):
                 ratio = row[metric] / ref[metric] if ref and ref[metric] else 0.0
-                row[f"{metric}_vs_{base}"] = ratio
+                row[f"{metric}_vs_{name}"] = ratio
+            if name == "flanneld":
+                # lower is better: flanneld's latency and CPU cost over ours (> 1: ours wins)
+                for metric in ("tcp_lat_us", "udp_lat_us", "cpu_s_per_gbit"):
+                    ratio = ref[metric] / row[metric] if ref and row[metric] else 0.0
+                    row[f"{metric}_gain_vs_flanneld"] = ratio
     return {
         "section": "datapath",
         "rounds": rounds,
@@ -381,6 +395,9 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
         out.append({"name": name, "value": round(value, 3), "unit": "x", "limit": f">= {limit}",
                     "met": value >= limit, "note": decap})  # fmt: skip
 
+    flanneld = by_key.get(("flanneld-vxlan", 1500))
+    ratio_target("BPF TCP throughput vs flanneld vxlan (MTU 1500)", "tcp1_gbps", flanneld, 1.10)
+    ratio_target("BPF 64-byte packet rate vs flanneld vxlan (MTU 1500)", "gen64_pps", flanneld, 1.5)
     ratio_target("BPF TCP throughput vs kernel vxlan (MTU 1500)", "tcp1_gbps", kernel, 1.10)
     ratio_target("BPF TCP throughput vs host-gw (MTU 1500)", "tcp1_gbps", hostgw, 0.95)
     # The packet rate where the data path is the bottleneck: trafgen, not a socket, sends.
@@ -398,13 +415,22 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
                 "limit": f"<= {kernel[metric]:.1f} (kernel vxlan)",
                 "met": bpf[metric] <= kernel[metric], "note": decap,
             })  # fmt: skip
-    user = by_key.get(("udp-userspace", 1500))
-    if user:
-        value = user["tcp1_gbps"]
+    if bpf and flanneld and flanneld["tcp_lat_us"]:
         out.append({
-            "name": "userspace udp TCP throughput (MTU 1500)", "value": round(value, 3),
-            "unit": "Gbit/s", "limit": ">= 0.38 (flanneld udp), aim 0.76",
-            "met": value >= 0.38, "note": "2x flanneld" if value >= 0.76 else "below 2x flanneld",
+            "name": "BPF TCP latency vs flanneld vxlan (MTU 1500)",
+            "value": round(bpf["tcp_lat_us"], 1), "unit": "us",
+            "limit": f"<= {flanneld['tcp_lat_us']:.1f} (flanneld)",
+            "met": bpf["tcp_lat_us"] <= flanneld["tcp_lat_us"], "note": decap,
+        })  # fmt: skip
+    user, flanneld_udp = by_key.get(("udp-userspace", 1500)), by_key.get(("flanneld-udp", 1500))
+    if user and flanneld_udp and flanneld_udp["tcp1_gbps"]:
+        value = user["tcp1_gbps"] / flanneld_udp["tcp1_gbps"]
+        out.append({
+            "name": "userspace udp TCP throughput vs flanneld udp (MTU 1500)",
+            "value": round(value, 2), "unit": "x", "limit": ">= 1, aim 2",
+            "met": value >= 1.0,
+            "note": f"{user['tcp1_gbps']:.2f} vs {flanneld_udp['tcp1_gbps']:.2f} Gbit/s"
+            + ("; 2x flanneld" if value >= 2 else "; below 2x flanneld"),
         })  # fmt: skip
     return out
 
@@ -412,7 +438,8 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
 def print_table(report: dict[str, Any]) -> None:
     header = (
         f"{'configuration':36} {'MTU':>5} {'decap':>6} {'1 strm':>7} {'4 strm':>7} "
-        f"{'xKvx':>5} {'xHgw':>5} {'64B kpps':>9} {'gen kpps':>9} {'tcp us':>7} {'udp us':>7} "
+        f"{'xKvx':>5} {'xHgw':>5} {'xFld':>5} {'64B kpps':>9} {'gen kpps':>9} {'tcp us':>7} "
+        f"{'udp us':>7} "
         f"{'CPUs/Gb':>8} {'fr/GiB':>8}"
     )
     print(header)
@@ -423,7 +450,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"{row['label']:36} {row['mtu']:>5} {row['decap']:>6} {row['tcp1_gbps']:>7.2f} "
             f"{row['tcp4_gbps']:>7.2f} {row['tcp1_gbps_vs_vxlan-kernel']:>5.2f} "
-            f"{row['tcp1_gbps_vs_host-gw']:>5.2f} {row['udp64_pps'] / 1e3:>9.0f} "
+            f"{row['tcp1_gbps_vs_host-gw']:>5.2f} {row['tcp1_gbps_vs_flanneld']:>5.2f} "
+            f"{row['udp64_pps'] / 1e3:>9.0f} "
             f"{row['gen64_pps'] / 1e3:>9.0f} "
             f"{row['tcp_lat_us']:>7.1f} {row['udp_lat_us']:>7.1f} {row['cpu_s_per_gbit']:>8.3f} "
             f"{row['frames_per_gib'] / 1e3:>7.0f}k"
