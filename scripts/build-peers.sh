@@ -13,8 +13,8 @@
 set -euo pipefail
 
 FLANNEL_VERSION=v0.28.9
-# The newest release whose go.mod accepts Go 1.26 (1.37's does too, but 1.36 is what flannel
-# v0.28.9's client-go 0.33 and this suite were checked against; one k8s.io/* release everywhere).
+# Its go.mod says go 1.26.0, which this machine's Go accepts (v1.37.2's too; v1.36.3 is the newest
+# patch of the minor before, on etcd 3.6). Every k8s.io/* module is taken at this one release.
 KUBERNETES_VERSION=v1.36.3
 # The etcd that Kubernetes v1.36.3's go.mod names.
 ETCD_VERSION=v3.6.8
