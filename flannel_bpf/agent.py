@@ -11,10 +11,20 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import TypeVar
 
-from .backends import BackendError, ExternalContext, Network, make_backend
-from .config import NetworkConfig
-from .flags import DEFAULT_METRICS_ADDR, AgentOptions
-from .http_endpoint import (
+from flannel_bpf.backends import BackendError, ExternalContext, Network, make_backend
+from flannel_bpf.cli.flags import DEFAULT_METRICS_ADDR, AgentOptions
+from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
+from flannel_bpf.datapath.traffic_rules import (
+    IptablesRules,
+    RulesError,
+    apply_nftables,
+    forward_rules,
+    masquerade_rules,
+    nftables_ruleset,
+    remove_nftables,
+    supports_random_fully,
+)
+from flannel_bpf.observe.http_endpoint import (
     HEALTHZ_BODY,
     NOT_READY_BODY,
     READY_BODY,
@@ -24,28 +34,24 @@ from .http_endpoint import (
     parse_listen_address,
     text_response,
 )
-from .iface import InterfaceError, find_external_interface
-from .lease import Lease, LeaseEventType
-from .lease_manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
-from .metrics import CONTENT_TYPE, AgentMetrics
-from .status import AgentStatus
-from .store import EtcdSettings, EtcdStore, StoreAuthError, StoreError, StoreUnavailable
-from .subnet_file import (
+from flannel_bpf.observe.metrics import CONTENT_TYPE, AgentMetrics
+from flannel_bpf.observe.status import AgentStatus
+from flannel_bpf.observe.systemd import SystemdNotifier
+from flannel_bpf.subnet.config import NetworkConfig
+from flannel_bpf.subnet.etcd.manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
+from flannel_bpf.subnet.etcd.store import (
+    EtcdSettings,
+    EtcdStore,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+)
+from flannel_bpf.subnet.lease import Lease, LeaseEventType
+from flannel_bpf.subnet.subnet_env import (
     PreviousSubnets,
     SubnetFile,
     read_previous_subnets,
     write_subnet_file,
-)
-from .systemd import SystemdNotifier
-from .traffic_rules import (
-    IptablesRules,
-    RulesError,
-    apply_nftables,
-    forward_rules,
-    masquerade_rules,
-    nftables_ruleset,
-    remove_nftables,
-    supports_random_fully,
 )
 
 log = logging.getLogger(__name__)

@@ -10,17 +10,17 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_bpf.config import parse_network_config
 from flannel_bpf.lab.etcd import EtcdCluster
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from flannel_bpf.lease_manager import (
+from flannel_bpf.subnet.config import parse_network_config
+from flannel_bpf.subnet.etcd.manager import (
     LEASE_TTL,
     LeaseManager,
     LeaseRevoked,
     OutOfSubnets,
     free_subnets,
 )
-from flannel_bpf.store import EtcdSettings, EtcdStore, KeyValue, StoreUnavailable
+from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, KeyValue, StoreUnavailable
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 ADDED, REMOVED = LeaseEventType.ADDED, LeaseEventType.REMOVED
 CONFIG_10_3 = b'{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'

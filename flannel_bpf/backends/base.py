@@ -6,12 +6,12 @@ import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import NetworkConfig
-from ..flags import AgentOptions
-from ..iface import ExternalInterface
-from ..lease import Lease, LeaseAttrs, LeaseEvent
-from ..lease_manager import LeaseManager
-from ..subnet_file import PreviousSubnets
+from flannel_bpf.cli.flags import AgentOptions
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.config import NetworkConfig
+from flannel_bpf.subnet.etcd.manager import LeaseManager
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
+from flannel_bpf.subnet.subnet_env import PreviousSubnets
 
 
 class BackendError(Exception):

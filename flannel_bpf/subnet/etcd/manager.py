@@ -19,8 +19,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
-from .config import ConfigError, NetworkConfig, parse_network_config
-from .lease import (
+from flannel_bpf.subnet.config import ConfigError, NetworkConfig, parse_network_config
+from flannel_bpf.subnet.etcd.store import (
+    EtcdStore,
+    KeyValue,
+    StoreError,
+    StoreUnavailable,
+    WatchCompacted,
+)
+from flannel_bpf.subnet.lease import (
     Lease,
     LeaseAttrs,
     LeaseEvent,
@@ -29,8 +36,7 @@ from .lease import (
     make_subnet_key,
     parse_subnet_key,
 )
-from .lease_watcher import LeaseWatcher
-from .store import EtcdStore, KeyValue, StoreError, StoreUnavailable, WatchCompacted
+from flannel_bpf.subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)
 
