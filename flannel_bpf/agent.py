@@ -38,7 +38,7 @@ from flannel_bpf.observe.metrics import CONTENT_TYPE, AgentMetrics
 from flannel_bpf.observe.status import AgentStatus
 from flannel_bpf.observe.systemd import SystemdNotifier
 from flannel_bpf.subnet.config import NetworkConfig
-from flannel_bpf.subnet.etcd.manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
+from flannel_bpf.subnet.etcd.manager import EtcdManager
 from flannel_bpf.subnet.etcd.store import (
     EtcdSettings,
     EtcdStore,
@@ -47,6 +47,7 @@ from flannel_bpf.subnet.etcd.store import (
     StoreUnavailable,
 )
 from flannel_bpf.subnet.lease import Lease, LeaseEventType
+from flannel_bpf.subnet.manager import Backoff, LeaseRevoked, Manager, OutOfSubnets
 from flannel_bpf.subnet.subnet_env import (
     PreviousSubnets,
     SubnetFile,
@@ -149,7 +150,7 @@ class Agent:
 
     async def _run(self, store: EtcdStore, previous: PreviousSubnets) -> int:
         opts = self.options
-        manager = LeaseManager(store, opts.etcd_prefix)
+        manager = EtcdManager(store, opts.etcd_prefix)
         self.metrics.state.manager = manager
         log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
         config = await manager.wait_for_network_config()
@@ -162,7 +163,7 @@ class Agent:
             manager.drop_startup_listing()  # a no-op once the peer watch took it
 
     async def _run_with_config(
-        self, manager: LeaseManager, config: NetworkConfig, previous: PreviousSubnets
+        self, manager: Manager, config: NetworkConfig, previous: PreviousSubnets
     ) -> int:
         opts = self.options
         try:
@@ -311,7 +312,7 @@ class Agent:
         return keepers
 
     async def _serve(
-        self, manager: LeaseManager, network: Network, keepers: list[IptablesRules]
+        self, manager: Manager, network: Network, keepers: list[IptablesRules]
     ) -> None:
         margin = self.options.subnet_lease_renew_margin * 60.0
 
@@ -338,7 +339,7 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _follow_peers(self, manager: LeaseManager, network: Network) -> None:
+    async def _follow_peers(self, manager: Manager, network: Network) -> None:
         first = True
         peers: set[IPv4Network] = set()
         async for events in manager.watch_leases(network.lease.subnet, network.accepts):

@@ -1,4 +1,5 @@
-"""bpf/include/flannel_bpf.h and flannel_bpf/datapath/bpf_maps.py describe one contract: keep them equal."""
+"""bpf/include/flannel_bpf.h and flannel_bpf/datapath/bpf_maps.py describe one contract: keep
+them equal."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 from flannel_bpf.cli.flags import AgentOptions
 from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.subnet.config import NetworkConfig
-from flannel_bpf.subnet.etcd.manager import LeaseManager
 from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
+from flannel_bpf.subnet.manager import Manager
 from flannel_bpf.subnet.subnet_env import PreviousSubnets
 
 
@@ -20,11 +20,11 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class ExternalContext:
-    """What every backend gets: the uplink, the flags, and the lease manager."""
+    """What every backend gets: the uplink, the flags, and the subnet manager (any store)."""
 
     iface: ExternalInterface
     options: AgentOptions
-    manager: LeaseManager
+    manager: Manager
     config: NetworkConfig
     previous: PreviousSubnets
 

@@ -3,8 +3,8 @@
 The flannel device stays exactly as flanneld sets it up: flannel.<VNI> for vxlan (the fallback for
 anything the programs pass on, and the receiver for vxlan.ko peers), flannel0 for udp (the
 userspace plane behind it answers what the programs leave alone). The programs only take over
-encapsulation and decapsulation of the traffic they recognise. See flannel_bpf/datapath/loader.py for the
-life cycle.
+encapsulation and decapsulation of the traffic they recognise. See flannel_bpf/datapath/loader.py
+for the life cycle.
 """
 
 from __future__ import annotations

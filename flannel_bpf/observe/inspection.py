@@ -16,7 +16,7 @@ from typing import Any
 
 from flannel_bpf.cli.flags import AgentOptions
 from flannel_bpf.datapath.bpf_maps import FB_REMOTE_SKIP, LayoutMismatch, PinnedMaps
-from flannel_bpf.subnet.etcd.manager import LeaseManager
+from flannel_bpf.subnet.etcd.manager import EtcdManager
 from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, StoreError
 from flannel_bpf.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key
 
@@ -37,7 +37,7 @@ async def leases_document(opts: AgentOptions, now: float | None = None) -> dict[
     """Every entry under <prefix>/subnets/: valid leases, and the entries no agent would use."""
     try:
         async with EtcdStore(EtcdSettings.from_options(opts)) as store:
-            manager = LeaseManager(store, opts.etcd_prefix)  # flanneld's prefix normalisation
+            manager = EtcdManager(store, opts.etcd_prefix)  # flanneld's prefix normalisation
             prefix, subnets_prefix = manager.prefix, manager.subnets_prefix
             kvs, revision = await store.list_prefix(subnets_prefix)
             ids = sorted({kv.lease_id for kv in kvs if kv.lease_id})

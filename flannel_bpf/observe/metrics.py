@@ -33,7 +33,7 @@ from flannel_bpf.subnet.etcd.store import OPERATIONS, OUTCOMES
 
 if TYPE_CHECKING:
     from flannel_bpf.backends.base import Network
-    from flannel_bpf.subnet.etcd.manager import LeaseManager
+    from flannel_bpf.subnet.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class AgentState:
     public_ip: str = ""
     peers: int = 0
     network: Network | None = None
-    manager: LeaseManager | None = None
+    manager: Manager | None = None
     etcd_up: bool | None = None
 
 
@@ -227,7 +227,7 @@ class _AgentCollector(Collector):
             yield from _plane_metrics(counters)
 
 
-def _watch_metrics(manager: LeaseManager) -> Iterator[Metric]:
+def _watch_metrics(manager: Manager) -> Iterator[Metric]:
     st = manager.stats
     events = CounterMetricFamily(
         "flannel_lease_events", "Peer lease events applied, by type.", labels=["type"]
