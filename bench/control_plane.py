@@ -54,9 +54,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import unwind_on_sigterm
-from flannel_bpf import bpf_sys, rtnl_batch
-from flannel_bpf.bpf_build import objects
-from flannel_bpf.bpf_maps import REMOTE_KEY, REMOTE_VALUE, remote_key
+from flannel_bpf.datapath import bpf_sys, rtnl_batch
+from flannel_bpf.datapath.bpf_build import objects
+from flannel_bpf.datapath.bpf_maps import REMOTE_KEY, REMOTE_VALUE, remote_key
+from flannel_bpf.datapath.loader import WIRE_FORMATS, pin_dir_for, program_source, unpin
+from flannel_bpf.datapath.rtnl_batch import NlRequest, RtnlBatch
 from flannel_bpf.lab.agent_process import FLANNEL_BPF, FLANNELD, AgentProcess
 from flannel_bpf.lab.etcd import EtcdMember, make_cluster
 from flannel_bpf.lab.netns import (
@@ -71,8 +73,6 @@ from flannel_bpf.lab.netns import (
     netns_exists,
 )
 from flannel_bpf.lab.netns import run as sh
-from flannel_bpf.loader import WIRE_FORMATS, pin_dir_for, program_source, unpin
-from flannel_bpf.rtnl_batch import NlRequest, RtnlBatch
 
 RESULTS: Final = Path(__file__).resolve().parent / "results" / "control_plane.json"
 # Agent starts measured for "peers programmed after agent start" (the median is reported).

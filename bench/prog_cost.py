@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import unwind_on_sigterm
-from flannel_bpf import bpf_sys, loader
-from flannel_bpf.bpf_maps import (
+from flannel_bpf.datapath import bpf_sys, loader
+from flannel_bpf.datapath.bpf_maps import (
     FB_CFG_CHECK_SOURCES,
     VXLAN_OVERHEAD,
     DatapathConfig,

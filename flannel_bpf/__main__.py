@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from flannel_bpf.cli.main import main
 
 sys.exit(main())

@@ -11,10 +11,20 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import TypeVar
 
-from .backends import BackendError, ExternalContext, Network, make_backend
-from .config import NetworkConfig
-from .flags import DEFAULT_METRICS_ADDR, AgentOptions
-from .http_endpoint import (
+from flannel_bpf.backends import BackendError, ExternalContext, Network, make_backend
+from flannel_bpf.cli.flags import DEFAULT_METRICS_ADDR, AgentOptions
+from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
+from flannel_bpf.datapath.traffic_rules import (
+    IptablesRules,
+    RulesError,
+    apply_nftables,
+    forward_rules,
+    masquerade_rules,
+    nftables_ruleset,
+    remove_nftables,
+    supports_random_fully,
+)
+from flannel_bpf.observe.http_endpoint import (
     HEALTHZ_BODY,
     NOT_READY_BODY,
     READY_BODY,
@@ -24,28 +34,25 @@ from .http_endpoint import (
     parse_listen_address,
     text_response,
 )
-from .iface import InterfaceError, find_external_interface
-from .lease import Lease, LeaseEventType
-from .lease_manager import Backoff, LeaseManager, LeaseRevoked, OutOfSubnets
-from .metrics import CONTENT_TYPE, AgentMetrics
-from .status import AgentStatus
-from .store import EtcdSettings, EtcdStore, StoreAuthError, StoreError, StoreUnavailable
-from .subnet_file import (
+from flannel_bpf.observe.metrics import CONTENT_TYPE, AgentMetrics
+from flannel_bpf.observe.status import AgentStatus
+from flannel_bpf.observe.systemd import SystemdNotifier
+from flannel_bpf.subnet.config import NetworkConfig
+from flannel_bpf.subnet.etcd.manager import EtcdManager
+from flannel_bpf.subnet.etcd.store import (
+    EtcdSettings,
+    EtcdStore,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+)
+from flannel_bpf.subnet.lease import Lease, LeaseEventType
+from flannel_bpf.subnet.manager import Backoff, LeaseRevoked, Manager, OutOfSubnets
+from flannel_bpf.subnet.subnet_env import (
     PreviousSubnets,
     SubnetFile,
     read_previous_subnets,
     write_subnet_file,
-)
-from .systemd import SystemdNotifier
-from .traffic_rules import (
-    IptablesRules,
-    RulesError,
-    apply_nftables,
-    forward_rules,
-    masquerade_rules,
-    nftables_ruleset,
-    remove_nftables,
-    supports_random_fully,
 )
 
 log = logging.getLogger(__name__)
@@ -143,7 +150,7 @@ class Agent:
 
     async def _run(self, store: EtcdStore, previous: PreviousSubnets) -> int:
         opts = self.options
-        manager = LeaseManager(store, opts.etcd_prefix)
+        manager = EtcdManager(store, opts.etcd_prefix)
         self.metrics.state.manager = manager
         log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
         config = await manager.wait_for_network_config()
@@ -156,7 +163,7 @@ class Agent:
             manager.drop_startup_listing()  # a no-op once the peer watch took it
 
     async def _run_with_config(
-        self, manager: LeaseManager, config: NetworkConfig, previous: PreviousSubnets
+        self, manager: Manager, config: NetworkConfig, previous: PreviousSubnets
     ) -> int:
         opts = self.options
         try:
@@ -305,7 +312,7 @@ class Agent:
         return keepers
 
     async def _serve(
-        self, manager: LeaseManager, network: Network, keepers: list[IptablesRules]
+        self, manager: Manager, network: Network, keepers: list[IptablesRules]
     ) -> None:
         margin = self.options.subnet_lease_renew_margin * 60.0
 
@@ -332,7 +339,7 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _follow_peers(self, manager: LeaseManager, network: Network) -> None:
+    async def _follow_peers(self, manager: Manager, network: Network) -> None:
         first = True
         peers: set[IPv4Network] = set()
         async for events in manager.watch_leases(network.lease.subnet, network.accepts):

@@ -18,7 +18,7 @@ import pytest
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember, make_cluster
 from flannel_bpf.lab.netns import add_netns, delete_netns, list_netns
-from flannel_bpf.store import EtcdSettings, EtcdStore
+from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore
 
 RUN_ID = uuid.uuid4().hex[:6]
 
@@ -175,7 +175,7 @@ def _nothing_left_behind() -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
-    from flannel_bpf.loader import remove_orphans
+    from flannel_bpf.datapath.loader import remove_orphans
 
     from .leftovers import snapshot
 

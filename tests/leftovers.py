@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.loader import DEFAULT_BPFFS
+from flannel_bpf.datapath.loader import DEFAULT_BPFFS
 
 # Processes the project or its tests start.
 PROCESS_MARKERS = (

@@ -18,9 +18,9 @@ import pytest
 
 from flannel_bpf.backends import BACKENDS, BackendError, ExternalContext, make_backend
 from flannel_bpf.backends.hostgw import HostGWBackend, HostGWNetwork
-from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.lab.netns import run
-from flannel_bpf.lease import Lease, LeaseAttrs
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs
 
 from .conftest import host, requires_root
 
@@ -30,7 +30,7 @@ DRIVER = r"""
 import asyncio, json, logging, socket, sys
 from ipaddress import IPv4Address, IPv4Network
 from flannel_bpf.backends.hostgw import HostGWNetwork
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
 logging.getLogger("flannel_bpf").setLevel(logging.DEBUG)
@@ -197,9 +197,9 @@ import asyncio, socket
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 from flannel_bpf.backends import ExternalContext, make_backend
-from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lease import Lease, LeaseAttrs
-from flannel_bpf.subnet_file import PreviousSubnets
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs
+from flannel_bpf.subnet.subnet_env import PreviousSubnets
 
 class Manager:
     async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:

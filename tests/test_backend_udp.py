@@ -29,8 +29,8 @@ from flannel_bpf.backends.udp import (
     ip_checksum,
     parse_port,
 )
-from flannel_bpf.config import BackendConfig
 from flannel_bpf.lab.netns import add_address, add_veth, in_netns, link_up, run
+from flannel_bpf.subnet.config import BackendConfig
 
 from . import packets as pk
 from .conftest import requires_root
@@ -190,8 +190,8 @@ NODE_CODE = r"""
 import asyncio, json, socket, sys
 from ipaddress import IPv4Address, IPv4Network
 from flannel_bpf.backends.udp import UDPNetwork, start_udp_dataplane
-from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 async def main() -> None:
     cfg = json.loads(sys.argv[1])

@@ -33,10 +33,7 @@ from flannel_bpf.backends.vxlan import (
     parse_vxlan_config,
     peer_vtep,
 )
-from flannel_bpf.config import BackendConfig
-from flannel_bpf.lab.netns import add_address, entered, run
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from flannel_bpf.rtnl_batch import (
+from flannel_bpf.datapath.rtnl_batch import (
     ACK_BUFFER,
     NlReply,
     NlRequest,
@@ -48,7 +45,10 @@ from flannel_bpf.rtnl_batch import (
     route_get_request,
     route_request,
 )
-from flannel_bpf.vxlan_wire import parse_mac
+from flannel_bpf.datapath.vxlan_wire import parse_mac
+from flannel_bpf.lab.netns import add_address, entered, run
+from flannel_bpf.subnet.config import BackendConfig
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 from .conftest import host, requires_root
 
@@ -63,9 +63,9 @@ from flannel_bpf.backends.vxlan import (
     VXLANNetwork, configure_vxlan_device, ensure_vxlan_device, parse_vxlan_config,
     vxlan_lease_attrs,
 )
-from flannel_bpf.config import BackendConfig
-from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.subnet.config import BackendConfig
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
 logging.getLogger("flannel_bpf").setLevel(logging.DEBUG)
@@ -628,11 +628,11 @@ import asyncio, socket, sys
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 from flannel_bpf.backends import ExternalContext, make_backend
-from flannel_bpf.config import BackendConfig
-from flannel_bpf.flags import AgentOptions
-from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lease import Lease, LeaseAttrs
-from flannel_bpf.subnet_file import PreviousSubnets
+from flannel_bpf.subnet.config import BackendConfig
+from flannel_bpf.cli.flags import AgentOptions
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs
+from flannel_bpf.subnet.subnet_env import PreviousSubnets
 
 class Manager:
     async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:

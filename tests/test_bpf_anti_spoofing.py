@@ -17,8 +17,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_bpf import loader
-from flannel_bpf.bpf_maps import FB_CFG_CHECK_SOURCES, Hook, PinnedMaps, Reason, Remote
+from flannel_bpf.datapath import loader
+from flannel_bpf.datapath.bpf_maps import FB_CFG_CHECK_SOURCES, Hook, PinnedMaps, Reason, Remote
 
 from . import packets as pk
 from .conftest import requires_root

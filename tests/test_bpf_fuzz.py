@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from flannel_bpf import bpf_sys
-from flannel_bpf.bpf_maps import Hook
+from flannel_bpf.datapath import bpf_sys
+from flannel_bpf.datapath.bpf_maps import Hook
 from flannel_bpf.lab.netns import entered
 
 from . import packets as pk

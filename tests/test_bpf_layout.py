@@ -1,12 +1,13 @@
-"""bpf/include/flannel_bpf.h and flannel_bpf/bpf_maps.py describe one contract: keep them equal."""
+"""bpf/include/flannel_bpf.h and flannel_bpf/datapath/bpf_maps.py describe one contract: keep
+them equal."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from flannel_bpf import bpf_maps, loader
-from flannel_bpf.bpf_maps import Hook, Reason
+from flannel_bpf.datapath import bpf_maps, loader
+from flannel_bpf.datapath.bpf_maps import Hook, Reason
 
 HEADER = (Path(loader.BPF_SOURCE_DIR) / "include" / "flannel_bpf.h").read_text()
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf import bpf_sys, loader
-from flannel_bpf.bpf_maps import (
+from flannel_bpf.datapath import bpf_sys, loader
+from flannel_bpf.datapath.bpf_maps import (
     ALL_MAPS,
     FB_REMOTE_SKIP,
     CounterKey,

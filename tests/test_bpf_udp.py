@@ -14,9 +14,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from flannel_bpf import loader
 from flannel_bpf.backends.udp import decrement_ttl, ip_checksum
-from flannel_bpf.bpf_maps import DatapathConfig, Hook, PinnedMaps, Reason
+from flannel_bpf.datapath import loader
+from flannel_bpf.datapath.bpf_maps import DatapathConfig, Hook, PinnedMaps, Reason
 from flannel_bpf.lab.netns import add_netns, delete_netns, entered, run
 
 from . import packets as pk

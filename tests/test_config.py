@@ -1,4 +1,4 @@
-"""Tests for flannel_bpf.config: flanneld's network config decoding, defaults and checks."""
+"""Tests for flannel_bpf.subnet.config: flanneld's network config decoding, defaults and checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flannel_bpf.config import (
+from flannel_bpf.subnet.config import (
     BackendConfig,
     ConfigError,
     NetworkConfig,

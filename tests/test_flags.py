@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.flags import (
+from flannel_bpf.cli.flags import (
     RENEW_MARGIN_ERROR,
     AgentOptions,
     FlagError,

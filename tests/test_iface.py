@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.iface import NO_DEFAULT_MATCH, NO_OPTION_MATCH
+from flannel_bpf.datapath.iface import NO_DEFAULT_MATCH, NO_OPTION_MATCH
 
 pytestmark = [
     pytest.mark.root,
@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs inside the namespace: parse flanneld-style flags, look the interface up, print JSON.
 _CHILD = r"""
 import asyncio, json, logging, sys
-from flannel_bpf.flags import parse_run_args
-from flannel_bpf.iface import InterfaceError, find_external_interface
+from flannel_bpf.cli.flags import parse_run_args
+from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 opts = parse_run_args(sys.argv[1:], {})

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf import loader
-from flannel_bpf.bpf_maps import PinnedMaps, Remote
+from flannel_bpf.datapath import loader
+from flannel_bpf.datapath.bpf_maps import PinnedMaps, Remote
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import STATE_ROOT
 

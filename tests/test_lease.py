@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flannel_bpf.lease import (
+from flannel_bpf.subnet.lease import (
     LeaseAttrs,
     LeaseFormatError,
     compact_json,

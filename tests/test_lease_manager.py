@@ -10,17 +10,17 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_bpf.config import parse_network_config
 from flannel_bpf.lab.etcd import EtcdCluster
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from flannel_bpf.lease_manager import (
+from flannel_bpf.subnet.config import parse_network_config
+from flannel_bpf.subnet.etcd.manager import (
     LEASE_TTL,
-    LeaseManager,
+    EtcdManager,
     LeaseRevoked,
     OutOfSubnets,
     free_subnets,
 )
-from flannel_bpf.store import EtcdSettings, EtcdStore, KeyValue, StoreUnavailable
+from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, KeyValue, StoreUnavailable
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 ADDED, REMOVED = LeaseEventType.ADDED, LeaseEventType.REMOVED
 CONFIG_10_3 = b'{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }'
@@ -31,18 +31,18 @@ def attrs(ip: str, backend: str = "", data: bytes = b"") -> LeaseAttrs:
 
 
 async def put_lease(
-    store: EtcdStore, mgr: LeaseManager, subnet: str, value: LeaseAttrs, ttl: int | None = LEASE_TTL
+    store: EtcdStore, mgr: EtcdManager, subnet: str, value: LeaseAttrs, ttl: int | None = LEASE_TTL
 ) -> None:
     lease_id = (await store.grant(ttl))[0] if ttl else 0
     await store.put(mgr.lease_key(IPv4Network(subnet)), value.to_json(), lease_id)
 
 
 @pytest.fixture
-def mgr(store: EtcdStore, prefix: str) -> LeaseManager:
-    return LeaseManager(store, prefix, rng=random.Random(7))
+def mgr(store: EtcdStore, prefix: str) -> EtcdManager:
+    return EtcdManager(store, prefix, rng=random.Random(7))
 
 
-async def test_config_round_trip_and_missing_config(mgr: LeaseManager, store: EtcdStore) -> None:
+async def test_config_round_trip_and_missing_config(mgr: EtcdManager, store: EtcdStore) -> None:
     with pytest.raises(Exception, match="flannel config not found in etcd store"):
         await mgr.get_network_config()
     await store.put(mgr.config_key, CONFIG_10_3)
@@ -51,7 +51,7 @@ async def test_config_round_trip_and_missing_config(mgr: LeaseManager, store: Et
 
 
 async def test_created_lease_is_flanneld_byte_exact_with_a_24h_ttl(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     config = parse_network_config(b'{"Network":"10.1.0.0/16"}')
     lease = await mgr.acquire_lease(config, attrs("1.2.3.4"))
@@ -65,7 +65,7 @@ async def test_created_lease_is_flanneld_byte_exact_with_a_24h_ttl(
     assert IPv4Network("10.1.1.0/24").network_address <= lease.subnet.network_address
 
 
-async def test_leases_written_by_flanneld_are_read(mgr: LeaseManager, store: EtcdStore) -> None:
+async def test_leases_written_by_flanneld_are_read(mgr: EtcdManager, store: EtcdStore) -> None:
     flanneld_value = (
         b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
         b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
@@ -82,7 +82,7 @@ async def test_leases_written_by_flanneld_are_read(mgr: LeaseManager, store: Etc
 
 
 async def test_acquire_in_range_reuse_and_previous_subnet(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     # flanneld's TestAcquireLease fixture: leases 10.3.1/2/4/5 and an out-of-range 10.3.31
     config = parse_network_config(CONFIG_10_3)
@@ -94,7 +94,7 @@ async def test_acquire_in_range_reuse_and_previous_subnet(
     again = await mgr.acquire_lease(config, attrs("1.2.3.4"))
     assert again.subnet == lease.subnet  # reuse by PublicIP
 
-    other = LeaseManager(store, mgr.prefix)
+    other = EtcdManager(store, mgr.prefix)
     prev = await other.acquire_lease(
         config, attrs("1.2.3.5"), previous_subnet=IPv4Network("10.3.6.0/24")
     )
@@ -110,7 +110,7 @@ async def test_acquire_in_range_reuse_and_previous_subnet(
 
 
 async def test_reuse_rewrites_attrs_and_config_change_gives_new_subnet(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     old_config = parse_network_config(CONFIG_10_3)
     first = await mgr.acquire_lease(
@@ -128,7 +128,7 @@ async def test_reuse_rewrites_attrs_and_config_change_gives_new_subnet(
     assert (await store.get(mgr.lease_key(first.subnet)))[0] is None  # incompatible: deleted
 
 
-async def test_out_of_subnets(mgr: LeaseManager) -> None:
+async def test_out_of_subnets(mgr: EtcdManager) -> None:
     config = parse_network_config(b'{"Network": "10.9.0.0/28"}')  # /30s, three allocatable
     got = {(await mgr.acquire_lease(config, attrs(f"1.1.1.{i}"))).subnet for i in range(3)}
     assert len(got) == 3
@@ -163,7 +163,7 @@ async def test_twenty_agents_racing_get_twenty_distinct_subnets(
     for s in stores:
         await s.connect()
     try:
-        managers = [LeaseManager(s, prefix, rng=random.Random(i % 3)) for i, s in enumerate(stores)]
+        managers = [EtcdManager(s, prefix, rng=random.Random(i % 3)) for i, s in enumerate(stores)]
         leases = await asyncio.gather(
             *(m.acquire_lease(config, attrs(f"198.18.0.{i + 1}")) for i, m in enumerate(managers))
         )
@@ -179,7 +179,7 @@ async def test_twenty_agents_racing_get_twenty_distinct_subnets(
 
 
 async def test_renewal_puts_a_fresh_24h_lease_with_the_same_attrs(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     config = parse_network_config(CONFIG_10_3)
     original = attrs("1.2.3.4", "vxlan", b'{"Dummy":"test string"}')
@@ -193,7 +193,7 @@ async def test_renewal_puts_a_fresh_24h_lease_with_the_same_attrs(
 
 
 async def test_keep_lease_renews_before_expiry_and_stops_on_deletion(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     # A real 4 s etcd lease: keep_lease reads its TTL back from etcd, renews at 4 s - 2 s.
     await put_lease(store, mgr, "10.3.7.0/24", attrs("1.2.3.4"), ttl=4)
@@ -222,7 +222,7 @@ def summary(events: list[LeaseEvent]) -> list[tuple[str, str]]:
 
 
 async def test_watch_add_remove_skips_own_and_other_backends(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     vx = b'{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}'
     await put_lease(store, mgr, "10.3.1.0/24", attrs("1.1.1.1", "vxlan", vx))
@@ -245,7 +245,7 @@ async def test_watch_add_remove_skips_own_and_other_backends(
 
 
 async def test_the_start_up_listing_is_read_once_and_the_watch_misses_nothing(
-    mgr: LeaseManager, store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+    mgr: EtcdManager, store: EtcdStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """prefetch_leases: the first acquire and the first watch snapshot share one listing, and
     whatever changed between that listing and the watch still arrives, through the watch."""
@@ -280,7 +280,7 @@ async def test_the_start_up_listing_is_read_once_and_the_watch_misses_nothing(
     await gen.aclose()
 
 
-async def test_a_dropped_start_up_listing_is_not_used(mgr: LeaseManager, store: EtcdStore) -> None:
+async def test_a_dropped_start_up_listing_is_not_used(mgr: EtcdManager, store: EtcdStore) -> None:
     mgr.prefetch_leases()
     await asyncio.sleep(0.5)  # the listing is done
     mgr.drop_startup_listing()
@@ -290,7 +290,7 @@ async def test_a_dropped_start_up_listing_is_not_used(mgr: LeaseManager, store: 
     await gen.aclose()
 
 
-async def test_short_ttl_lease_expires_into_a_removal(mgr: LeaseManager, store: EtcdStore) -> None:
+async def test_short_ttl_lease_expires_into_a_removal(mgr: EtcdManager, store: EtcdStore) -> None:
     gen = mgr.watch_leases(IPv4Network("10.3.9.0/24"))
     assert await _next(gen) == []
     await put_lease(store, mgr, "10.3.31.0/24", attrs("1.1.1.31"), ttl=3)
@@ -300,7 +300,7 @@ async def test_short_ttl_lease_expires_into_a_removal(mgr: LeaseManager, store: 
 
 
 async def test_malformed_entries_are_skipped_without_touching_peers(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     await put_lease(store, mgr, "10.3.1.0/24", attrs("1.1.1.1"))
     await store.put(f"{mgr.prefix}/subnets/garbage", b"x")
@@ -327,7 +327,7 @@ async def test_watch_recovers_from_compaction_by_relisting(
 ) -> None:
     member = etcd_factory().members[0]
     async with EtcdStore(EtcdSettings(endpoints=[member.endpoint])) as store:
-        mgr = LeaseManager(store, prefix)
+        mgr = EtcdManager(store, prefix)
         await put_lease(store, mgr, "10.3.1.0/24", attrs("1.1.1.1"))
         await put_lease(store, mgr, "10.3.2.0/24", attrs("1.1.1.2"))
         gen = mgr.watch_leases(IPv4Network("10.3.9.0/24"))
@@ -349,7 +349,7 @@ async def test_watch_recovers_from_compaction_by_relisting(
 
 
 async def test_reservation_stays_a_reservation_for_its_owner(
-    mgr: LeaseManager, store: EtcdStore
+    mgr: EtcdManager, store: EtcdStore
 ) -> None:
     config = parse_network_config(CONFIG_10_3)
     await put_lease(store, mgr, "10.3.20.0/24", attrs("1.2.3.4"), ttl=None)
@@ -361,7 +361,7 @@ async def test_reservation_stays_a_reservation_for_its_owner(
     # and a reserved subnet is never handed to anybody else
     others = {
         (
-            await LeaseManager(store, mgr.prefix, rng=random.Random(i)).acquire_lease(
+            await EtcdManager(store, mgr.prefix, rng=random.Random(i)).acquire_lease(
                 config, attrs(f"1.2.4.{i}")
             )
         ).subnet
@@ -375,7 +375,7 @@ async def test_watch_survives_an_etcd_restart(
 ) -> None:
     member = etcd_factory().members[0]
     async with EtcdStore(EtcdSettings(endpoints=[member.endpoint])) as store:
-        mgr = LeaseManager(store, prefix)
+        mgr = EtcdManager(store, prefix)
         gen = mgr.watch_leases(IPv4Network("10.3.9.0/24"))
         assert await _next(gen) == []
         # Park the watch inside etcd, then take etcd away under it and bring it back.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEventType
-from flannel_bpf.lease_watcher import LeaseWatcher
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEventType
+from flannel_bpf.subnet.watcher import LeaseWatcher
 
 OWN = IPv4Network("10.5.1.0/24")
 PEER = IPv4Network("10.5.2.0/24")

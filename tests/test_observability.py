@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.bpf_maps import Hook, Reason
+from flannel_bpf.datapath.bpf_maps import Hook, Reason
 from flannel_bpf.lab.lab import STATE_ROOT, LabState, prometheus_of
 from flannel_bpf.lab.netns import http_get
-from flannel_bpf.subnet_file import docker_options
+from flannel_bpf.subnet.subnet_env import docker_options
 
 from .conftest import cli, metric, pod_exec, requires_root
 from .test_agent import HOST_IP, TwoHosts, hosts, wait_for  # noqa: F401 - fixture

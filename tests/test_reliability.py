@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.bpf_maps import Reason
+from flannel_bpf.datapath.bpf_maps import Reason
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.lab import ETCD_IP, STATE_ROOT, LabState

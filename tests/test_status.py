@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.flags import default_status_file
+from flannel_bpf.cli.flags import default_status_file
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.lab import STATE_ROOT
 from flannel_bpf.lab.netns import delete_netns

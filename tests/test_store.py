@@ -11,7 +11,7 @@ import pytest
 
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember, free_port
 from flannel_bpf.lab.tls import make_pki
-from flannel_bpf.store import (
+from flannel_bpf.subnet.etcd.store import (
     EtcdSettings,
     EtcdStore,
     StoreAuthError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_bpf.subnet_file import SubnetFile, read_previous_subnets, write_subnet_file
+from flannel_bpf.subnet.subnet_env import SubnetFile, read_previous_subnets, write_subnet_file
 
 
 def test_render_matches_flanneld_sample(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from flannel_bpf.flags import parse_run_args
+from flannel_bpf.cli.flags import parse_run_args
 from flannel_bpf.lab.lab import flannel_cni_config
-from flannel_bpf.systemd import SystemdNotifier
+from flannel_bpf.observe.systemd import SystemdNotifier
 
 from .conftest import requires_root
 from .test_agent import TwoHosts, hosts, wait_for  # noqa: F401 - hosts is a fixture

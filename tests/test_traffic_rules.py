@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.root, requires_root]
 APPLY = """
 import sys
 from ipaddress import IPv4Network
-from flannel_bpf import traffic_rules as t
+from flannel_bpf.datapath import traffic_rules as t
 net, sub = IPv4Network("10.42.0.0/16"), IPv4Network("10.42.3.0/24")
 mode = sys.argv[1]
 if mode == "iptables":

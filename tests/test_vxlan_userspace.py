@@ -43,7 +43,7 @@ from flannel_bpf.backends.vxlan_userspace import (
     start_vxlan_userspace_dataplane,
     vxlan_header,
 )
-from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.lab.netns import in_netns, run
 
 from .conftest import requires_root
@@ -249,7 +249,7 @@ import asyncio, json, socket, sys
 from ipaddress import IPv4Address, IPv4Network
 from flannel_bpf.backends.base import BackendError
 from flannel_bpf.backends.vxlan_userspace import start_vxlan_userspace_dataplane
-from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.datapath.iface import ExternalInterface
 
 async def main() -> None:
     cfg = json.loads(sys.argv[1])
@@ -295,8 +295,8 @@ import asyncio, json, socket, sys
 from ipaddress import IPv4Address, IPv4Network
 from flannel_bpf.backends.vxlan import (
     VXLANConfig, VXLANNetwork, configure_vxlan_device, ensure_vxlan_device, vxlan_lease_attrs)
-from flannel_bpf.iface import ExternalInterface
-from flannel_bpf.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 async def main() -> None:
     cfg = json.loads(sys.argv[1])
@@ -795,7 +795,7 @@ import asyncio, json, os, socket
 from ipaddress import IPv4Address, IPv4Network
 from flannel_bpf.backends.base import BackendError
 from flannel_bpf.backends.vxlan_userspace import start_vxlan_userspace_dataplane
-from flannel_bpf.iface import ExternalInterface
+from flannel_bpf.datapath.iface import ExternalInterface
 
 async def attempt(device: str, addr: str) -> str:
     ip = IPv4Address(addr)

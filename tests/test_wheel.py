@@ -33,7 +33,7 @@ def test_the_wheel_carries_every_bpf_source_and_the_loader_finds_them(tmp_path: 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
-        "from flannel_bpf import loader; "
+        "from flannel_bpf.datapath import loader; "
         "print(loader.BPF_SOURCE_DIR); print(len(loader.program_source()))"
     )
     out = subprocess.run(

@@ -2,7 +2,7 @@
 /*
  * The contract between the BPF programs and the agent: map layouts, hooks and reasons.
  *
- * flannel_bpf/bpf_maps.py mirrors every struct and enum here, and tests/test_bpf_layout.py
+ * flannel_bpf/datapath/bpf_maps.py mirrors every struct and enum here, and tests/test_bpf_layout.py
  * compares the two. Reason and hook numbers are stable: they index pinned counters that survive
  * agent upgrades and show up in dashboards. Append, never renumber. Any change to a map layout
  * bumps FB_LAYOUT_VERSION, which moves the pins to a new directory (v<N>).

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .alloc import AllocBackend
-from .base import Backend, BackendError, ExternalContext, Network
-from .hostgw import HostGWBackend
-from .udp import UDPBackend
-from .vxlan import VXLANBackend
+from flannel_bpf.backends.alloc import AllocBackend
+from flannel_bpf.backends.base import Backend, BackendError, ExternalContext, Network
+from flannel_bpf.backends.hostgw import HostGWBackend
+from flannel_bpf.backends.udp import UDPBackend
+from flannel_bpf.backends.vxlan import VXLANBackend
 
 # Types flanneld knows; those not built here fail with a clear message rather than "unknown".
 FLANNELD_BACKEND_TYPES = (

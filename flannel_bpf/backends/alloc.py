@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..lease import Lease, LeaseAttrs
-from .base import Backend, Network
+from flannel_bpf.backends.base import Backend, Network
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs
 
 
 class AllocNetwork(Network):

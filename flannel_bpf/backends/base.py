@@ -6,12 +6,12 @@ import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import NetworkConfig
-from ..flags import AgentOptions
-from ..iface import ExternalInterface
-from ..lease import Lease, LeaseAttrs, LeaseEvent
-from ..lease_manager import LeaseManager
-from ..subnet_file import PreviousSubnets
+from flannel_bpf.cli.flags import AgentOptions
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.subnet.config import NetworkConfig
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
+from flannel_bpf.subnet.manager import Manager
+from flannel_bpf.subnet.subnet_env import PreviousSubnets
 
 
 class BackendError(Exception):
@@ -20,11 +20,11 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class ExternalContext:
-    """What every backend gets: the uplink, the flags, and the lease manager."""
+    """What every backend gets: the uplink, the flags, and the subnet manager (any store)."""
 
     iface: ExternalInterface
     options: AgentOptions
-    manager: LeaseManager
+    manager: Manager
     config: NetworkConfig
     previous: PreviousSubnets
 

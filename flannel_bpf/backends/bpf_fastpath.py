@@ -3,8 +3,8 @@
 The flannel device stays exactly as flanneld sets it up: flannel.<VNI> for vxlan (the fallback for
 anything the programs pass on, and the receiver for vxlan.ko peers), flannel0 for udp (the
 userspace plane behind it answers what the programs leave alone). The programs only take over
-encapsulation and decapsulation of the traffic they recognise. See flannel_bpf/loader.py for the
-life cycle.
+encapsulation and decapsulation of the traffic they recognise. See flannel_bpf/datapath/loader.py
+for the life cycle.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from ..bpf_maps import FB_CFG_CHECK_SOURCES, DatapathConfig, Remote
-from ..iface import ExternalInterface
-from ..loader import (
+from flannel_bpf.backends.base import BackendError
+from flannel_bpf.datapath.bpf_maps import FB_CFG_CHECK_SOURCES, DatapathConfig, Remote
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.datapath.loader import (
     BPFDatapath,
     Device,
     LoaderError,
@@ -26,7 +27,6 @@ from ..loader import (
     local_port_range,
     pin_dir_for,
 )
-from .base import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from .base import Backend, BackendError, ExternalContext, Network
+from flannel_bpf.backends.base import Backend, BackendError, ExternalContext, Network
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 log = logging.getLogger(__name__)
 

@@ -26,20 +26,22 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..bpf_maps import UDP_OVERHEAD as UDP_OVERHEAD  # the payload is the bare inner packet
-from ..bpf_maps import Remote
-from ..config import BackendConfig
-from ..iface import ExternalInterface
-from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from ..loader import UDP as UDP_WIRE
-from ..loader import BPFDatapath, Device, LoaderError
-from .base import Backend, BackendError, Network
-from .bpf_fastpath import (
+from flannel_bpf.backends.base import Backend, BackendError, Network
+from flannel_bpf.backends.bpf_fastpath import (
     load_bpf_datapath,
     reconcile_remotes,
     remove_bpf_datapath,
     update_remote,
 )
+from flannel_bpf.datapath.bpf_maps import (
+    UDP_OVERHEAD as UDP_OVERHEAD,  # the payload is the bare inner packet
+)
+from flannel_bpf.datapath.bpf_maps import Remote
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.datapath.loader import UDP as UDP_WIRE
+from flannel_bpf.datapath.loader import BPFDatapath, Device, LoaderError
+from flannel_bpf.subnet.config import BackendConfig
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 log = logging.getLogger(__name__)
 

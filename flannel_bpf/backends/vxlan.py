@@ -20,13 +20,19 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..bpf_maps import FB_REMOTE_SKIP, Remote
-from ..config import BackendConfig
-from ..iface import ExternalInterface
-from ..lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
-from ..loader import VXLAN as VXLAN_WIRE
-from ..loader import BPFDatapath, Device, LoaderError
-from ..rtnl_batch import (
+from flannel_bpf.backends.base import Backend, BackendError, Network
+from flannel_bpf.backends.bpf_fastpath import (
+    load_bpf_datapath,
+    reconcile_remotes,
+    remove_bpf_datapath,
+    update_remote,
+)
+from flannel_bpf.backends.vxlan_userspace import start_vxlan_userspace_dataplane
+from flannel_bpf.datapath.bpf_maps import FB_REMOTE_SKIP, Remote
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.datapath.loader import VXLAN as VXLAN_WIRE
+from flannel_bpf.datapath.loader import BPFDatapath, Device, LoaderError
+from flannel_bpf.datapath.rtnl_batch import (
     LOOKUP_BUFFER,
     NlRequest,
     RtnlBatch,
@@ -36,15 +42,14 @@ from ..rtnl_batch import (
     route_get_request,
     route_request,
 )
-from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, parse_mac, random_mac
-from .base import Backend, BackendError, Network
-from .bpf_fastpath import (
-    load_bpf_datapath,
-    reconcile_remotes,
-    remove_bpf_datapath,
-    update_remote,
+from flannel_bpf.datapath.vxlan_wire import (
+    DEFAULT_VXLAN_PORT,
+    VXLAN_OVERHEAD,
+    parse_mac,
+    random_mac,
 )
-from .vxlan_userspace import start_vxlan_userspace_dataplane
+from flannel_bpf.subnet.config import BackendConfig
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 log = logging.getLogger(__name__)
 

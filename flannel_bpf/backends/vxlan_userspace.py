@@ -36,10 +36,22 @@ from typing import Final
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..iface import ExternalInterface
-from ..vxlan_wire import DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, format_mac, mac_to_bytes
-from .base import BackendError
-from .udp import BATCH, READ_HEADROOM, PrefixTable, TunSocketPlane, configure_tun, open_tun
+from flannel_bpf.backends.base import BackendError
+from flannel_bpf.backends.udp import (
+    BATCH,
+    READ_HEADROOM,
+    PrefixTable,
+    TunSocketPlane,
+    configure_tun,
+    open_tun,
+)
+from flannel_bpf.datapath.iface import ExternalInterface
+from flannel_bpf.datapath.vxlan_wire import (
+    DEFAULT_VXLAN_PORT,
+    VXLAN_OVERHEAD,
+    format_mac,
+    mac_to_bytes,
+)
 
 log = logging.getLogger(__name__)
 

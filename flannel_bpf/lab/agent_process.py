@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import in_netns
-from .proc import stop_process
+from flannel_bpf.lab.netns import in_netns
+from flannel_bpf.lab.proc import stop_process
 
 
 class AgentStillRunning(subprocess.TimeoutExpired):
@@ -45,7 +45,7 @@ class AgentProcess:
 
     def command(self) -> list[str]:
         if self.program == FLANNELD:
-            from .peers import flanneld_binary
+            from flannel_bpf.lab.peers import flanneld_binary
 
             return in_netns(self.netns, [flanneld_binary(), *self.args])
         return in_netns(self.netns, [sys.executable, "-m", "flannel_bpf", "run", *self.args])

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from . import lab
-from .netns import in_netns
+from flannel_bpf.lab import lab
+from flannel_bpf.lab.netns import in_netns
 
 NAME = "fblab"
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import in_netns
-from .proc import stop_process
+from flannel_bpf.lab.netns import in_netns
+from flannel_bpf.lab.proc import stop_process
 
 ETCD_BINARY = "etcd"
 ETCDCTL_BINARY = "etcdctl"

@@ -25,9 +25,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from .agent_process import FLANNEL_BPF, FLANNELD, PROGRAMS, AgentProcess
-from .etcd import EtcdCluster, EtcdTls, make_cluster
-from .netns import (
+from flannel_bpf.lab.agent_process import FLANNEL_BPF, FLANNELD, PROGRAMS, AgentProcess
+from flannel_bpf.lab.etcd import EtcdCluster, EtcdTls, make_cluster
+from flannel_bpf.lab.netns import (
     add_address,
     add_netns,
     add_veth,
@@ -39,9 +39,9 @@ from .netns import (
     run,
     stop_netns_processes,
 )
-from .proc import alive
-from .prometheus import Prometheus
-from .tls import make_pki
+from flannel_bpf.lab.proc import alive
+from flannel_bpf.lab.prometheus import Prometheus
+from flannel_bpf.lab.tls import make_pki
 
 STATE_ROOT = Path("/run/flannel-bpf/lab")
 CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -244,7 +244,7 @@ def up(spec: LabSpec) -> LabState:
     if not 0 <= spec.flanneld_nodes <= spec.nodes:
         raise LabError(f"--flanneld-nodes must be 0..{spec.nodes} (the number of nodes)")
     if spec.flanneld_nodes:
-        from .peers import PeerMissing, flanneld_binary
+        from flannel_bpf.lab.peers import PeerMissing, flanneld_binary
 
         try:
             flanneld_binary()
@@ -621,7 +621,7 @@ def down(name: str, quiet: bool = False) -> list[str]:
     for ns in removed:
         delete_netns(ns)
     # The agents' pinned maps outlive their namespaces on the shared bpffs: sweep the orphans.
-    from ..loader import remove_orphans
+    from flannel_bpf.datapath.loader import remove_orphans
 
     remove_orphans()
     shutil.rmtree(STATE_ROOT / name, ignore_errors=True)

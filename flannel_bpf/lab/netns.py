@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .proc import alive
+from flannel_bpf.lab.proc import alive
 
 NETNS_DIR = Path("/run/netns")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .netns import http_get, in_netns
-from .proc import stop_process
+from flannel_bpf.lab.netns import http_get, in_netns
+from flannel_bpf.lab.proc import stop_process
 
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 PROMETHEUS_PORT = 9090

@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .etcd import EtcdTls
+from flannel_bpf.lab.etcd import EtcdTls
 
 # A fresh P-256 key, unencrypted: throwaway test material.
 NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import (
+from flannel_bpf.lab.netns import (
     CommandError,
     add_netns,
     delete_netns,

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .flags import DEFAULT_STATUS_FILE, default_status_file, status_dir
-from .loader import netns_tag
-from .store import EtcdSettings, EtcdStore, StoreError
+from flannel_bpf import __version__
+from flannel_bpf.cli.flags import DEFAULT_STATUS_FILE, default_status_file, status_dir
+from flannel_bpf.datapath.loader import netns_tag
+from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, StoreError
 
 if TYPE_CHECKING:
-    from .backends.base import Network
+    from flannel_bpf.backends.base import Network
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _netns_check(raw: dict[str, Any]) -> dict[str, str]:
 
 
 def _netns_exists(inode: int) -> bool:
-    from .loader import live_netns_inodes
+    from flannel_bpf.datapath.loader import live_netns_inodes
 
     return inode in live_netns_inodes()
 
@@ -245,15 +245,15 @@ def _etcd_health(etcd: dict[str, Any], password: str) -> list[dict[str, Any]]:
     async def probe_all() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(probe(e) for e in endpoints)))
 
-    logging.getLogger("flannel_bpf.store").setLevel(logging.ERROR)
+    logging.getLogger("flannel_bpf.subnet.etcd.store").setLevel(logging.ERROR)
     return asyncio.run(probe_all()) if endpoints else []
 
 
 def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from .bpf_maps import LayoutMismatch, PinnedMaps
-    from .loader import attached
+    from flannel_bpf.datapath.bpf_maps import LayoutMismatch, PinnedMaps
+    from flannel_bpf.datapath.loader import attached
 
     try:
         maps = PinnedMaps(pin_dir)

@@ -34,7 +34,7 @@ from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
 if TYPE_CHECKING:
-    from .flags import AgentOptions
+    from flannel_bpf.cli.flags import AgentOptions
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .agent import Agent, AgentError
-from .flags import DEFAULT_STATUS_FILE, FlagError, HelpRequested, parse_run_args, run_usage
-from .logs import setup_logging
-from .systemd import NOTIFY_VARIABLES, SystemdNotifier
+from flannel_bpf import __version__
+from flannel_bpf.agent import Agent, AgentError
+from flannel_bpf.cli.flags import (
+    DEFAULT_STATUS_FILE,
+    FlagError,
+    HelpRequested,
+    parse_run_args,
+    run_usage,
+)
+from flannel_bpf.observe.logs import setup_logging
+from flannel_bpf.observe.systemd import NOTIFY_VARIABLES, SystemdNotifier
 
 log = logging.getLogger("flannel_bpf")
 
@@ -138,7 +144,7 @@ def _emit(doc: dict[str, Any], output: str, text: Callable[[dict[str, Any]], str
 
 
 def cmd_status(args: list[str]) -> int:
-    from .status import (
+    from flannel_bpf.observe.status import (
         STATUS_LIST_SCHEMA,
         StatusError,
         collect,
@@ -193,7 +199,7 @@ def cmd_status(args: list[str]) -> int:
 
 def cmd_leases(args: list[str]) -> int:
     """Every lease in etcd, read with the agent's own flags and FLANNELD_* environment."""
-    from .inspection import InspectionError, format_leases, leases_document
+    from flannel_bpf.observe.inspection import InspectionError, format_leases, leases_document
 
     output, rest = _take_output(args)
     if output is None:
@@ -247,8 +253,8 @@ def _pin_command(
     add_flags: Callable[[argparse.ArgumentParser], object] = lambda parser: None,
 ) -> int:
     """peers and stats: find the pinned instances, build the document, print it."""
-    from .inspection import InspectionError, find_instances
-    from .loader import DEFAULT_BPFFS
+    from flannel_bpf.datapath.loader import DEFAULT_BPFFS
+    from flannel_bpf.observe.inspection import InspectionError, find_instances
 
     parser = argparse.ArgumentParser(prog=f"flannel-bpf {name}", description=description)
     parser.add_argument("--pin-dir", help="one instance's pins (default: every instance pinned "
@@ -271,7 +277,7 @@ def _pin_command(
 
 
 def cmd_peers(args: list[str]) -> int:
-    from .inspection import format_peers, peers_document
+    from flannel_bpf.observe.inspection import format_peers, peers_document
 
     return _pin_command(
         args,
@@ -283,7 +289,7 @@ def cmd_peers(args: list[str]) -> int:
 
 
 def cmd_stats(args: list[str]) -> int:
-    from .inspection import format_stats, stats_document
+    from flannel_bpf.observe.inspection import format_stats, stats_document
 
     return _pin_command(
         args,
@@ -299,7 +305,7 @@ def cmd_stats(args: list[str]) -> int:
 
 def cmd_docker_opts(args: list[str]) -> int:
     """flanneld's mk-docker-opts.sh, same flags and output file."""
-    from .subnet_file import DOCKER_OPTS_SCHEMA, docker_options
+    from flannel_bpf.subnet.subnet_env import DOCKER_OPTS_SCHEMA, docker_options
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf docker-opts",
@@ -355,7 +361,7 @@ def cmd_docker_opts(args: list[str]) -> int:
 
 
 def cmd_cleanup(args: list[str]) -> int:
-    from . import loader
+    from flannel_bpf.datapath import loader
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf cleanup",
@@ -385,7 +391,7 @@ def cmd_bench(args: list[str]) -> int:
     """The benchmarks live beside the package in a source checkout (bench/), not in the wheel."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "bench" / "__main__.py").is_file():
         print(f"flannel-bpf bench: no bench/ next to {root / 'flannel_bpf'}; run it from a "
               "source checkout", file=sys.stderr)  # fmt: skip
@@ -394,7 +400,7 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_lab(args: list[str]) -> int:
-    from .lab import lab
+    from flannel_bpf.lab import lab
 
     parser = argparse.ArgumentParser(prog="flannel-bpf lab", description="namespace lab")
     parser.add_argument("--name", default="fblab", help="lab name, prefix of its namespaces")
@@ -517,8 +523,8 @@ def cmd_lab(args: list[str]) -> int:
 
 
 def cmd_vagrant(args: list[str]) -> int:
-    from .lab import vagrant
-    from .lab.netns import CommandError
+    from flannel_bpf.lab import vagrant
+    from flannel_bpf.lab.netns import CommandError
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf vagrant",

@@ -15,9 +15,11 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Final
 
-from . import bpf_sys
-from .vxlan_wire import VXLAN_OVERHEAD as VXLAN_OVERHEAD  # mirrored in flannel_bpf.h
-from .vxlan_wire import format_mac, mac_to_bytes
+from flannel_bpf.datapath import bpf_sys
+from flannel_bpf.datapath.vxlan_wire import (
+    VXLAN_OVERHEAD as VXLAN_OVERHEAD,  # mirrored in flannel_bpf.h
+)
+from flannel_bpf.datapath.vxlan_wire import format_mac, mac_to_bytes
 
 UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
 

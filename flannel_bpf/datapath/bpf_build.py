@@ -2,11 +2,11 @@
 
 bcc's compiler (LLVM and clang, ~85 MB resident, plus what a compile leaves on the heap) must not
 live in the long-running agent: measured at 194 MB RSS with it, against 63 MB without. So the
-agent runs ``python -m flannel_bpf.bpf_build OUT`` once, which compiles every entry program and
-writes their bytecode with the map each map reference points at; the result is cached under
-/run/flannel-bpf/cache, keyed by the program source and the kernel release, so a restart loads
-without compiling at all. The agent then creates or opens its own pinned maps and patches their
-fds into the bytecode before loading it through bpf(2) (flannel_bpf/loader.py).
+agent runs ``python -m flannel_bpf.datapath.bpf_build OUT`` once, which compiles every entry
+program and writes their bytecode with the map each map reference points at; the result is cached
+under /run/flannel-bpf/cache, keyed by the program source and the kernel release, so a restart
+loads without compiling at all. The agent then creates or opens its own pinned maps and patches
+their fds into the bytecode before loading it through bpf(2) (flannel_bpf/datapath/loader.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .bpf_maps import ALL_MAPS
+from flannel_bpf.datapath.bpf_maps import ALL_MAPS
 
 CACHE_DIR: Final = Path(os.environ.get("FLANNEL_BPF_CACHE_DIR", "/run/flannel-bpf/cache"))
 FORMAT: Final = 1
@@ -105,7 +105,7 @@ def _compile_in_child(program_names: tuple[str, ...]) -> Objects:
     with tempfile.TemporaryDirectory(prefix="flannel-bpf-build-") as tmp:
         out = Path(tmp) / "objects.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "flannel_bpf.bpf_build", str(out), *program_names],
+            [sys.executable, "-m", "flannel_bpf.datapath.bpf_build", str(out), *program_names],
             capture_output=True,
             text=True,
             timeout=300,
@@ -118,7 +118,7 @@ def _compile_in_child(program_names: tuple[str, ...]) -> Objects:
 def compile_here(program_names: tuple[str, ...]) -> Objects:
     """Compile with bcc in this process (the child). bcc creates the maps the source pins; they
     go to a scratch directory on bpffs and are dropped again: only the bytecode is kept."""
-    from . import loader
+    from flannel_bpf.datapath import loader
 
     problem = loader.kernel_headers_problem()
     if problem:
@@ -153,7 +153,7 @@ def compile_here(program_names: tuple[str, ...]) -> Objects:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m flannel_bpf.bpf_build OUT PROGRAM...", file=sys.stderr)
+        print("usage: python -m flannel_bpf.datapath.bpf_build OUT PROGRAM...", file=sys.stderr)
         return 2
     try:
         built = compile_here(tuple(argv[1:]))

@@ -37,8 +37,8 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import bpf_sys
-from .bpf_maps import (
+from flannel_bpf.datapath import bpf_sys
+from flannel_bpf.datapath.bpf_maps import (
     ALL_MAPS,
     FB_CFG_CHECK_SOURCES,
     LAYOUT_VERSION,
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def _bundled_sources() -> Path:
     """bpf/ of a source checkout, or its copy inside an installed package (flannel_bpf/bpf)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     installed = package / "bpf"
     return installed if (installed / "tc_encap.c").is_file() else package.parent / "bpf"
 
@@ -260,10 +260,10 @@ def compile_programs(
 ) -> Programs:
     """Load ``wire``'s programs bound to this instance's pinned maps (created when missing).
 
-    The bytecode comes from flannel_bpf.bpf_build: compiled by bcc in a child process and cached,
-    so neither bcc nor LLVM is ever loaded into the agent.
+    The bytecode comes from flannel_bpf.datapath.bpf_build: compiled by bcc in a child process
+    and cached, so neither bcc nor LLVM is ever loaded into the agent.
     """
-    from .bpf_build import BuildError, objects
+    from flannel_bpf.datapath.bpf_build import BuildError, objects
 
     every_program = tuple(name for w in WIRE_FORMATS.values() for name in w.programs)
     try:

@@ -40,7 +40,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_bpf.flags import AgentOptions
+from flannel_bpf.cli.flags import AgentOptions
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ def _check_regex(value: str) -> str:
 
 
 def _check_listen_address(value: str) -> str:
-    from .http_endpoint import EndpointError, parse_listen_address
+    from flannel_bpf.observe.http_endpoint import EndpointError, parse_listen_address
 
     if value:
         try:

@@ -27,13 +27,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .bpf_maps import REMOTES, LayoutMismatch, PinnedMaps
-from .store import OPERATIONS, OUTCOMES
+from flannel_bpf import __version__
+from flannel_bpf.datapath.bpf_maps import REMOTES, LayoutMismatch, PinnedMaps
+from flannel_bpf.subnet.etcd.store import OPERATIONS, OUTCOMES
 
 if TYPE_CHECKING:
-    from .backends.base import Network
-    from .lease_manager import LeaseManager
+    from flannel_bpf.backends.base import Network
+    from flannel_bpf.subnet.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class AgentState:
     public_ip: str = ""
     peers: int = 0
     network: Network | None = None
-    manager: LeaseManager | None = None
+    manager: Manager | None = None
     etcd_up: bool | None = None
 
 
@@ -227,7 +227,7 @@ class _AgentCollector(Collector):
             yield from _plane_metrics(counters)
 
 
-def _watch_metrics(manager: LeaseManager) -> Iterator[Metric]:
+def _watch_metrics(manager: Manager) -> Iterator[Metric]:
     st = manager.stats
     events = CounterMetricFamily(
         "flannel_lease_events", "Peer lease events applied, by type.", labels=["type"]
@@ -343,7 +343,7 @@ class _BPFCollector(Collector):
 
 
 def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
-    from .loader import attached
+    from flannel_bpf.datapath.loader import attached
 
     with PinnedMaps(pin_dir) as maps:
         counters = maps.counters()

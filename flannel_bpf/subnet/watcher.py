@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Network
 
-from .lease import Lease, LeaseEvent, LeaseEventType
+from flannel_bpf.subnet.lease import Lease, LeaseEvent, LeaseEventType
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The subnet lease manager: flanneld's etcd subnet manager (registry.go and local_manager.go).
+"""The etcd subnet manager: flanneld's etcd subnet manager (registry.go and local_manager.go).
 
 Reads the network config, acquires this host's lease, renews it, watches our own key for
 revocation and every other host's lease for changes. Exactly flanneld's protocol on the wire
@@ -19,8 +19,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
-from .config import ConfigError, NetworkConfig, parse_network_config
-from .lease import (
+from flannel_bpf.subnet.config import ConfigError, NetworkConfig, parse_network_config
+from flannel_bpf.subnet.etcd.store import (
+    EtcdStore,
+    KeyValue,
+    StoreError,
+    StoreUnavailable,
+    WatchCompacted,
+)
+from flannel_bpf.subnet.lease import (
     Lease,
     LeaseAttrs,
     LeaseEvent,
@@ -29,8 +36,8 @@ from .lease import (
     make_subnet_key,
     parse_subnet_key,
 )
-from .lease_watcher import LeaseWatcher
-from .store import EtcdStore, KeyValue, StoreError, StoreUnavailable, WatchCompacted
+from flannel_bpf.subnet.manager import Backoff, LeaseRevoked, OutOfSubnets, WatchStats
+from flannel_bpf.subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)
 
@@ -50,51 +57,8 @@ class ConfigNotFound(Exception):
         )
 
 
-class OutOfSubnets(Exception):
-    def __init__(self, config: NetworkConfig) -> None:
-        super().__init__(
-            f"out of subnets: every /{config.subnet_len} from {config.subnet_min} to "
-            f"{config.subnet_max} is leased"
-        )
-
-
-class LeaseRevoked(Exception):
-    """Our own lease key was deleted: flanneld's signal to shut down cleanly."""
-
-
 @dataclass
-class Backoff:
-    """Exponential backoff, flanneld's watch timing: 100 ms doubling up to 5 s."""
-
-    initial: float = 0.1
-    maximum: float = 5.0
-    current: float = 0.0
-
-    def next_delay(self) -> float:
-        self.current = self.initial if self.current == 0 else min(self.current * 2, self.maximum)
-        return self.current
-
-    def reset(self) -> None:
-        self.current = 0.0
-
-
-@dataclass
-class WatchStats:
-    """Counters the metrics endpoint exposes; plain integers, no metrics library in here."""
-
-    snapshots: int = 0
-    watch_restarts: int = 0
-    compactions: int = 0
-    skipped_entries: int = 0
-    events_added: int = 0
-    events_removed: int = 0
-    renewals: int = 0
-    renewal_errors: int = 0
-    revision: int = 0  # the last etcd revision the lease watch applied
-
-
-@dataclass
-class LeaseManager:
+class EtcdManager:
     store: EtcdStore
     prefix: str = "/coreos.com/network"
     rng: random.Random = field(default_factory=random.Random)
@@ -642,7 +606,7 @@ def _format_time(timestamp: float | None) -> str:
 
 __all__ = [
     "ConfigNotFound",
-    "LeaseManager",
+    "EtcdManager",
     "LeaseRevoked",
     "OutOfSubnets",
     "free_subnets",

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bpf_maps import FB_REMOTE_SKIP, LayoutMismatch, PinnedMaps
-from .flags import AgentOptions
-from .lease import LeaseAttrs, LeaseFormatError, parse_subnet_key
-from .lease_manager import LeaseManager
-from .store import EtcdSettings, EtcdStore, StoreError
+from flannel_bpf.cli.flags import AgentOptions
+from flannel_bpf.datapath.bpf_maps import FB_REMOTE_SKIP, LayoutMismatch, PinnedMaps
+from flannel_bpf.subnet.etcd.manager import EtcdManager
+from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, StoreError
+from flannel_bpf.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key
 
 LEASES_SCHEMA = "flannel-bpf/leases/v1"
 PEERS_SCHEMA = "flannel-bpf/peers/v1"
@@ -37,7 +37,7 @@ async def leases_document(opts: AgentOptions, now: float | None = None) -> dict[
     """Every entry under <prefix>/subnets/: valid leases, and the entries no agent would use."""
     try:
         async with EtcdStore(EtcdSettings.from_options(opts)) as store:
-            manager = LeaseManager(store, opts.etcd_prefix)  # flanneld's prefix normalisation
+            manager = EtcdManager(store, opts.etcd_prefix)  # flanneld's prefix normalisation
             prefix, subnets_prefix = manager.prefix, manager.subnets_prefix
             kvs, revision = await store.list_prefix(subnets_prefix)
             ids = sorted({kv.lease_id for kv in kvs if kv.lease_id})
@@ -137,7 +137,7 @@ class Instance:
 
 def find_instances(pin_dir: str | None, bpffs: Path, status_file: Path) -> list[Instance]:
     """--pin-dir if given; else every instance pinned for this network namespace."""
-    from .loader import instance_dirs
+    from flannel_bpf.datapath.loader import instance_dirs
 
     if pin_dir:
         return [Instance(Path(pin_dir))]
