@@ -25,33 +25,11 @@ from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import PREFIX, LabState
 
 from .conftest import metric, pod_exec, requires_root
-from .test_lab_bpf import by_node, counters, delta, iperf_server, ping_all, wait_for
+from .test_lab_bpf import by_node, counters, delta, ping_all, transfer, wait_for
 
 pytestmark = [pytest.mark.root, requires_root]
 
 USERSPACE_BYTES = 'flannel_userspace_bytes_total{direction="%s"}'
-
-
-@dataclass(frozen=True)
-class Transfer:
-    gbits: float
-    received: int  # bytes the receiving iperf3 counted: each of them crossed both data paths
-
-
-def transfer(lab_name: str, src: dict[str, Any], dst: dict[str, Any], size: str) -> Transfer:
-    """A TCP transfer of size (in M) from pod src to pod dst. iperf3's server stops reading as
-    soon as the client says it is done, so the last segments still in flight can be reset and
-    never cross: the paths' counters are held to what the server received, which must be at
-    least 90% of size."""
-    with iperf_server(dst["namespace"]):
-        client = pod_exec(lab_name, src["namespace"], "iperf3", "-c", dst["ip"], "-n", size, "-J")
-    assert client.returncode == 0, client.stdout[-2000:]
-    result = json.loads(client.stdout)["end"]
-    wanted = int(size.rstrip("M")) * 1024**2
-    assert result["sum_sent"]["bytes"] >= wanted
-    received = int(result["sum_received"]["bytes"])
-    assert received >= 0.9 * wanted, (received, wanted)
-    return Transfer(float(result["sum_received"]["bits_per_second"]) / 1e9, received)
 
 
 def carried(count: Callable[[], int | float], wanted: int, what: str) -> None:
