@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,10 +46,16 @@ from flannel_bpf.subnet.etcd.store import (
     EtcdStore,
     StoreAuthError,
     StoreError,
-    StoreUnavailable,
 )
 from flannel_bpf.subnet.lease import Lease, LeaseEventType
-from flannel_bpf.subnet.manager import Backoff, LeaseRevoked, Manager, OutOfSubnets
+from flannel_bpf.subnet.manager import (
+    Backoff,
+    LeaseRevoked,
+    Manager,
+    ManagerError,
+    ManagerUnavailable,
+    OutOfSubnets,
+)
 from flannel_bpf.subnet.subnet_env import (
     PreviousSubnets,
     SubnetFile,
@@ -76,8 +84,11 @@ class Agent:
         """Run until SIGTERM (returns 0), lease revocation (0) or a fatal error (AgentError)."""
         # From the start: waiting for etcd is not hanging.
         watchdog = asyncio.create_task(self.notifier.keep_watchdog(), name="watchdog")
-        endpoints = ",".join(self.options.etcd_endpoints)
-        self.notifier.status(f"starting: connecting to etcd at {endpoints}")
+        if self.options.kube_subnet_mgr:
+            self.notifier.status("starting: connecting to the Kubernetes API")
+        else:
+            endpoints = ",".join(self.options.etcd_endpoints)
+            self.notifier.status(f"starting: connecting to etcd at {endpoints}")
         try:
             await self._start_endpoints()
             return await self._run_with_store()
@@ -138,22 +149,47 @@ class Agent:
         previous = read_previous_subnets(opts.subnet_file)
         if previous.subnet is not None:
             log.info("previous subnet %s read from %s", previous.subnet, opts.subnet_file)
+        if opts.kube_subnet_mgr:
+            return await self._run_kube(previous)
         try:
             store = EtcdStore(EtcdSettings.from_options(opts), observer=self.metrics)
             await store.connect()
         except StoreError as exc:
             raise AgentError(str(exc)) from None
         try:
-            return await self._run(store, previous)
+            manager = EtcdManager(store, opts.etcd_prefix)
+            log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
+            return await self._run(manager, previous)
         finally:
             await store.close()
 
-    async def _run(self, store: EtcdStore, previous: PreviousSubnets) -> int:
+    async def _run_kube(self, previous: PreviousSubnets) -> int:
+        """--kube-subnet-mgr: the Node's podCIDR and annotations instead of etcd."""
+        from flannel_bpf.subnet.kube import manager as kube
+
         opts = self.options
-        manager = EtcdManager(store, opts.etcd_prefix)
+        try:
+            manager = await kube.connect(
+                opts.kube_api_url,
+                opts.kubeconfig_file,
+                opts.kube_annotation_prefix,
+                opts.net_config_path,
+                opts.set_node_network_unavailable,
+                os.environ,
+            )
+        except ManagerError as exc:
+            raise AgentError(str(exc)) from None
+        try:
+            return await self._run(manager, previous)
+        finally:
+            await manager.client.close()
+
+    async def _run(self, manager: Manager, previous: PreviousSubnets) -> int:
         self.metrics.state.manager = manager
-        log.info("using etcd at %s, prefix %s", store.endpoint_list, manager.prefix)
-        config = await manager.wait_for_network_config()
+        try:
+            config = await manager.wait_for_network_config()
+        except ManagerError as exc:
+            raise AgentError(str(exc)) from None
         if config.enable_ipv6:
             raise AgentError("EnableIPv6 is set in the network config: IPv6 is not supported yet")
         manager.prefetch_leases()
@@ -166,6 +202,10 @@ class Agent:
         self, manager: Manager, config: NetworkConfig, previous: PreviousSubnets
     ) -> int:
         opts = self.options
+        override = await _retry_unavailable("public IP of the node", manager.public_ip_override)
+        if override:
+            log.info("public IP %s from the node's annotation replaces --public-ip", override)
+            opts = dataclasses.replace(opts, public_ip=override)
         try:
             iface = await find_external_interface(opts)
         except InterfaceError as exc:
@@ -195,7 +235,7 @@ class Agent:
             network = await _retry_unavailable("acquire lease", backend.register_network)
         except OutOfSubnets as exc:
             raise AgentError(f"failed to acquire lease: {exc}") from None
-        except (BackendError, StoreAuthError, StoreError) as exc:
+        except (BackendError, StoreAuthError, StoreError, ManagerError) as exc:
             raise AgentError(f"Error registering network: {exc}") from None
 
         if not network.wants_peers:
@@ -241,7 +281,7 @@ class Agent:
             iface=iface.name,
             public_ip=str(iface.ext_addr),
             etcd={
-                "endpoints": list(opts.etcd_endpoints),
+                "endpoints": [] if opts.kube_subnet_mgr else list(opts.etcd_endpoints),
                 "prefix": manager.prefix,
                 "cafile": opts.etcd_cafile,
                 "certfile": opts.etcd_certfile,
@@ -249,10 +289,12 @@ class Agent:
                 "username": opts.etcd_username,
             },
             subnet_file=opts.subnet_file,
+            store=_store_description(manager, opts),
         )
         self._status.write(network)
         log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
         self.notifier.ready(self._status_line(network))
+        await manager.complete_lease(network.lease)
 
         try:
             await self._serve(manager, network, keepers)
@@ -371,10 +413,25 @@ async def _retry_unavailable(what: str, operation: Callable[[], Awaitable[T]]) -
     while True:
         try:
             return await operation()
-        except StoreUnavailable as exc:
+        except ManagerUnavailable as exc:
             delay = backoff.next_delay()
             log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
+
+
+def _store_description(manager: Manager, opts: AgentOptions) -> dict[str, str]:
+    """Where leases live, for the status file."""
+    if not opts.kube_subnet_mgr:
+        return {"kind": "etcd", "prefix": manager.prefix}
+    from flannel_bpf.subnet.kube.manager import KubeManager
+
+    assert isinstance(manager, KubeManager)
+    return {
+        "kind": "kube",
+        "server": manager.client.access.server,
+        "node": manager.node_name,
+        "annotation_prefix": manager.prefix,
+    }
 
 
 def _listen_address(text: str, flag: str) -> tuple[str, int]:

@@ -646,13 +646,13 @@ def parse_run_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOpti
             f"(minutes, {RENEW_MARGIN_MIN}..{RENEW_MARGIN_MAX})"
         )
     if state.boolean("kube-subnet-mgr"):
-        # Accepting it and using etcd instead would leave a kube-mode node waiting on an etcd
-        # that is not there; the kube-* flags stay accepted for scripts that pass them empty.
-        origin = state.origin.get("kube-subnet-mgr", "flag --kube-subnet-mgr")
-        raise FlagError(
-            f"{origin}: the Kubernetes subnet manager is not supported; flannel-bpf keeps "
-            "leases in etcd (--etcd-endpoints), as flanneld does without --kube-subnet-mgr"
-        )
+        from flannel_bpf.subnet.kube.annotations import AnnotationPrefixError, normalize_prefix
+
+        try:
+            normalize_prefix(state.string("kube-annotation-prefix"))
+        except AnnotationPrefixError as exc:
+            origin = state.origin.get("kube-annotation-prefix", "flag --kube-annotation-prefix")
+            raise FlagError(f"{origin}: {exc}") from None
 
     return AgentOptions(
         etcd_endpoints=_split_endpoints(state.string("etcd-endpoints")),

@@ -438,6 +438,12 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument(
         "--flanneld-arg", action="append", default=[], help="extra flag for every flanneld"
     )
+    p_up.add_argument(
+        "--kube",
+        action="store_true",
+        help="a Kubernetes control plane (kube-apiserver, kube-controller-manager) on the etcd, "
+        "agents in Kubernetes mode",
+    )
     p_status = sub.add_parser("status", help="nodes and pods")
     p_status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     p_exec = sub.add_parser("exec", help="run a command in a pod or node: exec POD -- CMD")
@@ -482,6 +488,7 @@ def cmd_lab(args: list[str]) -> int:
                 opts.etcd_members,
                 opts.flanneld_nodes,
                 tuple(opts.flanneld_arg),
+                opts.kube,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

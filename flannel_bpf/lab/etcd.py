@@ -1,4 +1,6 @@
-"""A real etcd server (Debian's etcd 3.4) for the lab and the tests: own data dir, own ports."""
+"""A real etcd server for the lab and the tests: own data dir, own ports. Debian's etcd 3.4 by
+default (what etcd-mode flannel clusters on Debian run); the Kubernetes control plane runs on the
+etcd 3.6 that scripts/build-peers.sh builds (``binary``)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class EtcdMember:
     initial_cluster: str = ""
     cluster_token: str = "flannel-bpf"
     log_path: Path | None = None
+    binary: str = ETCD_BINARY
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -67,7 +70,7 @@ class EtcdMember:
 
     def command(self) -> list[str]:
         cmd = [
-            ETCD_BINARY,
+            self.binary,
             "--name",
             self.name,
             "--data-dir",
@@ -208,6 +211,7 @@ def make_cluster(
     netns: str | None = None,
     tls: EtcdTls | None = None,
     name_prefix: str = "etcd",
+    binary: str = ETCD_BINARY,
 ) -> EtcdCluster:
     """size members under base_dir. In a namespace, members listen on 2379/2380 of their own
     address from hosts, or share host on consecutive port pairs; outside one, on free ports.
@@ -232,6 +236,7 @@ def make_cluster(
                 peer_port=peer_port,
                 netns=netns,
                 tls=tls,
+                binary=binary,
             )
         )
     initial = ",".join(f"{m.name}={m.peer_url}" for m in members)

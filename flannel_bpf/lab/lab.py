@@ -2,7 +2,9 @@
 
 Layout for a lab named NAME (default "fblab"):
 - NAME-ul: the underlay, a bridge br0 that every host's eth1 plugs into (198.18.0.0/24);
-- NAME-etcd: etcd at 198.18.0.2 (with --etcd-members 3: also .4 and .5, one member each);
+- NAME-etcd: etcd at 198.18.0.2 (with --etcd-members 3: also .4 and .5, one member each); with
+  --kube also kube-apiserver (198.18.0.2:6443) and kube-controller-manager on it (lab/kube.py),
+  the agents then in Kubernetes mode, each with a service-account token of the manifest's RBAC;
 - NAME-mon (with --prometheus): Prometheus at 198.18.0.3:9090 scraping every agent's /metrics;
 - NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`, or with
   --flanneld-nodes N (hosts 1..N) the real flanneld with the same flags (lab/peers.py);
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from flannel_bpf.lab.agent_process import FLANNEL_BPF, FLANNELD, PROGRAMS, AgentProcess
-from flannel_bpf.lab.etcd import EtcdCluster, EtcdTls, make_cluster
+from flannel_bpf.lab.etcd import ETCD_BINARY, EtcdCluster, EtcdTls, make_cluster
+from flannel_bpf.lab.kube import ControlPlane, ControlPlaneError
 from flannel_bpf.lab.netns import (
     add_address,
     add_netns,
@@ -39,6 +42,7 @@ from flannel_bpf.lab.netns import (
     run,
     stop_netns_processes,
 )
+from flannel_bpf.lab.peers import peer
 from flannel_bpf.lab.proc import alive
 from flannel_bpf.lab.prometheus import Prometheus
 from flannel_bpf.lab.tls import make_pki
@@ -89,6 +93,7 @@ class LabState:
     etcd_pids: list[int] = field(default_factory=list)  # per member
     prometheus_url: str = ""  # reachable from the NAME-mon namespace
     nodes: list[NodeState] = field(default_factory=list)
+    kube: bool = False  # agents use the Kubernetes subnet manager of the lab's control plane
 
     @property
     def dir(self) -> Path:
@@ -141,6 +146,9 @@ class LabSpec:
     # store flags plus flanneld_args; agent_args and datapaths are for the flannel-bpf hosts.
     flanneld_nodes: int = 0
     flanneld_args: tuple[str, ...] = ()
+    # A Kubernetes control plane on the etcd (v1.36, built by scripts/build-peers.sh) and every
+    # agent in Kubernetes mode: Nodes registered, deploy/kube-flannel-bpf.yml applied.
+    kube: bool = False
 
 
 def node_ns(lab: str, index: int) -> str:
@@ -253,9 +261,14 @@ def up(spec: LabSpec) -> LabState:
     down(spec.name, quiet=True)
     scheme = "https" if spec.etcd_tls else "http"
     endpoints = ",".join(f"{scheme}://{ip}:2379" for ip in ETCD_IPS[: spec.etcd_members])
-    state = LabState(spec.name, spec.network, spec.backend, endpoints)
+    state = LabState(spec.name, spec.network, spec.backend, endpoints, kube=spec.kube)
+    if spec.kube and (spec.etcd_tls or spec.etcd_members != 1):
+        raise LabError("--kube runs its control plane on one plain etcd member")
     try:
         _build(spec, state)
+    except ControlPlaneError as exc:
+        down(spec.name, quiet=True)
+        raise LabError(f"Kubernetes control plane: {exc}") from None
     except BaseException:
         down(spec.name, quiet=True)
         raise
@@ -293,8 +306,11 @@ def _build(spec: LabSpec, state: LabState) -> None:
     state.save()
     for member in cluster.members:
         member.wait_ready()
-    config = {"Network": spec.network, "Backend": {"Type": spec.backend}}
-    cluster.members[0].etcdctl("put", f"{PREFIX}/config", json.dumps(config))
+    net_conf = {"Network": spec.network, "Backend": {"Type": spec.backend}}
+    if spec.kube:
+        control_plane = start_control_plane(state, net_conf)
+    else:
+        cluster.members[0].etcdctl("put", f"{PREFIX}/config", json.dumps(net_conf))
 
     for i in range(1, spec.nodes + 1):
         ns = node_ns(lab, i)
@@ -325,7 +341,14 @@ def _build(spec: LabSpec, state: LabState) -> None:
             agent=program,
             agent_args=agent_args(state, ns, program, extra),
         )
-        agent = AgentProcess(ns, node.agent_args, state.dir / ns / "agent.log", program=program)
+        if spec.kube:
+            # What a kubelet and the DaemonSet pod would provide: the Node, a token, the files.
+            control_plane.register_node(ns, node.underlay_ip)
+            kube_files(state, control_plane, ns)
+            node.agent_env = {"NODE_NAME": ns}
+        agent = AgentProcess(
+            ns, node.agent_args, state.dir / ns / "agent.log", node.agent_env, program=program
+        )
         agent.start()
         node.agent_pid = agent.pid or 0
         state.nodes.append(node)
@@ -367,16 +390,29 @@ def agent_args(state: LabState, ns: str, program: str, extra: list[str]) -> list
     """A host's agent flags: flanneld's own names, which flannel-bpf takes too; flannel-bpf also
     gets a status file in the lab (never the machine's default)."""
     node_dir = state.dir / ns
-    args = [
-        "--iface",
-        "eth1",
-        "--etcd-endpoints",
-        state.etcd_endpoint,
-        "--etcd-prefix",
-        PREFIX,
-        "--subnet-file",
-        str(node_dir / "subnet.env"),
-    ]
+    if state.kube:
+        args = [
+            "--iface",
+            "eth1",
+            "--kube-subnet-mgr",
+            "--kubeconfig-file",
+            str(node_dir / "kubeconfig"),
+            "--net-config-path",
+            str(node_dir / "net-conf.json"),
+            "--subnet-file",
+            str(node_dir / "subnet.env"),
+        ]
+    else:
+        args = [
+            "--iface",
+            "eth1",
+            "--etcd-endpoints",
+            state.etcd_endpoint,
+            "--etcd-prefix",
+            PREFIX,
+            "--subnet-file",
+            str(node_dir / "subnet.env"),
+        ]
     if state.etcd_endpoint.startswith("https://"):
         pki = state.dir / "pki"
         args += ["--etcd-cafile", str(pki / "ca.pem"), "--etcd-certfile", str(pki / "client.pem")]
@@ -386,6 +422,64 @@ def agent_args(state: LabState, ns: str, program: str, extra: list[str]) -> list
     return [*args, *extra]
 
 
+def control_plane_of(state: LabState) -> ControlPlane:
+    return ControlPlane(state.dir / "kube", f"{state.name}-etcd", ETCD_IP, f"http://{ETCD_IP}:2379",
+                        cluster_cidr=state.network)  # fmt: skip
+
+
+MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kube-flannel-bpf.yml"
+KUBE_NAMESPACE = "kube-flannel"
+SERVICE_ACCOUNT = "flannel"
+
+
+def manifest_objects(net_conf: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """deploy/kube-flannel-bpf.yml's objects, with the lab's net-conf.json in the ConfigMap."""
+    import yaml
+
+    objects = [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
+    for obj in objects:
+        if net_conf is not None and obj.get("kind") == "ConfigMap":
+            obj["data"]["net-conf.json"] = json.dumps(net_conf, indent=2) + "\n"
+    return objects
+
+
+def start_control_plane(state: LabState, net_conf: dict[str, Any]) -> ControlPlane:
+    control_plane = control_plane_of(state)
+    control_plane.start()
+    objects = {"apiVersion": "v1", "kind": "List", "items": manifest_objects(net_conf)}
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(objects))
+    return control_plane
+
+
+def kube_files(state: LabState, control_plane: ControlPlane, ns: str) -> None:
+    """A node's kubeconfig (a token of the manifest's service account, as the DaemonSet pod's)
+    and net-conf.json from the ConfigMap (as mounted into the pod)."""
+    node_dir = state.dir / ns
+    control_plane.service_account_kubeconfig(node_dir / "kubeconfig", SERVICE_ACCOUNT,
+                                             KUBE_NAMESPACE)  # fmt: skip
+    data = control_plane.json("get", "configmap", "kube-flannel-cfg", "-n", KUBE_NAMESPACE)["data"]
+    (node_dir / "net-conf.json").write_text(data["net-conf.json"])
+    (node_dir / "cni-conf.json").write_text(data["cni-conf.json"])
+
+
+def kube_nodes(state: LabState) -> list[dict[str, Any]]:
+    """Each Node: podCIDR, InternalIP and flannel's annotations (for lab status)."""
+    try:
+        doc = control_plane_of(state).json("get", "nodes")
+    except (ControlPlaneError, OSError, ValueError) as exc:
+        return [{"error": str(exc)}]
+    out = []
+    for item in doc.get("items", []):
+        meta, spec = item.get("metadata", {}), item.get("spec", {})
+        notes = {k.split("/", 1)[-1]: v for k, v in (meta.get("annotations") or {}).items()
+                 if k.startswith("flannel.alpha.coreos.com/")}  # fmt: skip
+        addresses = {a["type"]: a["address"] for a in item.get("status", {}).get("addresses", [])}
+        out.append({"name": meta.get("name"), "podCIDR": spec.get("podCIDR", ""),
+                    "internal_ip": addresses.get("InternalIP", ""),
+                    "annotations": notes})  # fmt: skip
+    return out
+
+
 def etcd_cluster(state: LabState) -> EtcdCluster:
     """The lab's etcd members as up made them (same names, addresses, data and TLS files)."""
     tls = None
@@ -393,8 +487,14 @@ def etcd_cluster(state: LabState) -> EtcdCluster:
         pki = state.dir / "pki"
         tls = EtcdTls(pki / "ca.pem", pki / "server.pem", pki / "server-key.pem")
     size = len(state.etcd_pids)
+    binary = peer("etcd").binary("etcd") if state.kube else ETCD_BINARY
     return make_cluster(
-        state.dir / "etcd", size, hosts=ETCD_IPS[:size], netns=f"{state.name}-etcd", tls=tls
+        state.dir / "etcd",
+        size,
+        hosts=ETCD_IPS[:size],
+        netns=f"{state.name}-etcd",
+        tls=tls,
+        binary=binary,
     )
 
 
@@ -481,6 +581,13 @@ def status(name: str) -> dict[str, Any]:
             for n in state.nodes
         ],
         "pods": [{"namespace": p.name, "node": p.node, "ip": p.ip} for p in state.pods()],
+        "kube": {
+            "server": control_plane_of(state).server,
+            "kubeconfig": str(control_plane_of(state).admin_kubeconfig),
+            "nodes": kube_nodes(state),
+        }
+        if state.kube
+        else None,
     }
 
 
@@ -512,6 +619,19 @@ def format_status(info: dict[str, Any]) -> str:
     if info.get("prometheus"):
         lines += ["", f"prometheus {info['prometheus']} in {info['name']}-mon, scraping every "
                   f"agent's :{METRICS_PORT}/metrics"]  # fmt: skip
+    kube = info.get("kube")
+    if kube:
+        lines += ["", f"kubernetes {kube['server']} (v1.36, in {info['name']}-etcd); kubectl: "
+                  f"ip netns exec {info['name']}-etcd kubectl --kubeconfig {kube['kubeconfig']} "
+                  "get nodes", "", f"{'NODE OBJECT':<16}{'PODCIDR':<17}{'PUBLIC-IP':<15}"
+                  f"{'BACKEND':<9}ANNOTATIONS"]  # fmt: skip
+        for n in kube["nodes"]:
+            notes = n.get("annotations", {})
+            lines.append(
+                f"{n.get('name', n.get('error', '?')):<16}{n.get('podCIDR', ''):<17}"
+                f"{notes.get('public-ip', '-'):<15}{notes.get('backend-type', '-'):<9}"
+                f"{notes.get('backend-data', '-')}"
+            )
     lines += ["", f"{'POD':<16}{'NODE':<14}IP"]
     lines += [f"{p['namespace']:<16}{p['node']:<14}{p['ip']}" for p in info["pods"]]
     return "\n".join(lines)
@@ -555,7 +675,7 @@ def restart_agent(
         raise LabError(f"program must be one of {', '.join(PROGRAMS)}")
     if program is not None and program != node.agent:
         node.agent = program
-        node.agent_env = {}
+        node.agent_env = {"NODE_NAME": node.name} if state.kube else {}
         if args is None:
             args = agent_args(state, node.name, program, [])
     if args is not None:

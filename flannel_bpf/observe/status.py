@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ class AgentStatus:
     public_ip: str
     etcd: dict[str, Any]  # endpoints, prefix and TLS file paths (never the password)
     subnet_file: str = ""
+    store: dict[str, str] = field(default_factory=dict)  # etcd or kube, and where
     peers: int = 0
 
     def document(self, network: Network) -> dict[str, Any]:
@@ -59,6 +60,7 @@ class AgentStatus:
             "peers": self.peers,
             "etcd": self.etcd,
             "subnet_file": self.subnet_file,
+            "store": self.store,
             # Device indexes in the details mean something only in this network namespace.
             "netns": netns_tag(),
             "details": network.datapath_status(),
@@ -157,6 +159,7 @@ def collect(path: Path, probe_etcd: bool = True, password: str = "") -> dict[str
         "mtu": raw.get("mtu"),
         "peers": raw.get("peers"),
         "subnet_file": raw.get("subnet_file"),
+        "store": raw.get("store") if isinstance(raw.get("store"), dict) else {"kind": "etcd"},
         "netns": {"agent": netns["agent"], "here": netns["here"]},
         "problems": problems,
         "lease": {

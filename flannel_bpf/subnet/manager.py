@@ -18,6 +18,14 @@ from flannel_bpf.subnet.config import NetworkConfig
 from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent
 
 
+class ManagerError(Exception):
+    """A store failure the agent cannot work around; the message is for the operator."""
+
+
+class ManagerUnavailable(Exception):
+    """The store did not answer (etcd, or the Kubernetes API): worth retrying later."""
+
+
 class Manager(Protocol):
     """What a subnet manager does for the agent, in the order the agent asks."""
 
@@ -34,6 +42,9 @@ class Manager(Protocol):
     def drop_startup_listing(self) -> None:
         """Forget a prefetched listing nobody took."""
 
+    async def public_ip_override(self) -> str:
+        """A public IP the store holds for this host (kube: node-public-ip), else ""."""
+
     async def acquire_lease(
         self,
         config: NetworkConfig,
@@ -42,6 +53,9 @@ class Manager(Protocol):
         previous_ipv6_subnet: IPv6Network | None = None,
     ) -> Lease:
         """This host's lease, with the backend's attributes published for the peers."""
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """Once the subnet file is written (kube: NetworkUnavailable=False on our Node)."""
 
     async def keep_lease(
         self,

@@ -357,6 +357,13 @@ class EtcdManager:
             # The lease has no key and expires by itself; nothing is lost.
             log.debug("could not revoke unused etcd lease %x: %s", lease_id, exc)
 
+    async def public_ip_override(self) -> str:
+        """etcd keeps no per-host public IP besides the leases themselves."""
+        return ""
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """Nothing to announce in etcd once ready: the lease is the announcement."""
+
     async def renew_lease(self, lease: Lease) -> Lease:
         renewed = await self._put_lease(lease.subnet, lease.ipv6_subnet, lease.attrs)
         log.info("Lease renewed, new expiration: %s", _format_time(renewed.expiration))

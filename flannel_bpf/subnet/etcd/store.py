@@ -33,6 +33,8 @@ from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
+from flannel_bpf.subnet.manager import ManagerUnavailable
+
 if TYPE_CHECKING:
     from flannel_bpf.cli.flags import AgentOptions
 
@@ -86,7 +88,7 @@ class StoreError(Exception):
     """Any failure talking to etcd; the message names the endpoints and the cause."""
 
 
-class StoreUnavailable(StoreError):
+class StoreUnavailable(StoreError, ManagerUnavailable):
     """etcd could not be reached or did not answer in time: worth retrying later."""
 
 

@@ -1,0 +1,568 @@
+"""The Kubernetes subnet manager: flanneld's --kube-subnet-mgr (pkg/subnet/kube/kube.go).
+
+The network config is a file (the kube-flannel ConfigMap's net-conf.json). Our lease is our Node's
+spec.podCIDR, which kube-controller-manager's node IPAM assigns; we publish the backend's
+attributes as Node annotations, byte for byte as flanneld writes them, with one strategic merge
+patch of nodes/NAME/status (the only write flanneld's RBAC allows). Peers are every other Node
+with flannel's annotations, from a paged list and a watch resumed from its resourceVersion.
+
+Where flanneld is fragile this one is sturdier, as the etcd manager is:
+- a Node without a podCIDR yet is waited for with a log line, instead of exiting;
+- a Node with missing or malformed annotations is skipped with one warning, never dropping others;
+- our own annotations, edited or removed by someone else, are written back;
+- a watch that breaks is resumed from its resourceVersion with backoff, a 410 Gone re-lists and
+  diffs, so an API server restart costs no peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Any
+
+from flannel_bpf.subnet.config import ConfigError, NetworkConfig, parse_network_config
+from flannel_bpf.subnet.kube.annotations import Annotations
+from flannel_bpf.subnet.kube.client import (
+    KubeClient,
+    KubeError,
+    KubeUnavailable,
+    ResourceExpired,
+    WatchEvent,
+)
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType, compact_json
+from flannel_bpf.subnet.manager import Backoff, ManagerError, WatchStats
+from flannel_bpf.subnet.watcher import LeaseWatcher
+
+log = logging.getLogger(__name__)
+
+# How long one watch request may stay open (client-go's reflector: 5 to 10 minutes).
+WATCH_SECONDS = 300
+PODCIDR_POLL_SECONDS = 1.0
+PODCIDR_REMINDER_SECONDS = 30.0
+# What flanneld sets when it is up (kube.go CompleteLease).
+NETWORK_UNAVAILABLE = "NetworkUnavailable"
+CONDITION_REASON = "FlannelIsUp"
+CONDITION_MESSAGE = "Flannel is running on this node"
+
+
+class KubeManagerError(ManagerError):
+    """A kube-mode failure the agent cannot work around; the message is for the operator."""
+
+
+class NodeLeaseError(ValueError):
+    """A Node's flannel annotations or podCIDR do not make a lease."""
+
+
+def node_name_of(node: Mapping[str, Any]) -> str:
+    return str((node.get("metadata") or {}).get("name") or "")
+
+
+def _annotations(node: Mapping[str, Any]) -> dict[str, str]:
+    found = (node.get("metadata") or {}).get("annotations") or {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def pod_cidrs(node: Mapping[str, Any]) -> list[str]:
+    spec = node.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or []
+    if isinstance(cidrs, list) and cidrs:
+        return [str(c) for c in cidrs]
+    single = spec.get("podCIDR")
+    return [str(single)] if single else []
+
+
+def own_ipv4_cidr(node: Mapping[str, Any]) -> IPv4Network | None:
+    """Our lease: flanneld takes the last IPv4 entry of podCIDRs (or podCIDR alone)."""
+    found = None
+    for text in pod_cidrs(node):
+        try:
+            net = ip_network(text, strict=False)
+        except ValueError:
+            raise NodeLeaseError(f"invalid CIDR address: {text}") from None
+        if isinstance(net, IPv4Network):
+            found = net
+    return found
+
+
+def node_to_lease(node: Mapping[str, Any], keys: Annotations) -> Lease | None:
+    """A peer's lease from its Node (flanneld's nodeToLease, IPv4): None when the Node is not
+    flannel's (no kube-subnet-manager=true), NodeLeaseError when flannel's annotations or its
+    podCIDR are unusable."""
+    notes = _annotations(node)
+    if notes.get(keys.subnet_kube_managed) != "true":
+        return None
+    try:
+        public_ip = IPv4Address(notes.get(keys.public_ip, ""))
+    except ValueError:
+        raise NodeLeaseError(
+            f"invalid IP address format in {keys.public_ip}: {notes.get(keys.public_ip, '')[:64]!r}"
+        ) from None
+    subnet = None
+    for text in pod_cidrs(node):  # the first IPv4 entry, as flanneld
+        try:
+            net = ip_network(text, strict=False)
+        except ValueError:
+            raise NodeLeaseError(f"invalid CIDR address: {text[:64]}") from None
+        if isinstance(net, IPv4Network):
+            subnet = net
+            break
+    if subnet is None:
+        raise NodeLeaseError("missing IPv4 address on n.Spec.PodCIDRs")
+    raw = notes.get(keys.backend_data, "")
+    data = b"" if raw in ("", "null") else compact_json(raw.encode())
+    if data:
+        try:
+            json.loads(data)
+        except ValueError:
+            raise NodeLeaseError(f"{keys.backend_data} is not JSON: {raw[:64]!r}") from None
+    attrs = LeaseAttrs(
+        public_ip=public_ip, backend_type=notes.get(keys.backend_type, ""), backend_data=data
+    )
+    return Lease(subnet=subnet, attrs=attrs)
+
+
+def wanted_annotations(
+    attrs: LeaseAttrs, keys: Annotations, current: Mapping[str, str]
+) -> dict[str, str]:
+    """What flanneld writes for these attributes (kube.go AcquireLease, IPv4): backend type and
+    data (``null`` for none), public IP (the public-ip-overwrite annotation's value verbatim when
+    one is set) and kube-subnet-manager=true."""
+    overwrite = current.get(keys.public_ip_overwrite, "")
+    return {
+        keys.backend_type: attrs.backend_type,
+        keys.backend_data: attrs.backend_data.decode() if attrs.backend_data else "null",
+        keys.public_ip: overwrite or str(attrs.public_ip),
+        keys.subnet_kube_managed: "true",
+    }
+
+
+def annotation_patch(changes: Mapping[str, str]) -> bytes:
+    """The strategic merge patch Go's CreateTwoWayMergePatch makes for annotation changes:
+    keys sorted, no spaces, <, > and & escaped as Go's encoder does."""
+    body = json.dumps(
+        {"metadata": {"annotations": dict(sorted(changes.items()))}},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        body = body.replace(char, escaped)
+    body = body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return body.encode()
+
+
+def network_available_patch(now: datetime) -> bytes:
+    """flanneld's CompleteLease body, byte for byte (times in UTC, to the second)."""
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {
+        "type": NETWORK_UNAVAILABLE,
+        "status": "False",
+        "lastHeartbeatTime": stamp,
+        "lastTransitionTime": stamp,
+        "reason": CONDITION_REASON,
+        "message": CONDITION_MESSAGE,
+    }
+    return (
+        '{"status":{"conditions":' + json.dumps([condition], separators=(",", ":")) + "}}"
+    ).encode()
+
+
+@dataclass
+class KubeManager:
+    """The subnet.Manager of kube mode. One per agent: it knows our node by name."""
+
+    client: KubeClient
+    node_name: str
+    keys: Annotations
+    net_config_path: Path
+    set_node_network_unavailable: bool = True
+    stats: WatchStats = field(default_factory=WatchStats)
+    clock: Callable[[], float] = time.time
+    # Nodes whose annotations or podCIDR we warned about, with what was wrong: one warning each.
+    _warned: dict[str, str] = field(default_factory=dict)
+    _written: dict[str, str] = field(default_factory=dict)  # our annotations as last written
+    prefix: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        self.prefix = self.keys.prefix  # where leases live, for logs and the status file
+
+    # -- config ------------------------------------------------------------------------------
+
+    async def wait_for_network_config(self) -> NetworkConfig:
+        """net-conf.json (a ConfigMap's file): read once, as flanneld; an error is fatal."""
+        try:
+            data = await asyncio.to_thread(self.net_config_path.read_bytes)
+        except OSError as exc:
+            raise KubeManagerError(
+                f"failed to read net conf: open {self.net_config_path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            return parse_network_config(data)
+        except ConfigError as exc:
+            raise KubeManagerError(f"error parsing subnet config: {exc}") from None
+
+    def prefetch_leases(self) -> None:
+        """Peers come from the node list of watch_leases."""
+
+    def drop_startup_listing(self) -> None:
+        """Nothing prefetched."""
+
+    async def public_ip_override(self) -> str:
+        """flanneld's GetStoredPublicIP: a node-public-ip annotation replaces --public-ip."""
+        try:
+            node = await self.client.get_node(self.node_name)
+        except KubeError as exc:
+            log.warning("Failed to get node for backend data: %s", exc)
+            return ""
+        return _annotations(node).get(self.keys.node_public_ip, "")
+
+    # -- our lease ---------------------------------------------------------------------------
+
+    async def acquire_lease(
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        previous_subnet: IPv4Network | None = None,
+        previous_ipv6_subnet: IPv6Network | None = None,
+    ) -> Lease:
+        """Our Node's podCIDR (waited for), with our attributes published as annotations."""
+        node = await self._node_with_pod_cidr()
+        try:
+            subnet = own_ipv4_cidr(node)
+        except NodeLeaseError as exc:
+            raise KubeManagerError(f"node {self.node_name!r}: {exc}") from None
+        await self._annotate(node, attrs)
+        if subnet is None:
+            raise KubeManagerError(
+                f"node {self.node_name!r} has no IPv4 pod CIDR ({', '.join(pod_cidrs(node))})"
+            )
+        network = config.network
+        if network is None or not (
+            network.prefixlen <= subnet.prefixlen and subnet.network_address in network
+        ):
+            raise KubeManagerError(
+                f'subnet "{network}" specified in the flannel net config doesn\'t contain '
+                f'"{subnet}" PodCIDR of the "{self.node_name}" node'
+            )
+        if previous_subnet is not None and previous_subnet != subnet:
+            log.info(
+                "podCIDR %s replaces the subnet %s of the subnet file", subnet, previous_subnet
+            )
+        log.info(
+            "Allocated lease (ip: %s) to current node (%s) from its podCIDR", subnet, self.node_name
+        )
+        # No TTL in kube mode: the lease lives as long as the Node object.
+        return Lease(subnet=subnet, attrs=attrs, expiration=None)
+
+    async def _node_with_pod_cidr(self) -> dict[str, Any]:
+        backoff = Backoff(initial=0.5, maximum=5.0)
+        waiting_since = 0.0
+        reminded = 0.0
+        while True:
+            try:
+                node = await self.client.get_node(self.node_name)
+            except KubeUnavailable as exc:
+                delay = backoff.next_delay()
+                log.warning("kube API unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            except KubeError as exc:
+                if exc.status == 404:
+                    node = {}
+                else:
+                    raise KubeManagerError(f"cannot read node {self.node_name!r}: {exc}") from None
+            backoff.reset()
+            if node and pod_cidrs(node):
+                if waiting_since:
+                    log.info(
+                        "node %s got podCIDR %s after %.1f s",
+                        self.node_name,
+                        ",".join(pod_cidrs(node)),
+                        time.monotonic() - waiting_since,
+                    )
+                return node
+            now = time.monotonic()
+            if not waiting_since:
+                waiting_since = now
+            if now - reminded >= PODCIDR_REMINDER_SECONDS:
+                reminded = now
+                if not node:
+                    log.warning("node %s does not exist yet; waiting for it", self.node_name)
+                else:
+                    log.warning(
+                        "waiting for node %s to get a podCIDR: the node IPAM controller assigns "
+                        "it (kube-controller-manager --allocate-node-cidrs --cluster-cidr)",
+                        self.node_name,
+                    )
+            await asyncio.sleep(PODCIDR_POLL_SECONDS)
+
+    async def _annotate(self, node: Mapping[str, Any], attrs: LeaseAttrs) -> None:
+        current = _annotations(node)
+        wanted = wanted_annotations(attrs, self.keys, current)
+        overwrite = current.get(self.keys.public_ip_overwrite, "")
+        if overwrite and current.get(self.keys.public_ip) != overwrite:
+            log.info(
+                "Overriding public ip with '%s' from node annotation '%s'",
+                overwrite,
+                self.keys.public_ip_overwrite,
+            )
+        changes = {k: v for k, v in wanted.items() if current.get(k) != v}
+        self._written = wanted
+        if not changes:
+            log.info("node %s already carries our annotations", self.node_name)
+            return
+        await self._patch(annotation_patch(changes), "annotations")
+        log.info("annotated node %s: %s", self.node_name, ", ".join(sorted(changes)))
+
+    async def _patch(self, body: bytes, what: str) -> None:
+        """nodes/NAME/status, retried while the API is unreachable (flanneld: 30 s, then exit)."""
+        backoff = Backoff(initial=0.5, maximum=5.0)
+        while True:
+            try:
+                await self.client.patch_node_status(self.node_name, body)
+                return
+            except KubeUnavailable as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "patching %s of node %s: %s; retrying in %.1fs",
+                    what,
+                    self.node_name,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            except KubeError as exc:
+                raise KubeManagerError(
+                    f"failed to patch node {self.node_name!r} ({what}): {exc}"
+                ) from None
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """Once ready: NetworkUnavailable=False on our Node (--set-node-network-unavailable)."""
+        if not self.set_node_network_unavailable:
+            return
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        try:
+            await self.client.patch_node_status(self.node_name, network_available_patch(now))
+        except KubeError as exc:
+            # flanneld logs this and carries on; the condition is only advisory for schedulers.
+            log.error("CompleteLease execute error err: %s", exc)
+            return
+        log.info("node %s: condition NetworkUnavailable=False (FlannelIsUp)", self.node_name)
+
+    async def keep_lease(
+        self,
+        lease: Lease,
+        renew_margin: float,
+        on_change: Callable[[Lease], None] = lambda lease: None,
+    ) -> None:
+        """Nothing to renew (no TTL); watch our own Node and write our annotations back when
+        somebody else changes or removes them (flanneld only writes them at start)."""
+        selector = f"metadata.name={self.node_name}"
+        backoff = Backoff()
+        version = ""
+        while True:
+            try:
+                if not version:
+                    page = await self.client.list_nodes(field_selector=selector)
+                    version = page.resource_version
+                    for node in page.items:
+                        await self._reassert(node)
+                async for event in self.client.watch_nodes(version, WATCH_SECONDS, selector):
+                    version = _version_of(event.object) or version
+                    if event.type in ("ADDED", "MODIFIED"):
+                        await self._reassert(event.object)
+                    elif event.type == "DELETED":
+                        log.warning(
+                            "our node %s was deleted; annotations are written again when it "
+                            "is registered again",
+                            self.node_name,
+                        )
+                backoff.reset()
+            except ResourceExpired:
+                version = ""
+            except KubeError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "watch of node %s interrupted (%s); resuming in %.1fs",
+                    self.node_name,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _reassert(self, node: Mapping[str, Any]) -> None:
+        if not self._written:
+            return
+        current = _annotations(node)
+        changes = {k: v for k, v in self._written.items() if current.get(k) != v}
+        overwrite = current.get(self.keys.public_ip_overwrite, "")
+        if overwrite:
+            # public-ip-overwrite set (or changed) later: peers are to use it.
+            changes.pop(self.keys.public_ip, None)
+            if current.get(self.keys.public_ip) != overwrite:
+                changes[self.keys.public_ip] = overwrite
+                self._written[self.keys.public_ip] = overwrite
+        if not changes:
+            return
+        log.warning(
+            "annotations of node %s changed by someone else (%s); writing ours back",
+            self.node_name,
+            ", ".join(sorted(changes)),
+        )
+        try:
+            await self.client.patch_node_status(self.node_name, annotation_patch(changes))
+        except KubeError as exc:
+            log.warning("could not write annotations of node %s back: %s", self.node_name, exc)
+
+    # -- peers -------------------------------------------------------------------------------
+
+    async def watch_leases(
+        self, own_subnet: IPv4Network, accepts: Callable[[Lease], bool] = lambda lease: True
+    ) -> AsyncIterator[list[LeaseEvent]]:
+        """Peer events forever: a snapshot first (always, even empty), then changes. A broken
+        watch resumes from its resourceVersion; 410 Gone re-lists and diffs."""
+        watcher = LeaseWatcher(own_subnet, accepts)
+        subnets: dict[str, IPv4Network] = {}  # node name -> subnet, for changes and deletes
+        backoff = Backoff()
+        version = ""
+        while True:
+            try:
+                if not version:
+                    leases, version, subnets = await self._list_peers()
+                    self.stats.snapshots += 1
+                    events = watcher.reset(leases)
+                    self._count(events)
+                    backoff.reset()
+                    yield events
+                async for event in self.client.watch_nodes(version, WATCH_SECONDS):
+                    version = _version_of(event.object) or version
+                    if event.type == "BOOKMARK":
+                        continue
+                    events = self._apply(watcher, subnets, event)
+                    backoff.reset()
+                    if events:
+                        self._count(events)
+                        yield events
+            except ResourceExpired as exc:
+                self.stats.compactions += 1
+                log.warning("node watch expired (%s); re-listing", exc.message)
+                version = ""
+            except KubeError as exc:
+                self.stats.watch_restarts += 1
+                delay = backoff.next_delay()
+                log.warning("node watch interrupted (%s); resuming in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _list_peers(self) -> tuple[list[Lease], str, dict[str, IPv4Network]]:
+        leases: list[Lease] = []
+        subnets: dict[str, IPv4Network] = {}
+        token, version = "", ""
+        while True:
+            page = await self.client.list_nodes(token)
+            version = page.resource_version or version
+            for node in page.items:
+                lease = self._lease_of(node)
+                if lease is not None:
+                    leases.append(lease)
+                    subnets[node_name_of(node)] = lease.subnet
+            token = page.next
+            if not token:
+                return leases, version, subnets
+
+    def _apply(
+        self, watcher: LeaseWatcher, subnets: dict[str, IPv4Network], event: WatchEvent
+    ) -> list[LeaseEvent]:
+        name = node_name_of(event.object)
+        old = subnets.get(name)
+        lease = None if event.type == "DELETED" else self._lease_of(event.object)
+        events: list[LeaseEvent] = []
+        if old is not None and (lease is None or lease.subnet != old):
+            del subnets[name]
+            events += watcher.removed(old)  # deleted, no longer flannel's, or a new podCIDR
+        if lease is not None:
+            subnets[name] = lease.subnet
+            events += watcher.added(lease)
+        return events
+
+    def _lease_of(self, node: Mapping[str, Any]) -> Lease | None:
+        name = node_name_of(node)
+        try:
+            lease = node_to_lease(node, self.keys)
+        except NodeLeaseError as exc:
+            if self._warned.get(name) != str(exc):
+                self._warned[name] = str(exc)
+                self.stats.skipped_entries += 1
+                log.warning("Error turning node %r to lease: %s; skipped", name, exc)
+            return None
+        self._warned.pop(name, None)
+        return lease
+
+    def _count(self, events: list[LeaseEvent]) -> None:
+        for event in events:
+            if event.type is LeaseEventType.ADDED:
+                self.stats.events_added += 1
+            else:
+                self.stats.events_removed += 1
+
+
+def _version_of(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+async def find_node_name(client: KubeClient, environ: Mapping[str, str]) -> str:
+    """NODE_NAME, else the node of the Pod POD_NAMESPACE/POD_NAME runs on (flanneld's rule)."""
+    if environ.get("NODE_NAME"):
+        return environ["NODE_NAME"]
+    pod, namespace = environ.get("POD_NAME", ""), environ.get("POD_NAMESPACE", "")
+    if not pod or not namespace:
+        raise KubeManagerError(
+            "env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)"
+        )
+    try:
+        doc = await client.get_pod(namespace, pod)
+    except KubeError as exc:
+        raise KubeManagerError(
+            f"error retrieving pod spec for '{namespace}/{pod}': {exc}"
+        ) from None
+    name = str((doc.get("spec") or {}).get("nodeName") or "")
+    if not name:
+        raise KubeManagerError(f"node name not present in pod spec '{namespace}/{pod}'")
+    return name
+
+
+async def connect(
+    api_url: str,
+    kubeconfig: str,
+    annotation_prefix: str,
+    net_config_path: str,
+    set_node_network_unavailable: bool,
+    environ: Mapping[str, str],
+) -> KubeManager:
+    """The kube manager for this agent: API access as flanneld resolves it, then our node."""
+    from flannel_bpf.subnet.kube.client import KubeConfigError, resolve_access
+
+    try:
+        access = resolve_access(api_url, kubeconfig, environ)
+        client = KubeClient(access)
+    except KubeConfigError as exc:
+        raise KubeManagerError(f"fail to create kubernetes config: {exc}") from None
+    try:
+        node = await find_node_name(client, environ)
+    except BaseException:
+        await client.close()
+        raise
+    log.info("Created subnet manager: Kubernetes Subnet Manager - %s (API %s, %s)",
+             node, access.server, access.source)  # fmt: skip
+    return KubeManager(
+        client,
+        node,
+        Annotations.from_flag(annotation_prefix),
+        Path(net_config_path),
+        set_node_network_unavailable,
+    )
