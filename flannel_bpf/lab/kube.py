@@ -164,6 +164,9 @@ class ControlPlane:
         self.make_pki()
         self._client_kubeconfig("admin").replace(self.admin_kubeconfig)
         self.start_apiserver(timeout)
+        self.start_controller_manager()
+
+    def start_controller_manager(self) -> None:
         self._spawn("kube-controller-manager", self.controller_manager_command())
 
     def start_apiserver(self, timeout: float = 90.0) -> None:

@@ -94,6 +94,7 @@ class LabState:
     prometheus_url: str = ""  # reachable from the NAME-mon namespace
     nodes: list[NodeState] = field(default_factory=list)
     kube: bool = False  # agents use the Kubernetes subnet manager of the lab's control plane
+    kube_pids: dict[str, int] = field(default_factory=dict)  # kube-apiserver, ...-manager
 
     @property
     def dir(self) -> Path:
@@ -446,9 +447,39 @@ def manifest_objects(net_conf: dict[str, Any] | None = None) -> list[dict[str, A
 def start_control_plane(state: LabState, net_conf: dict[str, Any]) -> ControlPlane:
     control_plane = control_plane_of(state)
     control_plane.start()
+    state.kube_pids = {name: proc.pid for name, proc in control_plane.processes.items()}
+    state.save()
     objects = {"apiVersion": "v1", "kind": "List", "items": manifest_objects(net_conf)}
     control_plane.kubectl("apply", "-f", "-", input=json.dumps(objects))
     return control_plane
+
+
+KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager")
+
+
+def stop_kube_component(name: str, component: str, sig: int = signal.SIGTERM) -> None:
+    """Stop the lab's kube-apiserver or kube-controller-manager (an outage; start it again
+    with start_kube_component)."""
+    state = LabState.load(name)
+    if component not in KUBE_COMPONENTS or not state.kube:
+        raise LabError(f"lab {name!r} has no {component} (components: {KUBE_COMPONENTS})")
+    _stop_pid(state.kube_pids.get(component, 0), sig)
+
+
+def start_kube_component(name: str, component: str) -> int:
+    state = LabState.load(name)
+    if component not in KUBE_COMPONENTS or not state.kube:
+        raise LabError(f"lab {name!r} has no {component} (components: {KUBE_COMPONENTS})")
+    if alive(state.kube_pids.get(component, 0)):
+        raise LabError(f"{component} of lab {name!r} is already running")
+    control_plane = control_plane_of(state)
+    if component == "kube-apiserver":
+        control_plane.start_apiserver()
+    else:
+        control_plane.start_controller_manager()
+    state.kube_pids[component] = control_plane.processes[component].pid
+    state.save()
+    return state.kube_pids[component]
 
 
 def kube_files(state: LabState, control_plane: ControlPlane, ns: str) -> None:
