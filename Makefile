@@ -11,6 +11,7 @@ help:
 	@echo "make test-vagrant  boot the Vagrant lab (etcd + 3 VMs, libvirt/QEMU), check it, destroy it"
 	@echo "make vagrant-up / vagrant-down  the same Vagrant lab, left running to look at"
 	@echo "make demo       install what is missing, then etcd and an agent in namespaces"
+	@echo "make demo KUBE=1  the same on a Kubernetes control plane, agents in kube mode"
 	@echo "make demo-down  remove everything the demo made"
 
 setup:
@@ -39,8 +40,9 @@ vagrant-up: setup
 vagrant-down:
 	@if [ -x $(PY) ]; then $(PY) -m flannel_bpf vagrant down; fi
 
+# KUBE=1: the Kubernetes lab (kube-apiserver, node IPAM, agents in --kube-subnet-mgr mode).
 demo: setup
-	$(PY) -m flannel_bpf.lab.demo up
+	$(PY) -m flannel_bpf.lab.demo up $(if $(KUBE),--kube)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

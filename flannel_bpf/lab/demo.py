@@ -12,9 +12,20 @@ from flannel_bpf.lab.netns import in_netns
 NAME = "fblab"
 
 
-def up(backend: str = "vxlan") -> int:
+def up(backend: str = "vxlan", kube: bool = False) -> int:
+    """kube: the Kubernetes lab (control plane, Nodes, agents in --kube-subnet-mgr mode, one of
+    them the real flanneld)."""
+    spec = lab.LabSpec(
+        name=NAME,
+        nodes=3,
+        pods_per_node=1,
+        backend=backend,
+        prometheus=True,
+        kube=kube,
+        flanneld_nodes=1 if kube else 0,
+    )
     try:
-        lab.up(lab.LabSpec(name=NAME, nodes=3, pods_per_node=1, backend=backend, prometheus=True))
+        lab.up(spec)
     except lab.LabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -37,7 +48,7 @@ def up(backend: str = "vxlan") -> int:
                 f"{summary[0] if summary else proc.stderr.strip()}"
             )
             ok = ok and proc.returncode == 0
-    first, last = pods[0], pods[-1]
+    first, last = pods[-1], pods[0]  # the last node runs flannel-bpf in every demo
     status_file = lab.STATE_ROOT / NAME / first["node"] / "status.json"
     ok = _show_bpf_counters(first["node"], status_file) and ok
     print(f"""
@@ -94,10 +105,11 @@ def down() -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["up"]:
-        return up(*argv[1:2])
+        args = [a for a in argv[1:] if a != "--kube"]
+        return up(*args[:1], kube="--kube" in argv)
     if argv[:1] == ["down"]:
         return down()
-    print("usage: python -m flannel_bpf.lab.demo up [BACKEND]|down", file=sys.stderr)
+    print("usage: python -m flannel_bpf.lab.demo up [--kube] [BACKEND]|down", file=sys.stderr)
     return 2
 
 
