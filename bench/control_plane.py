@@ -109,6 +109,14 @@ class BenchError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class KubeAccess:
+    """What an agent in Kubernetes mode is given: a kubeconfig and net-conf.json."""
+
+    kubeconfig: Path
+    net_conf: Path
+
+
 # --------------------------------------------------------------------------------------------
 # Results
 
@@ -349,24 +357,27 @@ class BenchLab:
         return self.workdir / ns
 
     def agent(
-        self, ns: str, prefix: str, datapath: str = "", program: str = FLANNEL_BPF
+        self,
+        ns: str,
+        prefix: str,
+        datapath: str = "",
+        program: str = FLANNEL_BPF,
+        kube: KubeAccess | None = None,
     ) -> AgentProcess:
-        """flannel-bpf, or the real flanneld with the same store flags."""
+        """flannel-bpf, or the real flanneld with the same store flags; with kube, both in
+        Kubernetes mode as the Node named like the namespace."""
         d = self.node_dir(ns)
-        args = [
-            "--iface",
-            "eth1",
-            "--etcd-endpoints",
-            f"http://{ETCD_IP}:{ETCD_PORT}",
-            "--etcd-prefix",
-            prefix,
-            "--subnet-file",
-            str(d / "subnet.env"),
-        ]
+        args = ["--iface", "eth1", "--subnet-file", str(d / "subnet.env")]
+        if kube is None:
+            args += ["--etcd-endpoints", f"http://{ETCD_IP}:{ETCD_PORT}", "--etcd-prefix", prefix]
+        else:
+            args += ["--kube-subnet-mgr", "--kubeconfig-file", str(kube.kubeconfig),
+                     "--net-config-path", str(kube.net_conf)]  # fmt: skip
         if program == FLANNEL_BPF:
             args += ["--status-file", str(d / "status.json")]
             args += ["--datapath", datapath] if datapath else []
-        agent = AgentProcess(ns, args, d / "agent.log", program=program)
+        env = {"NODE_NAME": ns} if kube is not None else {}
+        agent = AgentProcess(ns, args, d / "agent.log", env=env, program=program)
         self.agents.append(agent)
         return agent
 
@@ -579,7 +590,7 @@ class Startup:
 
 
 def start_bpf_agent(
-    lab: BenchLab, ns: str, peers: Sequence[PeerLease]
+    lab: BenchLab, ns: str, peers: Sequence[PeerLease], kube: KubeAccess | None = None
 ) -> tuple[AgentProcess, RemotesMap, Startup]:
     pin_dir = pin_dir_of(ns)
     lab.pin_dirs.append(pin_dir)
@@ -587,7 +598,7 @@ def start_bpf_agent(
         # The namespace is brand new, so these pins belong to a dead one whose inode it reuses;
         # left there they could already hold our keys and fake an instant start-up.
         unpin(pin_dir)
-    agent = lab.agent(ns, PREFIX, "bpf")
+    agent = lab.agent(ns, PREFIX, "bpf", kube=kube)
     wall0, t0 = time.time(), time.monotonic()
     agent.start()
     # bcc creates the pins while compiling, before the agent is ready.
@@ -645,10 +656,14 @@ def _measure_bpf_startup(
 
 
 def start_kernel_agent(
-    lab: BenchLab, ns: str, peers: Sequence[PeerLease], program: str = FLANNEL_BPF
+    lab: BenchLab,
+    ns: str,
+    peers: Sequence[PeerLease],
+    program: str = FLANNEL_BPF,
+    kube: KubeAccess | None = None,
 ) -> tuple[AgentProcess, Startup]:
     """Our kernel data path, or flanneld's (which programs the same entries)."""
-    agent = lab.agent(ns, PREFIX, "kernel", program=program)
+    agent = lab.agent(ns, PREFIX, "kernel", program=program, kube=kube)
     wall0, t0 = time.time(), time.monotonic()
     agent.start()
     first: list[float] = []
@@ -1004,6 +1019,7 @@ def run(
     churn_events: int = 400,
     churn_rate: float = 80.0,
     seed: int = 1,
+    kube: bool = True,
 ) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise BenchError("needs root (network namespaces, bpffs)")
@@ -1049,6 +1065,8 @@ def run(
         _netlink_phase(lab, report, peers)
         _compile_phase(report)
         _alloc_phase(lab, report, agents)
+        if kube:
+            _kube_phase(lab, report, peers)
     finally:
         lab.close()
     return report.as_dict()
@@ -1365,6 +1383,106 @@ def _flanneld_phase(lab: BenchLab, report: Report, peers: list[PeerLease]) -> Fl
     return FlanneldFigures(programmed, mem.rss_kb / 1024)
 
 
+def _kube_phase(lab: BenchLab, report: Report, peers: list[PeerLease]) -> None:
+    """Kubernetes mode at scale: the same peers as Node objects (podCIDR and flannel's
+    annotations, as flanneld writes them) in a real kube-apiserver v1.36 on etcd 3.6; flannel-bpf
+    (BPF) and the real flanneld each started as one more Node until every peer is programmed."""
+    from flannel_bpf.lab.etcd import EtcdMember
+    from flannel_bpf.lab.kube import ControlPlane
+    from flannel_bpf.lab.peers import peer
+
+    n = len(peers)
+    etcd_ns = lab.ns("etcd")
+    member = EtcdMember("kube0", lab.workdir / "kube-etcd" / "data", ETCD_IP, 2479, 2480,
+                        netns=etcd_ns, binary=peer("etcd").binary("etcd"))  # fmt: skip
+    control_plane = ControlPlane(lab.workdir / "kube", etcd_ns, ETCD_IP, member.endpoint,
+                                 cluster_cidr=str(NETWORK))  # fmt: skip
+    try:
+        member.start()
+        member.wait_ready(30)
+        control_plane.start(controller_manager=False)
+        net_conf = lab.workdir / "net-conf.json"
+        net_conf.write_text(json.dumps({"Network": str(NETWORK), "Backend": {"Type": "vxlan"}}))
+        access = KubeAccess(control_plane.admin_kubeconfig, net_conf)
+        t = time.monotonic()
+        for start in range(0, n, 500):
+            items = [_peer_node(f"peer-{start + i:05d}", p) for i, p in
+                     enumerate(peers[start : start + 500])]  # fmt: skip
+            control_plane.kubectl("create", "-f", "-", timeout=600, input=json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": items}))  # fmt: skip
+        report.env["kube_nodes_created_s"] = round(time.monotonic() - t, 2)
+
+        def agent_node(name: str, index: int, address: str) -> str:
+            ns = lab.add_host(name, address)
+            subnet = f"{NETWORK.network_address + (index << 8)}/{SUBNET_LEN}"
+            control_plane.kubectl("create", "-f", "-", input=json.dumps({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": ns, "annotations": {"example.com/kubelet": "true"}},
+                "spec": {"podCIDR": subnet, "podCIDRs": [subnet]},
+            }))  # fmt: skip
+            return ns
+
+        ns = agent_node("k1", 1, "198.18.0.41")
+        agent, remotes, up = start_bpf_agent(lab, ns, peers, kube=access)
+        try:
+            time.sleep(2.0)
+            assert agent.pid is not None
+            mem = memory_of(agent.pid)
+        finally:
+            remotes.close()
+            lab.stop_agents([agent])
+            lab.bpf_cleanup(ns)
+        report.add(f"{n:,} Nodes: peers programmed after agent start", "kube:bpf",
+                   up.programmed_s, "s", f"fb_remotes holds {up.counts['fb_remotes']}; first "
+                   f"entry at {up.first_entry_s:.3f} s; one paged list of the Nodes (250 a page) "
+                   "and the programming")  # fmt: skip
+        report.add(f"agent VmRSS at {n:,} Nodes", "kube:bpf", mem.rss_kb / 1024, "MB", mem.note())
+
+        ns_f = agent_node("k2", 2, "198.18.0.42")
+        fagent, fup = start_kernel_agent(lab, ns_f, peers, program=FLANNELD, kube=access)
+        try:
+            time.sleep(2.0)
+            assert fagent.pid is not None
+            fmem = memory_of(fagent.pid)
+        finally:
+            lab.stop_agents([fagent])
+        report.add(f"{n:,} Nodes: peers programmed after agent start", "kube:flanneld",
+                   fup.programmed_s, "s", f"the real flanneld {flanneld_version()} "
+                   f"--kube-subnet-mgr: routes {fup.counts.get('routes')}, neighbours "
+                   f"{fup.counts.get('neighbours')}, FDB {fup.counts.get('fdb')}")  # fmt: skip
+        report.add(f"agent VmRSS at {n:,} Nodes", "kube:flanneld", fmem.rss_kb / 1024, "MB",
+                   fmem.note())  # fmt: skip
+        ours, theirs = up.programmed_s, fup.programmed_s
+        report.targets.append(Target(
+            f"{n:,} Nodes: peers programmed after start (kube mode, BPF)", round(ours, 3), "s",
+            "<= 2 s and ahead of flanneld", ours <= 2.0 and ours < theirs,
+            f"flanneld {theirs:.2f} s in this run ({theirs / ours:.1f}x ours)",
+        ))  # fmt: skip
+        report.targets.append(Target(
+            f"agent RSS at {n:,} Nodes (kube mode, BPF)", round(mem.rss_kb / 1024, 1), "MB",
+            "<= 80 MB", mem.rss_kb / 1024 <= 80,
+            f"flanneld {fmem.rss_kb / 1024:.1f} MB in this run",
+        ))  # fmt: skip
+    finally:
+        control_plane.stop()
+        member.stop()
+
+
+def _peer_node(name: str, p: PeerLease) -> dict[str, Any]:
+    prefix = "flannel.alpha.coreos.com/"
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "annotations": {
+            prefix + "backend-data": f'{{"VNI":{VNI},"VtepMAC":"{p.mac}"}}',
+            prefix + "backend-type": "vxlan",
+            prefix + "kube-subnet-manager": "true",
+            prefix + "public-ip": str(p.public_ip),
+        }},
+        "spec": {"podCIDR": str(p.subnet), "podCIDRs": [str(p.subnet)]},
+    }  # fmt: skip
+
+
 def flanneld_version() -> str:
     from flannel_bpf.lab.peers import peer
 
@@ -1580,12 +1698,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--churn-events", type=int, default=400)
     parser.add_argument("--churn-rate", type=float, default=80.0, help="events per second")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-kube", action="store_true", help="leave out the Kubernetes-mode rows")
     opts = parser.parse_args(argv)
 
     unwind_on_sigterm()  # unwinds through run()'s cleanup
     try:
         result = run(
-            opts.leases, opts.agents, churn_events=opts.churn_events, churn_rate=opts.churn_rate
+            opts.leases,
+            opts.agents,
+            churn_events=opts.churn_events,
+            churn_rate=opts.churn_rate,
+            kube=not opts.no_kube,
         )
     except BenchError as exc:
         print(f"control_plane: {exc}", file=sys.stderr)

@@ -105,8 +105,8 @@ def down() -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["up"]:
-        args = [a for a in argv[1:] if a != "--kube"]
-        return up(*args[:1], kube="--kube" in argv)
+        backends = [a for a in argv[1:] if a != "--kube"]
+        return up(backends[0] if backends else "vxlan", kube="--kube" in argv)
     if argv[:1] == ["down"]:
         return down()
     print("usage: python -m flannel_bpf.lab.demo up [--kube] [BACKEND]|down", file=sys.stderr)

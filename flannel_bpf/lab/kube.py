@@ -159,12 +159,13 @@ class ControlPlane:
             "--v=1",
         ])  # fmt: skip
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, controller_manager: bool = True) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.make_pki()
         self._client_kubeconfig("admin").replace(self.admin_kubeconfig)
         self.start_apiserver(timeout)
-        self.start_controller_manager()
+        if controller_manager:
+            self.start_controller_manager()
 
     def start_controller_manager(self) -> None:
         self._spawn("kube-controller-manager", self.controller_manager_command())
