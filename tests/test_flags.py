@@ -468,19 +468,35 @@ def test_renew_margin_out_of_range_from_env_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "environ", "origin"),
+    ("argv", "environ"),
     [
-        (["--kube-subnet-mgr"], {}, "flag --kube-subnet-mgr"),
-        (["-kube-subnet-mgr=true"], {}, "flag --kube-subnet-mgr"),
-        ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR"),
+        (["--kube-subnet-mgr"], {}),
+        (["-kube-subnet-mgr=true"], {}),
+        ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}),
     ],
 )
-def test_kube_subnet_manager_mode_is_refused_not_ignored(
+def test_kube_subnet_manager_mode_is_taken(argv: list[str], environ: dict[str, str]) -> None:
+    options = parse(argv, environ)
+
+    assert options.kube_subnet_mgr is True
+    assert options.kube_annotation_prefix == "flannel.alpha.coreos.com"
+    assert options.net_config_path == "/etc/kube-flannel/net-conf.json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "origin"),
+    [
+        (["--kube-subnet-mgr", "--kube-annotation-prefix=org"], {}, "--kube-annotation-prefix"),
+        (["--kube-subnet-mgr"], {"FLANNELD_KUBE_ANNOTATION_PREFIX": "a/b/c"},
+         "FLANNELD_KUBE_ANNOTATION_PREFIX"),
+    ],
+)  # fmt: skip
+def test_a_bad_annotation_prefix_is_a_flag_error(
     argv: list[str], environ: dict[str, str], origin: str
 ) -> None:
     message = flag_error(argv, environ)
 
-    assert origin in message and "not supported" in message and "--etcd-endpoints" in message
+    assert origin in message and "subnet/kube: prefix" in message
 
 
 def test_kube_flags_without_the_mode_are_accepted() -> None:

@@ -22,6 +22,7 @@ def vagrant(cwd: Path, dotfile: Path, *args: str) -> subprocess.CompletedProcess
         "VAGRANT_HOME": str(CACHE / "home"),
         "VAGRANT_CHECKPOINT_DISABLE": "1",
         "VAGRANT_NO_COLOR": "1",
+        "VAGRANT_DEFAULT_PROVIDER": "libvirt",
     }
     return subprocess.run(
         ["vagrant", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
