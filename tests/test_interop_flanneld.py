@@ -25,17 +25,45 @@ from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import PREFIX, LabState
 
 from .conftest import metric, pod_exec, requires_root
-from .test_lab_bpf import by_node, counters, delta, ping_all, transfer, wait_for
+from .test_lab_backends import etcdctl
+from .test_lab_bpf import bpf_remotes, by_node, counters, ping_all, transfer, wait_for
 
 pytestmark = [pytest.mark.root, requires_root]
 
 USERSPACE_BYTES = 'flannel_userspace_bytes_total{direction="%s"}'
 
 
-def carried(count: Callable[[], int | float], wanted: int, what: str) -> None:
-    """count() reaches wanted within 10 s: iperf3's client is done once its last bytes are in
-    its socket, so a path's counters may lag its report."""
-    assert wait_for(lambda: count() >= wanted), f"{what}: {count()} < {wanted}"
+def path_counter(lab_name: str, ns: str, path: str, device: str) -> Callable[[], tuple[int, int]]:
+    """(bytes sent, bytes received) of a host's overlay traffic, by the counters of the data path
+    that carries it: BPF encap/decap (XDP) counters, the userspace plane's metrics, or the
+    device's own statistics (kernel vxlan, flanneld's flannel.1 or flannel0)."""
+    if path == "bpf":
+
+        def bpf() -> tuple[int, int]:
+            seen = counters(lab_name, ns)
+            sent = seen.get(("tc_encap", "encap_redirect"), (0, 0))[1]
+            return sent, seen.get(("xdp_decap", "decap_pass"), (0, 0))[1]
+
+        return bpf
+    if path == "userspace":
+        return lambda: (
+            int(metric(ns, USERSPACE_BYTES % "tx")),
+            int(metric(ns, USERSPACE_BYTES % "rx")),
+        )
+    return lambda: link_bytes(ns, device)[::-1]
+
+
+def assert_carried(
+    counter: Callable[[], tuple[int, int]], start: tuple[int, int], sent: int, received: int,
+    what: str,
+) -> None:  # fmt: skip
+    """The counter moved by at least sent and received bytes, within 10 s: iperf3's client is
+    done once its last bytes are in its socket, so a path's counters may lag its report."""
+    for i, wanted in ((0, sent), (1, received)):
+        moved = lambda i=i: counter()[i] - start[i]  # noqa: E731
+        assert wait_for(lambda m=moved, w=wanted: m() >= w), (  # type: ignore[misc]
+            f"{what} {('sent', 'received')[i]}: {moved()} < {wanted}"
+        )
 
 
 def link_bytes(ns: str, dev: str) -> tuple[int, int]:
@@ -48,17 +76,9 @@ def link_bytes(ns: str, dev: str) -> tuple[int, int]:
     return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
 
-def etcd(lab_name: str, *args: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", f"{lab_name}-etcd", "etcdctl",
-         "--endpoints", "http://198.18.0.2:2379", *args],
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
-
-
 def leases(lab_name: str) -> dict[str, dict[str, Any]]:
     """subnet -> {"value": the lease JSON as stored, "lease_id": its etcd lease}."""
-    doc = json.loads(etcd(lab_name, "get", "--prefix", f"{PREFIX}/subnets/", "-w", "json"))
+    doc = json.loads(etcdctl(lab_name, "get", "--prefix", f"{PREFIX}/subnets/", "-w", "json"))
     found = {}
     for kv in doc.get("kvs", []):
         key = base64.b64decode(kv["key"]).decode()
@@ -73,22 +93,6 @@ def kernel_peers(ns: str) -> set[str]:
         ["ip", "-n", ns, "route", "show", "dev", "flannel.1"], capture_output=True, text=True
     ).stdout
     return {line.split()[0] for line in out.splitlines() if " via " in line}
-
-
-def bpf_peers(lab_name: str, ns: str) -> set[str]:
-    from .test_lab_bpf import node_status
-
-    bpf = node_status(lab_name, ns).get("bpf") or {}
-    return {r["subnet"] for r in bpf.get("remotes", [])}
-
-
-def nodes(info: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(info["nodes"])
-
-
-def kernel_paths(src_ns: str, dst_ns: str) -> Callable[[], tuple[int, int]]:
-    """Bytes the source sent and the destination received on their flannel.1."""
-    return lambda: (link_bytes(src_ns, "flannel.1")[1], link_bytes(dst_ns, "flannel.1")[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def test_vxlan_with_flanneld_both_ways(
     # Each side programmed the other from its lease.
     assert kernel_peers(theirs) == {ours_node["subnet"]}
     if datapath == "bpf":
-        assert bpf_peers(lab_name, ours) == {theirs_node["subnet"]}
+        assert set(bpf_remotes(lab_name, ours)) == {theirs_node["subnet"]}
     elif datapath == "kernel":
         assert kernel_peers(ours) == {theirs_node["subnet"]}
     else:  # the userspace plane keeps its peers in its own table
@@ -118,14 +122,9 @@ def test_vxlan_with_flanneld_both_ways(
 
         assert node_status(lab_name, ours)["peers"] == 1
 
-    flanneld_before = link_bytes(theirs, "flannel.1")
-    bpf_before = counters(lab_name, ours) if datapath == "bpf" else {}
-    ours_before = link_bytes(ours, "flannel.1")
-    user_before = (
-        {d: metric(ours, USERSPACE_BYTES % d) for d in ("tx", "rx")}
-        if datapath == "userspace"
-        else {}
-    )
+    theirs_count = path_counter(lab_name, theirs, "flanneld", "flannel.1")
+    ours_count = path_counter(lab_name, ours, datapath, "flannel.1")
+    theirs_start, ours_start = theirs_count(), ours_count()
     to_flanneld = transfer(lab_name, pods[ours], pods[theirs], "200M")
     from_flanneld = transfer(lab_name, pods[theirs], pods[ours], "200M")
     print(
@@ -134,32 +133,11 @@ def test_vxlan_with_flanneld_both_ways(
     )
     # bytes out of ours (into flanneld), bytes into ours (out of flanneld)
     out, into = to_flanneld.received, from_flanneld.received
-
-    # flanneld's side: its vxlan device carried both directions.
-    carried(lambda: link_bytes(theirs, "flannel.1")[0] - flanneld_before[0], out, "flanneld rx")
-    carried(lambda: link_bytes(theirs, "flannel.1")[1] - flanneld_before[1], into, "flanneld tx")
-    # Ours: the path we claim carried it, by that path's own counters.
-    if datapath == "bpf":
-        for hook, reason, wanted in (
-            ("tc_encap", "encap_redirect", out),
-            ("xdp_decap", "decap_pass", into),
-        ):
-            carried(
-                lambda h=hook, r=reason: delta(counters(lab_name, ours), bpf_before, h, r)[1],
-                wanted,
-                f"{hook} {reason}",
-            )
-    elif datapath == "kernel":
-        carried(lambda: link_bytes(ours, "flannel.1")[0] - ours_before[0], into, "kernel rx")
-        carried(lambda: link_bytes(ours, "flannel.1")[1] - ours_before[1], out, "kernel tx")
+    # flanneld's vxlan device carried both directions; ours, the path we claim carried them.
+    assert_carried(theirs_count, theirs_start, into, out, "flanneld's flannel.1")
+    assert_carried(ours_count, ours_start, out, into, f"our {datapath} path")
+    if datapath == "kernel":
         assert counters(lab_name, ours) == {}  # and no BPF program is in the way
-    else:
-        for direction, wanted in (("tx", out), ("rx", into)):
-            carried(
-                lambda d=direction: metric(ours, USERSPACE_BYTES % d) - user_before[d],
-                wanted,
-                f"userspace {direction}",
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,38 +159,16 @@ def test_udp_with_flanneld_both_ways(
     pods = by_node(info)
     ping_all(lab_name, info["pods"])
     size = "50M"
-    before = counters(lab_name, ours) if datapath == "bpf" else {}
-    user_before = (
-        {d: metric(ours, USERSPACE_BYTES % d) for d in ("tx", "rx")}
-        if datapath == "userspace"
-        else {}
-    )
-    theirs_before = link_bytes(theirs, "flannel0")
+    theirs_count = path_counter(lab_name, theirs, "flanneld", "flannel0")  # its TUN device
+    ours_count = path_counter(lab_name, ours, datapath, "flannel0")
+    theirs_start, ours_start = theirs_count(), ours_count()
     to_flanneld = transfer(lab_name, pods[ours], pods[theirs], size)
     from_flanneld = transfer(lab_name, pods[theirs], pods[ours], size)
     rates = f"{to_flanneld.gbits:.2f} Gbit/s, back {from_flanneld.gbits:.2f}"
     print(f"\nudp {datapath} -> flanneld {rates}")
     out, into = to_flanneld.received, from_flanneld.received
-    # flanneld's TUN device, then the path of ours by its own counters
-    carried(lambda: link_bytes(theirs, "flannel0")[0] - theirs_before[0], out, "flannel0 rx")
-    carried(lambda: link_bytes(theirs, "flannel0")[1] - theirs_before[1], into, "flannel0 tx")
-    if datapath == "bpf":
-        for hook, reason, wanted in (
-            ("tc_encap", "encap_redirect", out),
-            ("xdp_decap", "decap_pass", into),
-        ):
-            carried(
-                lambda h=hook, r=reason: delta(counters(lab_name, ours), before, h, r)[1],
-                wanted,
-                f"{hook} {reason}",
-            )
-    else:
-        for direction, wanted in (("tx", out), ("rx", into)):
-            carried(
-                lambda d=direction: metric(ours, USERSPACE_BYTES % d) - user_before[d],
-                wanted,
-                f"userspace {direction}",
-            )
+    assert_carried(theirs_count, theirs_start, into, out, "flanneld's flannel0")
+    assert_carried(ours_count, ours_start, out, into, f"our udp {datapath} path")
 
 
 def test_host_gw_with_flanneld_both_ways(
@@ -237,11 +193,11 @@ def test_host_gw_with_flanneld_both_ways(
     )
     ping_all(lab_name, info["pods"])
     pods = by_node(info)
-    before = link_bytes(theirs, "eth1")
+    theirs_count = path_counter(lab_name, theirs, "flanneld", "eth1")
+    theirs_start = theirs_count()
     out = transfer(lab_name, pods[ours], pods[theirs], "200M").received
     into = transfer(lab_name, pods[theirs], pods[ours], "200M").received
-    carried(lambda: link_bytes(theirs, "eth1")[0] - before[0], out, "flanneld eth1 rx")
-    carried(lambda: link_bytes(theirs, "eth1")[1] - before[1], into, "flanneld eth1 tx")
+    assert_carried(theirs_count, theirs_start, into, out, "flanneld's eth1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +222,7 @@ def test_flanneld_and_flannel_bpf_started_together(
         if node["agent"] == "flanneld":
             assert wait_for(lambda ns=ns, o=others: kernel_peers(ns) == o), (ns, kernel_peers(ns))
         else:
-            assert wait_for(lambda ns=ns, o=others: bpf_peers(lab_name, ns) == o)
+            assert wait_for(lambda ns=ns, o=others: set(bpf_remotes(lab_name, ns)) == o)
     ping_all(lab_name, info["pods"])
 
 
@@ -392,16 +348,16 @@ def test_flanneld_lease_deleted_or_expired_is_unprogrammed_everywhere(
     (s1, s2, s3), (n1, _, n3) = zip(
         *((n["subnet"], n["namespace"]) for n in info["nodes"]), strict=True
     )
-    assert wait_for(lambda: bpf_peers(lab_name, n3) == {s1, s2})
+    assert wait_for(lambda: set(bpf_remotes(lab_name, n3)) == {s1, s2})
     assert wait_for(lambda: kernel_peers(n1) == {s2, s3})
 
     # Expiry of a dead node's lease.
     state = LabState.load(lab_name)
     lab._stop_pid(state.nodes[1].agent_pid, 9)
     lease_id = leases(lab_name)[s2]["lease_id"]
-    etcd(lab_name, "lease", "revoke", format(lease_id, "x"))
+    etcdctl(lab_name, "lease", "revoke", format(lease_id, "x"))
     assert s2 not in leases(lab_name)
-    assert wait_for(lambda: bpf_peers(lab_name, n3) == {s1}), bpf_peers(lab_name, n3)
+    assert wait_for(lambda: set(bpf_remotes(lab_name, n3)) == {s1}), set(bpf_remotes(lab_name, n3))
     assert wait_for(lambda: kernel_peers(n1) == {s3}), kernel_peers(n1)
     # our kernel-side entries for the vxlan device went too
     assert (
@@ -412,8 +368,10 @@ def test_flanneld_lease_deleted_or_expired_is_unprogrammed_everywhere(
     )
 
     # Deletion by hand of a live flanneld's lease.
-    etcd(lab_name, "del", f"{PREFIX}/subnets/{s1.replace('/', '-')}")
-    assert wait_for(lambda: s1 not in bpf_peers(lab_name, n3)), bpf_peers(lab_name, n3)
+    etcdctl(lab_name, "del", f"{PREFIX}/subnets/{s1.replace('/', '-')}")
+    assert wait_for(lambda: s1 not in set(bpf_remotes(lab_name, n3))), set(
+        bpf_remotes(lab_name, n3)
+    )
     # n3 still has its own lease and pings nobody it no longer knows
     assert s3 in leases(lab_name)
     pods = by_node(info)

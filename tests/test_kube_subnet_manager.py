@@ -38,7 +38,7 @@ from flannel_bpf.subnet.kube.manager import (
 from flannel_bpf.subnet.lease import LeaseAttrs
 
 from .conftest import cli, metric, requires_root
-from .test_lab_bpf import by_node, counters, delta, ping_all, transfer, wait_for
+from .test_lab_bpf import bpf_remotes, by_node, counters, delta, ping_all, transfer, wait_for
 
 KEYS = Annotations.from_flag("flannel.alpha.coreos.com")
 
@@ -225,14 +225,6 @@ def nodes_json(lab_name: str) -> dict[str, dict[str, Any]]:
     return {n["metadata"]["name"]: n for n in doc["items"]}
 
 
-def bpf_peers(lab_name: str, ns: str) -> dict[str, str]:
-    """BPF remotes of a node: subnet -> VTEP IP."""
-    from .test_lab_bpf import node_status
-
-    bpf = node_status(lab_name, ns).get("bpf") or {}
-    return {r["subnet"]: r["vtep_ip"] for r in bpf.get("remotes", [])}
-
-
 @pytest.mark.root
 @requires_root
 def test_mixed_kube_cluster_with_real_flanneld(
@@ -268,7 +260,7 @@ def test_mixed_kube_cluster_with_real_flanneld(
     assert ours.replace(json.loads(ours)["VtepMAC"], "X") == theirs.replace(
         json.loads(theirs)["VtepMAC"], "X"
     )
-    assert bpf_peers(lab_name, n2).keys() == {
+    assert bpf_remotes(lab_name, n2).keys() == {
         info["nodes"][0]["subnet"],
         info["nodes"][2]["subnet"],
     }
@@ -411,7 +403,7 @@ def test_pod_cidr_arriving_late_and_bad_nodes_skipped(
         kubectl(lab_name, "patch", "node", late, "-p", patch)
         agent.wait_for_log("flannel is ready", 30)
         assert "FLANNEL_SUBNET=10.244.99.1/24" in (tmp_path / "late.env").read_text()
-        assert wait_for(lambda: "10.244.99.0/24" in bpf_peers(lab_name, n1), 10)
+        assert wait_for(lambda: "10.244.99.0/24" in bpf_remotes(lab_name, n1), 10)
 
         # Bad nodes: not flannel's (ignored), bad public-ip, bad backend-data, bad podCIDR.
         bad = {
@@ -435,7 +427,7 @@ def test_pod_cidr_arriving_late_and_bad_nodes_skipped(
             assert text.count(f"node '{lab_name}-{name}' to lease") == 1, name
         assert f"{lab_name}-not-flannel" not in text
         assert "x" * 100 not in text  # bounded quoting
-        peers = bpf_peers(lab_name, n1)
+        peers = bpf_remotes(lab_name, n1)
         assert set(peers) == {info["nodes"][1]["subnet"], "10.244.99.0/24"}
         assert metric(n1, "flannel_lease_invalid_entries_total") >= 3
     finally:
@@ -451,17 +443,17 @@ def test_annotations_edited_by_someone_else_and_public_ip_overwrite(
     info = lab_up("--nodes", "2", "--pods-per-node", "0", "--kube", "--datapath", "bpf")
     n1, n2 = (n["namespace"] for n in info["nodes"])
     s2, ip2 = info["nodes"][1]["subnet"], info["nodes"][1]["underlay_ip"]
-    assert bpf_peers(lab_name, n1) == {s2: ip2}
+    assert bpf_remotes(lab_name, n1) == {s2: ip2}
     # Someone edits n2's public-ip: n2's agent writes its own back, n1 ends where it was.
     kubectl(lab_name, "annotate", "node", n2, "--overwrite", f"{KEYS.public_ip}=198.18.0.250")
     assert wait_for(
         lambda: nodes_json(lab_name)[n2]["metadata"]["annotations"][KEYS.public_ip] == ip2, 15
     )
     assert "changed by someone else" in (LabState.load(lab_name).dir / n2 / "agent.log").read_text()
-    assert wait_for(lambda: bpf_peers(lab_name, n1) == {s2: ip2}, 10)
+    assert wait_for(lambda: bpf_remotes(lab_name, n1) == {s2: ip2}, 10)
     # public-ip-overwrite: peers tunnel to the overwrite address (flanneld's NAT case).
     kubectl(lab_name, "annotate", "node", n2, f"{KEYS.public_ip_overwrite}=198.18.0.99")
-    assert wait_for(lambda: bpf_peers(lab_name, n1) == {s2: "198.18.0.99"}, 15), bpf_peers(
+    assert wait_for(lambda: bpf_remotes(lab_name, n1) == {s2: "198.18.0.99"}, 15), bpf_remotes(
         lab_name, n1
     )
     notes = nodes_json(lab_name)[n2]["metadata"]["annotations"]
@@ -500,7 +492,7 @@ def test_apiserver_stopped_30s_and_a_410_under_pings(
         ]
         member.etcdctl("compact", str(rev))
         time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
-        assert set(bpf_peers(lab_name, n1)) == {info["nodes"][1]["subnet"]}  # nothing dropped
+        assert set(bpf_remotes(lab_name, n1)) == {info["nodes"][1]["subnet"]}  # nothing dropped
         lab.start_kube_component(lab_name, "kube-apiserver")
         cp.register_node(f"{lab_name}-n7", "198.18.0.17")
         patch = json.dumps(
@@ -510,7 +502,7 @@ def test_apiserver_stopped_30s_and_a_410_under_pings(
             }
         )
         kubectl(lab_name, "patch", "node", f"{lab_name}-n7", "-p", patch)
-        assert wait_for(lambda: "10.244.77.0/24" in bpf_peers(lab_name, n1), 60), bpf_peers(
+        assert wait_for(lambda: "10.244.77.0/24" in bpf_remotes(lab_name, n1), 60), bpf_remotes(
             lab_name, n1
         )
         out, _ = ping.communicate(timeout=60)

@@ -24,8 +24,9 @@ FAKE_SUBNET = "10.244.250.0/24"
 FAKE_KEY = "/coreos.com/network/subnets/10.244.250.0-24"
 
 
-def etcdctl(lab: str, *args: str) -> None:
-    subprocess.run(
+def etcdctl(lab: str, *args: str) -> str:
+    """etcdctl in the lab's etcd namespace; its output."""
+    return subprocess.run(
         [
             "ip",
             "netns",
@@ -38,8 +39,9 @@ def etcdctl(lab: str, *args: str) -> None:
         ],
         check=True,
         capture_output=True,
+        text=True,
         timeout=30,
-    )
+    ).stdout
 
 
 def route_present(node_ns: str, backend: str = "vxlan") -> bool:
@@ -206,23 +208,7 @@ def test_mixed_cluster_with_a_flanneld_style_node(
     )
 
     # flanneld's per-peer entries for every flannel-bpf node, from their leases
-    out = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            f"{lab_name}-etcd",
-            "etcdctl",
-            "--endpoints",
-            "http://198.18.0.2:2379",
-            "get",
-            "--prefix",
-            "/coreos.com/network/subnets/",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = etcdctl(lab_name, "get", "--prefix", "/coreos.com/network/subnets/").splitlines()
     for key, value in zip(out[::2], out[1::2], strict=True):
         lease = json.loads(value)
         if lease["PublicIP"] == public_ip:

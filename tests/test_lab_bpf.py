@@ -42,6 +42,12 @@ def node_status(lab_name: str, node: str) -> dict[str, Any]:
     return info
 
 
+def bpf_remotes(lab_name: str, node: str) -> dict[str, str]:
+    """The node's BPF remote map, from `flannel-bpf status`: peer subnet -> VTEP IP."""
+    bpf = node_status(lab_name, node).get("bpf") or {}
+    return {r["subnet"]: r["vtep_ip"] for r in bpf.get("remotes", [])}
+
+
 def counters_in(status: dict[str, Any]) -> Counters:
     """The BPF counters of a `flannel-bpf status -o json` document, by (hook, reason)."""
     bpf = status.get("bpf") or {}
