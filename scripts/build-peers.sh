@@ -4,11 +4,12 @@
 #   $PEERS_CACHE/flanneld-<version>/flanneld
 #   $PEERS_CACHE/kubernetes-<version>/{kube-apiserver,kube-controller-manager,kubectl}
 #   $PEERS_CACHE/etcd-<version>/etcd        (Kubernetes 1.36 wants etcd >= 3.5; Debian has 3.4)
+#   $PEERS_CACHE/flannel-cni-<version>/flannel  (the flannel CNI plugin; Debian ships none)
 # A directory appears only when its build finished (built in a temporary directory, renamed), so
 # a second run says "already built" and an interrupted one starts over. Nothing prebuilt is
 # downloaded: only module sources, which the go command checks against the checksum database.
 #
-#   build-peers.sh [flanneld|kubernetes|etcd|all]   (default all)
+#   build-peers.sh [flanneld|kubernetes|etcd|flannel-cni|all]   (default all)
 #   build-peers.sh --print-dir NAME                 the cache directory of NAME's pinned version
 set -euo pipefail
 
@@ -18,6 +19,12 @@ FLANNEL_VERSION=v0.28.9
 KUBERNETES_VERSION=v1.36.3
 # The etcd that Kubernetes v1.36.3's go.mod names.
 ETCD_VERSION=v3.6.8
+# The flannel CNI plugin (type "flannel" in kube-flannel's cni-conf.json). Its home since 2021,
+# github.com/flannel-io/cni-plugin, is not served by the module proxy (403 for every version);
+# the same plugin before the move is plugins/meta/flannel of containernetworking/plugins, whose
+# last release with it is v0.9.1 (CNI spec 0.1.0-0.4.0; it reads subnet.env, delegates to bridge
+# with host-local as flannel-io/cni-plugin does). Debian's containernetworking-plugins has none.
+FLANNEL_CNI_VERSION=v0.9.1
 
 PEERS_CACHE=${FLANNEL_BPF_PEERS_CACHE:-/var/cache/flannel-bpf/peers}
 GO_CACHE_ROOT=${FLANNEL_BPF_GO_CACHE:-/var/cache/flannel-bpf/go}
@@ -30,12 +37,13 @@ dir_of() {
     flanneld) echo "$PEERS_CACHE/flanneld-$FLANNEL_VERSION" ;;
     kubernetes) echo "$PEERS_CACHE/kubernetes-$KUBERNETES_VERSION" ;;
     etcd) echo "$PEERS_CACHE/etcd-$ETCD_VERSION" ;;
-    *) die "unknown peer '$1' (flanneld, kubernetes or etcd)" ;;
+    flannel-cni) echo "$PEERS_CACHE/flannel-cni-$FLANNEL_CNI_VERSION" ;;
+    *) die "unknown peer '$1' (flanneld, kubernetes, etcd or flannel-cni)" ;;
   esac
 }
 
 if [ "${1:-}" = --print-dir ]; then
-  dir_of "${2:?usage: $0 --print-dir flanneld|kubernetes|etcd}"
+  dir_of "${2:?usage: $0 --print-dir flanneld|kubernetes|etcd|flannel-cni}"
   exit 0
 fi
 
@@ -136,6 +144,28 @@ EOF
   finish etcd "$tmp" "$started"
 }
 
+build_flannel_cni() {
+  local final tmp started
+  final=$(dir_of flannel-cni)
+  if [ -x "$final/flannel" ] && [ -e "$final/BUILD-INFO" ]; then
+    say "flannel CNI plugin $FLANNEL_CNI_VERSION: already built ($final)"
+    return
+  fi
+  say "flannel CNI plugin $FLANNEL_CNI_VERSION: building from github.com/containernetworking/plugins"
+  started=$(date +%s)
+  tmp=$(mktemp -d "$WORK/flannel-cni.XXXX")
+  mkdir "$tmp/src" "$tmp/out"
+  (
+    cd "$tmp/src"
+    go mod init flannel-bpf.invalid/peers/flannel-cni
+    go get "github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_CNI_VERSION"
+    go build -trimpath -o "$tmp/out/flannel" -ldflags "-s -w" \
+      github.com/containernetworking/plugins/plugins/meta/flannel
+  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "flannel-cni: go build failed (log above)"; }
+  echo "version=$FLANNEL_CNI_VERSION" >"$tmp/out/VERSION"
+  finish flannel-cni "$tmp" "$started"
+}
+
 build_kubernetes() {
   local final tmp gomod minor started ldflags pkg
   final=$(dir_of kubernetes)
@@ -188,12 +218,12 @@ trap 'rm -rf "$WORK"' EXIT
 
 what=${1:-all}
 case $what in
-  flanneld|kubernetes|etcd|all) ;;
-  *) die "usage: $0 [flanneld|kubernetes|etcd|all] | --print-dir NAME" ;;
+  flanneld|kubernetes|etcd|flannel-cni|all) ;;
+  *) die "usage: $0 [flanneld|kubernetes|etcd|flannel-cni|all] | --print-dir NAME" ;;
 esac
 # The proxy is asked only when something is to be built.
 need=()
-for name in flanneld etcd kubernetes; do
+for name in flanneld flannel-cni etcd kubernetes; do
   [ "$what" = all ] || [ "$what" = "$name" ] || continue
   need+=("$name")
 done
@@ -201,9 +231,10 @@ for name in "${need[@]}"; do
   case $name in
     flanneld) [ -x "$(dir_of flanneld)/flanneld" ] && [ -e "$(dir_of flanneld)/BUILD-INFO" ] || { check_go; break; } ;;
     etcd) [ -x "$(dir_of etcd)/etcd" ] && [ -e "$(dir_of etcd)/BUILD-INFO" ] || { check_go; break; } ;;
+    flannel-cni) [ -e "$(dir_of flannel-cni)/BUILD-INFO" ] || { check_go; break; } ;;
     kubernetes) [ -e "$(dir_of kubernetes)/BUILD-INFO" ] || { check_go; break; } ;;
   esac
 done
 for name in "${need[@]}"; do
-  "build_$name"
+  "build_${name//-/_}"
 done

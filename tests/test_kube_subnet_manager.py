@@ -273,6 +273,16 @@ def test_mixed_kube_cluster_with_real_flanneld(
     assert delta(after, before, "tc_encap", "encap_redirect")[1] >= to_flanneld.received
     assert delta(after, before, "xdp_decap", "decap_pass")[1] >= from_flanneld.received
     assert n3 in {p["node"] for p in info["pods"]}
+    # Every pod was attached through the ConfigMap's cni-conf.json, as the init container installs
+    # it, by the real flannel CNI plugin (its scratch file: the delegate made from subnet.env).
+    config_map = json.loads(kubectl(lab_name, "get", "configmap", "kube-flannel-cfg", "-n",
+                                    "kube-flannel", "-o", "json"))  # fmt: skip
+    state = LabState.load(lab_name)
+    for pod in info["pods"]:
+        node_dir = state.dir / pod["node"]
+        assert (node_dir / "cni-conf.json").read_text() == config_map["data"]["cni-conf.json"]
+        delegate = json.loads((node_dir / "cni" / "flannel" / pod["namespace"]).read_text())
+        assert delegate["hairpinMode"] is True and delegate["isDefaultGateway"] is True
 
 
 @pytest.mark.root

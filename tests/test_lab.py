@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import uuid
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from flannel_bpf.lab import cni
+from flannel_bpf.lab.lab import STATE_ROOT
 from flannel_bpf.lab.netns import list_netns
 
 from .conftest import cli, pod_exec, requires_root
@@ -29,8 +33,13 @@ def test_lab_up_status_exec_down(lab_name: str, lab_up: Callable[..., dict[str, 
     for pod in info["pods"]:
         assert IPv4Address(pod["ip"]) in subnets[pod["node"]]
 
-    # pods are attached as the flannel CNI plugin does: cni0 gateway .1, route to the Network
+    # pods are attached by the real flannel CNI plugin (its scratch file holds the bridge
+    # delegate it built from subnet.env): cni0 gateway .1, route to the Network
     first = info["pods"][0]
+    scratch = STATE_ROOT / lab_name / first["node"] / "cni" / "flannel" / first["namespace"]
+    delegate = json.loads(scratch.read_text())
+    assert delegate["type"] == "bridge" and delegate["hairpinMode"] is True
+    assert delegate["ipam"]["ranges"] == [[{"subnet": str(subnets[first["node"]])}]]
     routes = pod_exec(lab_name, first["namespace"], "ip", "route").stdout
     gateway = subnets[first["node"]].network_address + 1
     assert f"10.244.0.0/16 via {gateway} dev eth0" in routes
@@ -77,10 +86,15 @@ def test_bad_vagrant_and_attach_commands_are_clear(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "no Vagrant lab is up" in proc.stderr
     proc = cli("vagrant", "up", "--workers", "0")
     assert proc.returncode == 1 and "--workers must be 1..20" in proc.stderr
-    missing = tmp_path / "subnet.env"
-    proc = cli("lab", "attach-pods", "--subnet-file", str(missing))
-    assert proc.returncode == 1 and f"no usable subnet file {missing}" in proc.stderr
-    missing.write_text("FLANNEL_NETWORK=10.244.0.0/16\n")  # no FLANNEL_SUBNET
-    proc = cli("lab", "attach-pods", "--subnet-file", str(missing))
-    assert proc.returncode == 1 and "no usable subnet file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    missing = tmp_path / "10-flannel.conflist"
+    proc = cli("lab", "attach-pods", "--cni-conf", str(missing))
+    assert proc.returncode == 1 and f"CNI configuration list {missing}" in proc.stderr
+    # A node whose agent wrote no subnet.env: the real flannel plugin's own error, and the pod
+    # namespace made for the attempt is removed again.
+    conflist = cni.for_node(cni.load_conflist(cni.NODE_CONFLIST), tmp_path / "subnet.env", tmp_path)
+    missing.write_text(json.dumps(conflist))
+    prefix = f"fbt{uuid.uuid4().hex[:6]}p"
+    proc = cli("lab", "attach-pods", "--cni-conf", str(missing), "--count", "1", "--prefix", prefix)
+    assert proc.returncode == 1 and f"CNI ADD flannel for {prefix}1" in proc.stderr
+    assert "subnet.env" in proc.stderr and "Traceback" not in proc.stderr
+    assert list_netns(prefix) == []

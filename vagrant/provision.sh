@@ -3,7 +3,7 @@
 #   provision.sh etcd ADDRESS OVERLAY         etcd for the lab, the overlay's config written once
 #   provision.sh worker ADDRESS ETCD_ADDRESS  flannel-bpf as the packaged systemd unit, two pods
 # Installation is scripts/setup.sh --node, the same steps as on any machine; pods are attached by
-# `flannel-bpf lab attach-pods`, the code the namespace lab attaches its pods with.
+# `flannel-bpf lab attach-pods` through /etc/cni/net.d's list, as the namespace lab attaches them.
 set -euo pipefail
 
 ROLE=${1:?role: etcd or worker}
@@ -51,6 +51,10 @@ worker)
       -e "s|^FLANNELD_IFACE=.*|FLANNELD_IFACE=$NIC|" \
       -e "s|^FLANNELD_METRICS_ADDR=.*|FLANNELD_METRICS_ADDR=$ADDRESS:9867|" \
       "$SRC/packaging/flannel-bpf.env.example" >/etc/default/flannel-bpf
+  # The CNI set-up of a flannel node: the flannel plugin (from the host's build, Debian has
+  # none) beside Debian's plugins, and the configuration list the DaemonSet would install.
+  install -D -m 755 /tmp/flannel-cni /opt/cni/bin/flannel
+  install -D -m 644 "$SRC/packaging/cni/10-flannel.conflist" /etc/cni/net.d/10-flannel.conflist
   systemctl daemon-reload
   sysctl -qw net.ipv4.ip_forward=1
   # Type=notify: restart returns once the agent holds a lease and wrote subnet.env.

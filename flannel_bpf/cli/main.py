@@ -400,7 +400,7 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_lab(args: list[str]) -> int:
-    from flannel_bpf.lab import lab
+    from flannel_bpf.lab import cni, lab
 
     parser = argparse.ArgumentParser(prog="flannel-bpf lab", description="namespace lab")
     parser.add_argument("--name", default="fblab", help="lab name, prefix of its namespaces")
@@ -460,12 +460,15 @@ def cmd_lab(args: list[str]) -> int:
     sub.add_parser("down", help="remove everything the lab made")
     p_attach = sub.add_parser(
         "attach-pods",
-        help="on a node (a Vagrant VM): pods in this namespace the way the lab attaches them",
+        help="on a node (a Vagrant VM): pods in namespaces of their own, attached through the "
+        "node's CNI configuration list as a container runtime attaches them",
     )
     p_attach.add_argument("--count", type=int, default=2)
     p_attach.add_argument("--prefix", default="pod", help="pods are PREFIX1..PREFIXN")
-    p_attach.add_argument("--subnet-file", type=Path, default=Path("/run/flannel/subnet.env"))
-    p_attach.add_argument("--ipam-dir", type=Path, default=Path("/var/lib/cni/flannel-bpf"))
+    p_attach.add_argument(
+        "--cni-conf", type=Path, default=Path("/etc/cni/net.d/10-flannel.conflist"),
+        help="the CNI configuration list (default: %(default)s, packaging/cni's)",
+    )  # fmt: skip
     opts = _parse(parser, args)
     if isinstance(opts, int):
         return opts
@@ -511,13 +514,12 @@ def cmd_lab(args: list[str]) -> int:
             if not 0 <= opts.count <= 20:
                 raise lab.LabError("--count must be 0..20")
             try:
-                env = lab.read_env(opts.subnet_file)
-                cni_config = lab.flannel_cni_config(env, opts.ipam_dir)
-            except (OSError, KeyError, ValueError) as exc:
-                raise lab.LabError(f"no usable subnet file {opts.subnet_file}: {exc}") from None
+                conflist = cni.load_conflist(opts.cni_conf)
+            except cni.CniError as exc:
+                raise lab.LabError(str(exc)) from None
             for i in range(1, opts.count + 1):
                 pod = f"{opts.prefix}{i}"
-                print(f"{pod} {lab.attach_pod(None, pod, cni_config)}")
+                print(f"{pod} {lab.attach_pod(None, pod, conflist)}")
         elif opts.action == "exec":
             command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
             return lab.exec_in_pod(opts.name, opts.pod, command)

@@ -8,14 +8,15 @@ Layout for a lab named NAME (default "fblab"):
 - NAME-mon (with --prometheus): Prometheus at 198.18.0.3:9090 scraping every agent's /metrics;
 - NAME-nI: host I at 198.18.0.(10+I), running `flannel-bpf run --iface eth1`, or with
   --flanneld-nodes N (hosts 1..N) the real flanneld with the same flags (lab/peers.py);
-- NAME-nIpJ: pod J of host I, attached by the real CNI bridge + host-local plugins with the
-  configuration the flannel CNI plugin derives from the host's subnet.env.
+- NAME-nIpJ: pod J of host I, attached through the node's CNI configuration list by the real
+  flannel CNI plugin (delegating to bridge + host-local), as a container runtime would.
 Everything the lab starts runs inside those namespaces; `down` kills what runs in them and
 deletes them, so it also cleans up after a crashed `up`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
+from flannel_bpf.lab import cni
 from flannel_bpf.lab.agent_process import FLANNEL_BPF, FLANNELD, PROGRAMS, AgentProcess
 from flannel_bpf.lab.etcd import ETCD_BINARY, EtcdCluster, EtcdTls, make_cluster
 from flannel_bpf.lab.kube import ControlPlane, ControlPlaneError
@@ -48,7 +50,6 @@ from flannel_bpf.lab.prometheus import Prometheus
 from flannel_bpf.lab.tls import make_pki
 
 STATE_ROOT = Path("/run/flannel-bpf/lab")
-CNI_PATHS = ("/usr/lib/cni", "/opt/cni/bin")
 UNDERLAY = IPv4Network("198.18.0.0/24")
 ETCD_IP = "198.18.0.2"
 # Member i of a lab's etcd cluster listens on ETCD_IPS[i] (.3 is the monitor's).
@@ -156,13 +157,6 @@ def node_ns(lab: str, index: int) -> str:
     return f"{lab}-n{index}"
 
 
-def cni_plugin(name: str) -> str:
-    for directory in CNI_PATHS:
-        if Path(directory, name).is_file():
-            return str(Path(directory, name))
-    raise LabError(f"CNI plugin {name!r} not found in {', '.join(CNI_PATHS)}; run make setup")
-
-
 def read_env(path: Path) -> dict[str, str]:
     values = {}
     for line in path.read_text().splitlines():
@@ -170,51 +164,6 @@ def read_env(path: Path) -> dict[str, str]:
         if sep:
             values[key] = value
     return values
-
-
-def flannel_cni_config(env: dict[str, str], data_dir: Path) -> dict[str, Any]:
-    """What the flannel CNI plugin hands its bridge delegate (flannel-io/cni-plugin)."""
-    return {
-        "cniVersion": "0.3.1",
-        "name": "cbr0",
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": True,
-        # kube-flannel.yml's delegate settings, which every flannel cluster runs with.
-        "isDefaultGateway": True,
-        "hairpinMode": True,
-        # flannel masquerades itself when FLANNEL_IPMASQ is true, so the bridge must not.
-        "ipMasq": env.get("FLANNEL_IPMASQ") != "true",
-        "mtu": int(env["FLANNEL_MTU"]),
-        "ipam": {
-            "type": "host-local",
-            "dataDir": str(data_dir),
-            "ranges": [[{"subnet": str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))}]],
-            "routes": [{"dst": net} for net in env["FLANNEL_NETWORK"].split(",")],
-        },
-    }
-
-
-def cni(command: str, node: str | None, pod: str, config: dict[str, Any]) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": pod,
-        "CNI_NETNS": f"/run/netns/{pod}",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": ":".join(CNI_PATHS),
-    }
-    proc = subprocess.run(
-        in_netns(node, [cni_plugin("bridge")]),
-        input=json.dumps(config).encode(),
-        capture_output=True,
-        env=env,
-        timeout=60,
-    )
-    if proc.returncode != 0:
-        raise LabError(f"CNI {command} for {pod}: {proc.stdout.decode()} {proc.stderr.decode()}")
-    result: dict[str, Any] = json.loads(proc.stdout or b"{}")
-    return result
 
 
 def pod_address(pod: str) -> str | None:
@@ -235,16 +184,37 @@ def pod_address(pod: str) -> str | None:
     return None
 
 
-def attach_pod(node: str | None, pod: str, cni_config: dict[str, Any]) -> str:
-    """A pod the way flannel's CNI plugin makes one: its own namespace, a veth on cni0, an address
-    from host-local out of the node's subnet. Returns the address; an attached pod is kept."""
+def attach_pod(node: str | None, pod: str, conflist: dict[str, Any]) -> str:
+    """A pod the way a flannel node's runtime makes one: its own namespace, then the node's CNI
+    configuration list (the flannel plugin: a veth on cni0, an address from host-local out of
+    the node's subnet). Returns the address; an attached pod is kept."""
     address = pod_address(pod)
     if address is not None:
         return address
-    if not netns_exists(pod):
+    created = not netns_exists(pod)
+    if created:
         add_netns(pod)
-    result = cni("ADD", node, pod, cni_config)
-    return str(result["ips"][0]["address"].split("/")[0])
+    try:
+        result = cni.add(conflist, pod, f"/run/netns/{pod}", node)
+        return str(result["ips"][0]["address"].split("/")[0])
+    except (cni.CniError, KeyError, IndexError, ValueError) as exc:
+        if created:  # a pod that could not be attached is not left behind
+            with contextlib.suppress(cni.CniError):
+                cni.delete(conflist, pod, f"/run/netns/{pod}", node)
+            delete_netns(pod)
+        raise LabError(f"pod {pod}: {exc}") from None
+
+
+def node_conflist(state: LabState, node: str) -> dict[str, Any]:
+    """The CNI configuration list on a lab node: the ConfigMap's cni-conf.json in a Kubernetes
+    lab (as the DaemonSet's init container installs it), packaging/cni's otherwise, with the
+    node's own subnet.env and CNI state directories."""
+    node_dir = state.dir / node
+    source = node_dir / "cni-conf.json" if state.kube else cni.NODE_CONFLIST
+    try:
+        return cni.for_node(cni.load_conflist(source), node_dir / "subnet.env", node_dir / "cni")
+    except cni.CniError as exc:
+        raise LabError(str(exc)) from None
 
 
 def up(spec: LabSpec) -> LabState:
@@ -369,12 +339,12 @@ def _build(spec: LabSpec, state: LabState) -> None:
         node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
         node.mtu = int(env["FLANNEL_MTU"])
         node.datapath = node_datapath(state.dir / node.name, node.agent)["datapath"]
-        cni_config = flannel_cni_config(env, state.dir / node.name / "ipam")
+        conflist = node_conflist(state, node.name)
         for j in range(1, spec.pods_per_node + 1):
             pod = PodState(f"{node.name}p{j}", node.name)
             node.pods.append(pod)
             state.save()
-            pod.ip = attach_pod(node.name, pod.name, cni_config)
+            pod.ip = attach_pod(node.name, pod.name, conflist)
     state.save()
     if spec.prometheus:
         monitor = f"{lab}-mon"

@@ -8,6 +8,7 @@ ssh and the lab's private network; the last test destroys the lab and asserts no
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -103,6 +104,16 @@ def test_workers_run_the_bpf_data_path_with_native_xdp_on_virtio_net(lab: Vagran
 
 def test_pods_reach_each_other_across_vms_in_every_direction(lab: VagrantLab) -> None:
     pods = {node: pods_of(lab, node) for node in lab.nodes}
+    for node in lab.nodes:
+        # Attached by the flannel CNI plugin from /etc/cni/net.d: its scratch file per pod holds
+        # the bridge delegate it made from the node's subnet.env.
+        subnet = lab.ssh(node, ". /run/flannel/subnet.env && echo $FLANNEL_SUBNET").stdout.strip()
+        for pod in pods[node]:
+            delegate = ssh_json(lab, node, f"cat /var/lib/cni/flannel/{pod}")
+            assert delegate["type"] == "bridge" and delegate["hairpinMode"] is True
+            assert delegate["ipam"]["ranges"][0][0]["subnet"] == str(
+                ipaddress.ip_network(subnet, strict=False)
+            )
     before = {node: counters(lab, node) for node in lab.nodes}
     pairs = 0
     for node in lab.nodes:
