@@ -38,6 +38,7 @@ from flannel_bpf.subnet.kube.manager import (
 from flannel_bpf.subnet.lease import LeaseAttrs
 
 from .conftest import cli, metric, requires_root
+from .test_interop_flanneld import assert_carried, path_counter
 from .test_lab_bpf import bpf_remotes, by_node, counters, delta, ping_all, transfer, wait_for
 
 KEYS = Annotations.from_flag("flannel.alpha.coreos.com")
@@ -283,6 +284,58 @@ def test_mixed_kube_cluster_with_real_flanneld(
         assert (node_dir / "cni-conf.json").read_text() == config_map["data"]["cni-conf.json"]
         delegate = json.loads((node_dir / "cni" / "flannel" / pod["namespace"]).read_text())
         assert delegate["hairpinMode"] is True and delegate["isDefaultGateway"] is True
+
+
+@pytest.mark.root
+@requires_root
+@pytest.mark.parametrize(
+    ("backend", "datapaths"),
+    [("vxlan", ("kernel", "userspace")), ("udp", ("bpf", "userspace")), ("host-gw", ())],
+    ids=["vxlan-kernel-userspace", "udp-bpf-userspace", "host-gw"],
+)
+def test_every_backend_in_kube_mode_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]], backend: str, datapaths: tuple[str, ...]
+) -> None:
+    """The backends and data paths not covered above, unchanged on the Kubernetes subnet
+    manager: n1 the real flanneld --kube-subnet-mgr with that backend, n2 and n3 flannel-bpf on
+    two data paths. Our backend annotations are flanneld's (byte-identical where no MAC is in
+    them); traffic both ways with flanneld, counted by the path that carried it on each side."""
+    extra = ["--datapath", ",".join(datapaths)] if datapaths else []
+    if "bpf" in datapaths:
+        extra.append("--agent-arg=--bpf-decap=xdp")
+    info = lab_up("--nodes", "3", "--kube", "--flanneld-nodes", "1", "--backend", backend, *extra)
+    theirs, *ours = info["nodes"]
+    assert theirs["agent"] == "flanneld" and all(n["agent"] == "flannel-bpf" for n in ours)
+    if datapaths:
+        assert [n["datapath"] for n in ours] == list(datapaths)
+    nodes = nodes_json(lab_name)
+
+    def flannel_notes(name: str) -> dict[str, str]:
+        notes = nodes[name]["metadata"]["annotations"]
+        return {k: v for k, v in notes.items() if k.startswith(KEYS.prefix)}
+
+    reference = flannel_notes(theirs["namespace"])
+    for node in ours:
+        notes = flannel_notes(node["namespace"])
+        assert set(notes) == set(reference)
+        assert notes[KEYS.backend_type] == reference[KEYS.backend_type]
+        if backend != "vxlan":  # no VTEP MAC: the whole value is flanneld's
+            assert notes[KEYS.backend_data] == reference[KEYS.backend_data], backend
+    ping_all(lab_name, info["pods"])
+    pods = by_node(info)
+    device = {"vxlan": "flannel.1", "udp": "flannel0", "host-gw": "eth1"}[backend]
+    theirs_ns = theirs["namespace"]
+    # Enough that socket buffers still in flight when iperf3 reports (some MB) stay under 10%.
+    size = "200M" if backend == "host-gw" else "50M"
+    for node, datapath in zip(ours, datapaths or ("kernel", "kernel"), strict=True):
+        ns = node["namespace"]
+        theirs_count = path_counter(lab_name, theirs_ns, "flanneld", device)
+        ours_count = path_counter(lab_name, ns, datapath, device)
+        theirs_start, ours_start = theirs_count(), ours_count()
+        out = transfer(lab_name, pods[ns], pods[theirs_ns], size).received
+        into = transfer(lab_name, pods[theirs_ns], pods[ns], size).received
+        assert_carried(theirs_count, theirs_start, into, out, f"flanneld's {device}")
+        assert_carried(ours_count, ours_start, out, into, f"our {backend} {datapath} path")
 
 
 @pytest.mark.root
