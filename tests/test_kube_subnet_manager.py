@@ -6,6 +6,7 @@ bytes taken from flanneld v0.28.9; the rest runs against the real control plane 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.agent_process import AgentProcess
 from flannel_bpf.lab.lab import LabState, control_plane_of
+from flannel_bpf.lab.peers import peer
 from flannel_bpf.subnet.kube.annotations import (
     BAD_FORMAT,
     TOO_MANY_SLASHES,
@@ -527,6 +529,60 @@ def test_annotations_edited_by_someone_else_and_public_ip_overwrite(
 
 @pytest.mark.root
 @requires_root
+def test_vtep_mac_kept_across_a_reboot_from_the_annotation(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """flanneld's GetStoredMacAddresses: a VTEP made anew (a reboot: agent stopped, flannel.1
+    gone) takes the VtepMAC of our backend-data annotation, so peers' entries stay right. A
+    stored value that is no unicast MAC is refused with an error line and a random MAC taken."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", "--kube", "--datapath", "kernel,bpf")
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    state = LabState.load(lab_name)
+
+    def device_mac() -> str:
+        out = subprocess.run(["ip", "-n", n2, "-j", "link", "show", "dev", "flannel.1"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return str(json.loads(out)[0]["address"])
+
+    def annotated_mac() -> str:
+        notes = nodes_json(lab_name)[n2]["metadata"]["annotations"]
+        return str(json.loads(notes[KEYS.backend_data])["VtepMAC"])
+
+    def fdb_of_n1() -> str:
+        return subprocess.run(["bridge", "-n", n1, "fdb", "show", "dev", "flannel.1"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    before = device_mac()
+    assert annotated_mac() == before and before in fdb_of_n1()
+    lab.restart_agent(lab_name, n2, ready_timeout=60, between=["ip", "link", "del", "flannel.1"])
+    assert device_mac() == before and annotated_mac() == before
+    assert (
+        f"Interface flannel.1 mac address set to: {before}"
+        in (state.dir / n2 / "agent.log").read_text()
+    )
+    ping_all(lab_name, info["pods"])
+
+    # A broadcast address stored (while the agent is down, so it is not written back at once).
+    kubectl_binary = peer("kubernetes").binary("kubectl")
+    admin = control_plane_of(state).admin_kubeconfig
+    stored = f'{KEYS.backend_data}={{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}'
+    annotate = [kubectl_binary, f"--kubeconfig={admin}", "annotate", "node", n2, "--overwrite",
+                stored]  # fmt: skip
+    reboot = "ip link del flannel.1 && " + shlex.join(annotate)
+    lab.restart_agent(lab_name, n2, ready_timeout=60, between=["sh", "-c", reboot])
+    fresh = device_mac()
+    assert fresh not in (before, "ff:ff:ff:ff:ff:ff")
+    assert (
+        "stored mac addr ff:ff:ff:ff:ff:ff is not a unicast address"
+        in (state.dir / n2 / "agent.log").read_text()
+    )
+    assert wait_for(lambda: annotated_mac() == fresh, 15)
+    assert wait_for(lambda: fresh in fdb_of_n1(), 15)  # the peer follows the new lease
+    ping_all(lab_name, info["pods"])
+
+
+@pytest.mark.root
+@requires_root
 def test_apiserver_stopped_30s_and_a_410_under_pings(
     lab_name: str, lab_up: Callable[..., dict[str, Any]]
 ) -> None:
@@ -574,5 +630,5 @@ def test_apiserver_stopped_30s_and_a_410_under_pings(
     received = len({line for line in out.splitlines() if "icmp_seq=" in line and "ttl=" in line})
     assert received == 450, out[-2000:]
     log = (state.dir / n1 / "agent.log").read_text()
-    assert "node watch interrupted" in log
-    assert "node watch expired" in log  # the 410 Gone, and the re-list after it
+    assert "watch of nodes interrupted" in log
+    assert "watch of nodes expired" in log  # the 410 Gone, and the re-list after it

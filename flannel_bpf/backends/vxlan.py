@@ -50,6 +50,7 @@ from flannel_bpf.datapath.vxlan_wire import (
 )
 from flannel_bpf.subnet.config import BackendConfig
 from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
+from flannel_bpf.subnet.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +237,35 @@ async def _get_link(ipr: Any, name: str) -> Any | None:
     return links[0] if links else None
 
 
-async def ensure_vxlan_device(cfg: VXLANConfig, iface: ExternalInterface) -> VtepDevice:
-    """Create flannel.<VNI>, or reuse a compatible existing one (which keeps its MAC)."""
+async def stored_vtep_mac(manager: Manager, device_name: str) -> str | None:
+    """The VtepMAC the store remembers for this host (kube mode: our Node's backend-data
+    annotation; etcd mode: none), for a VTEP made anew, so that peers' FDB and neighbour entries
+    stay right across a reboot (flanneld's GetStoredMacAddresses). None: take a random one."""
+    text = await manager.stored_vtep_mac()
+    if not text:
+        return None
+    try:
+        mac = parse_mac(text)
+    except ValueError:
+        log.error("Failed to parse mac addr(%s): not a MAC address; a random one is used", text)
+        return None
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        log.error("stored mac addr %s is not a unicast address; a random one is used", mac)
+        return None
+    log.info("Interface %s mac address set to: %s", device_name, mac)
+    return mac
+
+
+async def ensure_vxlan_device(
+    cfg: VXLANConfig, iface: ExternalInterface, mac: str | None = None
+) -> VtepDevice:
+    """Create flannel.<VNI> (with mac, or a random one), or reuse a compatible existing one,
+    which keeps its MAC."""
     name = cfg.device_name
     spec: dict[str, Any] = {
         "ifname": name,
         "kind": "vxlan",
-        "address": random_mac(),
+        "address": mac or random_mac(),
         "mtu": (cfg.mtu or iface.mtu) - VXLAN_OVERHEAD,
         "vxlan_id": cfg.vni,
         "vxlan_link": iface.index,
@@ -676,8 +699,9 @@ class VXLANBackend(Backend):
             await remove_vxlan_device(cfg.device_name)
             return await self._userspace(cfg, network, ())
 
+        mac = await stored_vtep_mac(self.ctx.manager, cfg.device_name)
         try:
-            device = await ensure_vxlan_device(cfg, iface)
+            device = await ensure_vxlan_device(cfg, iface, mac)
         except BackendError as exc:
             if wanted != "auto":
                 raise
@@ -721,8 +745,9 @@ class VXLANBackend(Backend):
         self, cfg: VXLANConfig, network: IPv4Network, fallbacks: tuple[str, ...]
     ) -> Network:
         iface = self.ctx.iface
-        # The MAC is ours to choose; a restart picks a new one and peers follow the lease.
-        mac = random_mac()
+        # The MAC is ours to choose: the stored one (kube mode), else a new one; peers follow
+        # the lease either way.
+        mac = await stored_vtep_mac(self.ctx.manager, cfg.device_name) or random_mac()
         attrs = LeaseAttrs(
             public_ip=iface.ext_addr,
             backend_type=BACKEND_TYPE,

@@ -361,6 +361,11 @@ class EtcdManager:
         """etcd keeps no per-host public IP besides the leases themselves."""
         return ""
 
+    async def stored_vtep_mac(self) -> str:
+        """Nothing: a lease that ends with its host's restart is not read back (flanneld's
+        LocalManager returns "" too); peers follow the new lease's VtepMAC."""
+        return ""
+
     async def complete_lease(self, lease: Lease) -> None:
         """Nothing to announce in etcd once ready: the lease is the announcement."""
 

@@ -187,6 +187,9 @@ class KubeManager:
     # Nodes whose annotations or podCIDR we warned about, with what was wrong: one warning each.
     _warned: dict[str, str] = field(default_factory=dict)
     _written: dict[str, str] = field(default_factory=dict)  # our annotations as last written
+    # Our Node as read once at start: what flanneld reads back from it (a public IP, the VTEP
+    # MAC), and the lease itself when the podCIDR is already there.
+    _node_at_start: dict[str, Any] | None = field(default=None, init=False)
     prefix: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -213,14 +216,40 @@ class KubeManager:
     def drop_startup_listing(self) -> None:
         """Nothing prefetched."""
 
+    async def _own_node_at_start(self) -> Mapping[str, Any] | None:
+        """Our Node, read once (None, logged, when it cannot be read: flanneld goes on then)."""
+        if self._node_at_start is None:
+            try:
+                self._node_at_start = await self.client.get_node(self.node_name)
+            except KubeError as exc:
+                log.warning("Failed to get node for backend data: %s", exc)
+                return None
+        return self._node_at_start
+
     async def public_ip_override(self) -> str:
         """flanneld's GetStoredPublicIP: a node-public-ip annotation replaces --public-ip."""
-        try:
-            node = await self.client.get_node(self.node_name)
-        except KubeError as exc:
-            log.warning("Failed to get node for backend data: %s", exc)
+        node = await self._own_node_at_start()
+        return _annotations(node).get(self.keys.node_public_ip, "") if node else ""
+
+    async def stored_vtep_mac(self) -> str:
+        """flanneld's GetStoredMacAddresses: the VtepMAC our Node's backend-data annotation
+        holds, so that a VXLAN device made anew (after a reboot) keeps the MAC every peer has
+        programmed. Read under the configured prefix (flanneld reads PREFIX/backend-data, the
+        wrong key for prefixes with a slash); anything but a JSON object with a string VtepMAC
+        is ignored with a warning."""
+        node = await self._own_node_at_start()
+        raw = _annotations(node).get(self.keys.backend_data, "") if node else ""
+        if raw in ("", "null"):
             return ""
-        return _annotations(node).get(self.keys.node_public_ip, "")
+        try:
+            mac = json.loads(raw).get("VtepMAC", "")
+        except (ValueError, AttributeError):
+            mac = None
+        if not isinstance(mac, str):
+            log.warning("ignoring %s of node %s: %.64r holds no VtepMAC", self.keys.backend_data,
+                        self.node_name, raw)  # fmt: skip
+            return ""
+        return mac
 
     # -- our lease ---------------------------------------------------------------------------
 
@@ -260,7 +289,9 @@ class KubeManager:
         # No TTL in kube mode: the lease lives as long as the Node object.
         return Lease(subnet=subnet, attrs=attrs, expiration=None)
 
-    async def _node_with_pod_cidr(self) -> dict[str, Any]:
+    async def _node_with_pod_cidr(self) -> Mapping[str, Any]:
+        if self._node_at_start and pod_cidrs(self._node_at_start):
+            return self._node_at_start  # read moments ago, for the public IP: not read again
         backoff = Backoff(initial=0.5, maximum=5.0)
         waiting_since = 0.0
         reminded = 0.0
@@ -363,38 +394,16 @@ class KubeManager:
     ) -> None:
         """Nothing to renew (no TTL); watch our own Node and write our annotations back when
         somebody else changes or removes them (flanneld only writes them at start)."""
-        selector = f"metadata.name={self.node_name}"
-        backoff = Backoff()
-        version = ""
-        while True:
-            try:
-                if not version:
-                    page = await self.client.list_nodes(field_selector=selector)
-                    version = page.resource_version
-                    for node in page.items:
-                        await self._reassert(node)
-                async for event in self.client.watch_nodes(version, WATCH_SECONDS, selector):
-                    version = _version_of(event.object) or version
-                    if event.type in ("ADDED", "MODIFIED"):
-                        await self._reassert(event.object)
-                    elif event.type == "DELETED":
-                        log.warning(
-                            "our node %s was deleted; annotations are written again when it "
-                            "is registered again",
-                            self.node_name,
-                        )
-                backoff.reset()
-            except ResourceExpired:
-                version = ""
-            except KubeError as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "watch of node %s interrupted (%s); resuming in %.1fs",
-                    self.node_name,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        async for items, event in self._list_and_watch(f"metadata.name={self.node_name}"):
+            for node in items:
+                await self._reassert(node)
+            if event is None:
+                continue
+            if event.type in ("ADDED", "MODIFIED"):
+                await self._reassert(event.object)
+            elif event.type == "DELETED":
+                log.warning("our node %s was deleted; annotations are written again when it is "
+                            "registered again", self.node_name)  # fmt: skip
 
     async def _reassert(self, node: Mapping[str, Any]) -> None:
         if not self._written:
@@ -429,51 +438,67 @@ class KubeManager:
         watch resumes from its resourceVersion; 410 Gone re-lists and diffs."""
         watcher = LeaseWatcher(own_subnet, accepts)
         subnets: dict[str, IPv4Network] = {}  # node name -> subnet, for changes and deletes
+        async for items, event in self._list_and_watch():
+            if event is None:  # a listing: the whole set of peers, diffed against the last
+                subnets.clear()
+                leases = []
+                for node in items:
+                    lease = self._lease_of(node)
+                    if lease is not None:
+                        leases.append(lease)
+                        subnets[node_name_of(node)] = lease.subnet
+                self.stats.snapshots += 1
+                events = watcher.reset(leases)
+            else:
+                events = self._apply(watcher, subnets, event)
+            if events or event is None:
+                self._count(events)
+                yield events
+
+    async def _list_and_watch(
+        self, field_selector: str = ""
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], WatchEvent | None]]:
+        """client-go's reflector for Nodes: (every Node, None) after each listing (paged), then
+        (no Nodes, event) per watch event. A watch is resumed from the last resourceVersion
+        seen, with backoff while the API server is away; 410 Gone lists again. Counted in
+        stats for the peer watch (no field selector)."""
+        peers = not field_selector
         backoff = Backoff()
         version = ""
         while True:
             try:
                 if not version:
-                    leases, version, subnets = await self._list_peers()
-                    self.stats.snapshots += 1
-                    events = watcher.reset(leases)
-                    self._count(events)
+                    items, version = await self._list_nodes(field_selector)
                     backoff.reset()
-                    yield events
-                async for event in self.client.watch_nodes(version, WATCH_SECONDS):
+                    yield items, None
+                async for event in self.client.watch_nodes(version, WATCH_SECONDS,
+                                                           field_selector):  # fmt: skip
                     version = _version_of(event.object) or version
-                    if event.type == "BOOKMARK":
-                        continue
-                    events = self._apply(watcher, subnets, event)
                     backoff.reset()
-                    if events:
-                        self._count(events)
-                        yield events
+                    if event.type != "BOOKMARK":
+                        yield [], event
             except ResourceExpired as exc:
-                self.stats.compactions += 1
-                log.warning("node watch expired (%s); re-listing", exc.message)
+                self.stats.compactions += peers
+                log.warning("watch of %s expired (%s); listing again", _what(field_selector),
+                            exc.message)  # fmt: skip
                 version = ""
             except KubeError as exc:
-                self.stats.watch_restarts += 1
+                self.stats.watch_restarts += peers
                 delay = backoff.next_delay()
-                log.warning("node watch interrupted (%s); resuming in %.1fs", exc, delay)
+                log.warning("watch of %s interrupted (%s); resuming in %.1fs",
+                            _what(field_selector), exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
 
-    async def _list_peers(self) -> tuple[list[Lease], str, dict[str, IPv4Network]]:
-        leases: list[Lease] = []
-        subnets: dict[str, IPv4Network] = {}
+    async def _list_nodes(self, field_selector: str) -> tuple[list[dict[str, Any]], str]:
+        items: list[dict[str, Any]] = []
         token, version = "", ""
         while True:
-            page = await self.client.list_nodes(token)
+            page = await self.client.list_nodes(token, field_selector=field_selector)
             version = page.resource_version or version
-            for node in page.items:
-                lease = self._lease_of(node)
-                if lease is not None:
-                    leases.append(lease)
-                    subnets[node_name_of(node)] = lease.subnet
+            items += page.items
             token = page.next
             if not token:
-                return leases, version, subnets
+                return items, version
 
     def _apply(
         self, watcher: LeaseWatcher, subnets: dict[str, IPv4Network], event: WatchEvent
@@ -509,6 +534,10 @@ class KubeManager:
                 self.stats.events_added += 1
             else:
                 self.stats.events_removed += 1
+
+
+def _what(field_selector: str) -> str:
+    return f"node {field_selector.split('=', 1)[1]}" if field_selector else "nodes"
 
 
 def _version_of(obj: Mapping[str, Any]) -> str:
