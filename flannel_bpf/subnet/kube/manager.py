@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flannel_bpf.subnet.config import ConfigError, NetworkConfig, parse_network_config
 from flannel_bpf.subnet.kube.annotations import Annotations
@@ -41,6 +41,7 @@ from flannel_bpf.subnet.manager import Backoff, ManagerError, WatchStats
 from flannel_bpf.subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long one watch request may stay open (client-go's reflector: 5 to 10 minutes).
 WATCH_SECONDS = 300
@@ -394,7 +395,8 @@ class KubeManager:
     ) -> None:
         """Nothing to renew (no TTL); watch our own Node and write our annotations back when
         somebody else changes or removes them (flanneld only writes them at start)."""
-        async for items, event in self._list_and_watch(f"metadata.name={self.node_name}"):
+        own = f"metadata.name={self.node_name}"
+        async for items, event in self._list_and_watch(lambda node: node, own):
             for node in items:
                 await self._reassert(node)
             if event is None:
@@ -438,37 +440,36 @@ class KubeManager:
         watch resumes from its resourceVersion; 410 Gone re-lists and diffs."""
         watcher = LeaseWatcher(own_subnet, accepts)
         subnets: dict[str, IPv4Network] = {}  # node name -> subnet, for changes and deletes
-        async for items, event in self._list_and_watch():
+        async for named, event in self._list_and_watch(self._named_lease):
             if event is None:  # a listing: the whole set of peers, diffed against the last
-                subnets.clear()
-                leases = []
-                for node in items:
-                    lease = self._lease_of(node)
-                    if lease is not None:
-                        leases.append(lease)
-                        subnets[node_name_of(node)] = lease.subnet
+                subnets = {name: lease.subnet for name, lease in named}
                 self.stats.snapshots += 1
-                events = watcher.reset(leases)
+                events = watcher.reset([lease for _, lease in named])
             else:
                 events = self._apply(watcher, subnets, event)
             if events or event is None:
                 self._count(events)
                 yield events
 
+    def _named_lease(self, node: dict[str, Any]) -> tuple[str, Lease] | None:
+        lease = self._lease_of(node)
+        return None if lease is None else (node_name_of(node), lease)
+
     async def _list_and_watch(
-        self, field_selector: str = ""
-    ) -> AsyncIterator[tuple[list[dict[str, Any]], WatchEvent | None]]:
-        """client-go's reflector for Nodes: (every Node, None) after each listing (paged), then
-        (no Nodes, event) per watch event. A watch is resumed from the last resourceVersion
-        seen, with backoff while the API server is away; 410 Gone lists again. Counted in
-        stats for the peer watch (no field selector)."""
+        self, keep: Callable[[dict[str, Any]], T | None], field_selector: str = ""
+    ) -> AsyncIterator[tuple[list[T], WatchEvent | None]]:
+        """client-go's reflector for Nodes: (what keep made of every Node, None) after each
+        listing, then ([], event) per watch event. The listing is paged and each page is turned
+        by keep as it arrives, so 5,000 Node objects are never held at once. A watch resumes
+        from the last resourceVersion seen, with backoff while the API server is away; 410 Gone
+        lists again. Counted in stats for the peer watch (no field selector)."""
         peers = not field_selector
         backoff = Backoff()
         version = ""
         while True:
             try:
                 if not version:
-                    items, version = await self._list_nodes(field_selector)
+                    items, version = await self._list_nodes(keep, field_selector)
                     backoff.reset()
                     yield items, None
                 async for event in self.client.watch_nodes(version, WATCH_SECONDS,
@@ -489,13 +490,15 @@ class KubeManager:
                             _what(field_selector), exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
 
-    async def _list_nodes(self, field_selector: str) -> tuple[list[dict[str, Any]], str]:
-        items: list[dict[str, Any]] = []
+    async def _list_nodes(
+        self, keep: Callable[[dict[str, Any]], T | None], field_selector: str
+    ) -> tuple[list[T], str]:
+        items: list[T] = []
         token, version = "", ""
         while True:
             page = await self.client.list_nodes(token, field_selector=field_selector)
             version = page.resource_version or version
-            items += page.items
+            items += [kept for node in page.items if (kept := keep(node)) is not None]
             token = page.next
             if not token:
                 return items, version
