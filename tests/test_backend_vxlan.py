@@ -638,6 +638,9 @@ class Manager:
     async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:
         return Lease(IPv4Network("10.5.7.0/24"), attrs)
 
+    async def stored_vtep_mac(self) -> str:
+        return sys.argv[2]  # what kube mode reads back from the Node (etcd mode: "")
+
 class Config:
     network = IPv4Network("10.5.0.0/16")
     backend = BackendConfig("vxlan", {"VNI": 3})
@@ -657,13 +660,21 @@ asyncio.run(main())
 
 
 @requires_root
-@pytest.mark.parametrize("datapath", ["kernel", "bpf"])
-def test_register_network(netns: Callable[[str], str], datapath: str) -> None:
+@pytest.mark.parametrize(
+    ("datapath", "stored_mac"),
+    [("kernel", ""), ("bpf", ""), ("kernel", "0A-58-0A-05-07-01"), ("bpf", "not-a-mac")],
+)
+def test_register_network(netns: Callable[[str], str], datapath: str, stored_mac: str) -> None:
     ns = host(netns, "vx")
-    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER, datapath])
+    out = run(["ip", "netns", "exec", ns, sys.executable, "-c", REGISTER, datapath, stored_mac])
     mtu, subnet, value, chosen = out.split()
     link = sh(ns, "-d", "link", "show", "flannel.3")
     mac = link.split("link/ether ")[1].split()[0]
+    # A stored VtepMAC (any form Go's ParseMAC takes) names the new device; a bad one does not.
+    if stored_mac == "0A-58-0A-05-07-01":
+        assert mac == "0a:58:0a:05:07:01"
+    else:
+        assert int(mac[:2], 16) & 0x03 == 0x02  # random: locally administered, unicast
     assert (mtu, subnet, chosen) == ("1450", "10.5.7.0/24", datapath)
     assert value == (
         '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan",'
