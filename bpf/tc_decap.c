@@ -16,6 +16,7 @@
 #include "common.h"
 #include "maps.h"
 #include "vxlan.h"
+#include "host_routing.h"
 
 #define FB_DECAP_FLAGS BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 
@@ -23,6 +24,66 @@ static __always_inline int fb_tc_decap_pass(__u32 reason, __u64 bytes)
 {
 	fb_count(FB_HOOK_TC_DECAP, reason, bytes);
 	return TC_ACT_UNSPEC; /* next filter, or on to the kernel untouched */
+}
+
+/*
+ * Host routing: a frame for a pod of this host, in a flow the host stack validated, is stripped
+ * and handed straight to the pod's eth0 (bpf_redirect_peer), with the MACs and TTL the host's
+ * forwarding would have given it. Returns 1 with *action set when it took the frame, 0 when the
+ * frame is to go on as usual. Aggregates are taken too: they are delivered, never forwarded, in
+ * the pod, so the tunnel GSO state they keep (see above) costs nothing there.
+ */
+static __always_inline int fb_decap_to_pod(struct __sk_buff *skb, const struct fb_config *cfg,
+					   __u64 bytes, int *action)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *inner = data + sizeof(struct fb_encap_headers);
+
+	if ((void *)(inner + 1) > data_end || inner->ihl != 5)
+		return 0;
+
+	struct fb_endpoint *pod = fb_endpoints.lookup(&inner->daddr);
+	struct fb_flow_key key;
+	__u32 why;
+
+	if (!pod)
+		why = FB_PASS_NO_ENDPOINT;
+	else if (inner->ttl <= 1)
+		why = FB_PASS_TTL_EXPIRED;
+	else if (!(why = fb_flow_key_of(inner, data_end, FB_FLOW_INGRESS, &key)))
+		why = fb_flow_check(&key);
+	if (why) {
+		fb_count(FB_HOOK_TC_DECAP, why, 0); /* counted once more below, as the long way */
+		return 0;
+	}
+
+	__u32 ifindex = pod->ifindex;
+	__u8 pod_mac[ETH_ALEN], gw_mac[ETH_ALEN];
+
+	fb_mac_copy(pod_mac, pod->mac);
+	fb_mac_copy(gw_mac, pod->gw_mac);
+	__u64 flags = BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | (skb->gso_size ? BPF_F_ADJ_ROOM_FIXED_GSO : 0);
+
+	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
+		return 0;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	inner = (void *)(eth + 1);
+	if ((void *)(inner + 1) > data_end) {
+		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
+		*action = TC_ACT_SHOT;
+		return 1;
+	}
+	fb_mac_copy(eth->h_dest, pod_mac);
+	fb_mac_copy(eth->h_source, gw_mac);
+	fb_set_eth_proto(eth, bpf_htons(ETH_P_IP));
+	fb_decrease_ttl(inner);
+	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_TO_POD, bytes);
+	*action = bpf_redirect_peer(ifindex, 0);
+	return 1;
 }
 
 int fb_tc_decap(struct __sk_buff *skb)
@@ -57,6 +118,17 @@ int fb_tc_decap(struct __sk_buff *skb)
 	if (verdict != FB_DECAP_PASS)
 		return fb_tc_decap_pass(verdict, bytes);
 
+	if (fb_host_routing(cfg)) {
+		int action;
+
+		if (fb_decap_to_pod(skb, cfg, bytes, &action))
+			return action;
+		/* It may have called a helper that moves the packet (and then failed): look again. */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (data + sizeof(struct fb_encap_headers) > data_end)
+			return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
+	}
 	if (skb->gso_size)
 		return fb_tc_decap_pass(FB_PASS_GSO, bytes);
 

@@ -371,6 +371,8 @@ class Agent:
             tasks.add(asyncio.create_task(rules.keep(float(self.options.iptables_resync))))
         if network.wants_peers:
             tasks.add(asyncio.create_task(self._follow_peers(manager, network), name="peers"))
+        for job in network.background():
+            tasks.add(asyncio.create_task(job))
         log.info("Running backend.")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

@@ -21,7 +21,7 @@ def _enum(name: str) -> dict[str, int]:
 def _define(name: str) -> int:
     match = re.search(rf"#define {name} (\w+)", HEADER)
     assert match is not None, name
-    return int(match[1], 0)
+    return int(match[1].rstrip("ULul"), 0)  # 1000000000ULL
 
 
 def test_reasons_match_the_header() -> None:
@@ -44,6 +44,12 @@ def test_constants_match_the_header() -> None:
     assert _define("FB_REMOTE_SKIP") == bpf_maps.FB_REMOTE_SKIP
     assert _define("FB_NEXTHOP_SLOT_BITS") == bpf_maps.NEXTHOP_SLOT_BITS
     assert _define("FB_NEXTHOP_TTL_JIFFIES") == bpf_maps.NEXTHOP_TTL_JIFFIES
+    assert _define("FB_CFG_CHECK_SOURCES") == bpf_maps.FB_CFG_CHECK_SOURCES
+    assert _define("FB_CFG_HOST_ROUTING") == bpf_maps.FB_CFG_HOST_ROUTING
+    assert _define("FB_MARK_VALIDATED") == bpf_maps.FB_MARK_VALIDATED
+    assert _define("FB_FLOW_TTL_NS") == bpf_maps.FLOW_TTL_NS
+    assert _define("FB_MAX_FLOWS") == bpf_maps.MAX_FLOWS
+    assert _define("FB_MAX_ENDPOINTS") == bpf_maps.MAX_ENDPOINTS
 
 
 def test_reason_ranges_say_what_happened() -> None:
@@ -61,6 +67,9 @@ def test_struct_sizes() -> None:
     assert bpf_maps.CONFIG.size == 36
     assert bpf_maps.COUNTER.size == 16
     assert bpf_maps.NEXTHOP.size == 32
+    assert bpf_maps.FLOW_KEY.size == 16
+    assert bpf_maps.FLOW_VALUE.size == 8
+    assert bpf_maps.ENDPOINT_VALUE.size == 20
 
 
 def test_config_round_trip() -> None:

@@ -10,7 +10,7 @@
 #ifndef FLANNEL_BPF_H
 #define FLANNEL_BPF_H
 
-#define FB_LAYOUT_VERSION 1
+#define FB_LAYOUT_VERSION 2
 
 /* Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): flanneld's MTU overhead. */
 #define FB_VXLAN_OVERHEAD 50
@@ -87,13 +87,61 @@ struct fb_config {
  * whose inner source lies in that lease's subnet. Off by default, as in flanneld.
  */
 #define FB_CFG_CHECK_SOURCES 0x01
+/* Host routing (--host-routing=bpf): validated pod flows skip the host stack (tc_pod.c). */
+#define FB_CFG_HOST_ROUTING 0x02
+
+/*
+ * Host routing. Nothing here is decided by the programs alone: a flow takes the short way only
+ * after the host stack carried it and said it may, so routing, netfilter and NAT keep their say.
+ *
+ * The agent's mangle rules (POSTROUTING, out of flannel.<VNI> and out of the pods' bridge) set
+ * FB_MARK_VALIDATED on packets of connections conntrack knows as ESTABLISHED and that no NAT
+ * rewrites. Where such a packet leaves the host stack (tc egress of flannel.<VNI> for a remote
+ * pod, tc egress of a pod's veth for a local one) its flow is written to fb_flows, and for a
+ * local pod its veth and MACs to fb_endpoints. A flow is trusted for FB_FLOW_TTL_NS; then one
+ * packet goes the long way again and renews it (or, no longer marked, lets it lapse). TCP
+ * packets with SYN, FIN or RST always go the long way, so conntrack sees every state change.
+ */
+#define FB_MARK_VALIDATED 0x00200000 /* clear of kube-proxy's 0x4000 and 0x8000 */
+#define FB_FLOW_TTL_NS 1000000000ULL
+#define FB_MAX_FLOWS 65536
+#define FB_MAX_ENDPOINTS 4096
+
+enum fb_flow_dir {
+	FB_FLOW_EGRESS = 0,  /* a local pod to a remote subnet */
+	FB_FLOW_INGRESS = 1, /* a remote subnet to a local pod */
+};
+
+struct fb_flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport; /* 0 for protocols without ports */
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* enum fb_flow_dir */
+	__u16 pad;
+};
+
+struct fb_flow {
+	__u64 expires; /* bpf_ktime_get_ns() after which the host stack is asked again */
+};
+
+/* fb_endpoints: a local pod by address, as the host stack last delivered to it. */
+struct fb_endpoint {
+	__u32 ifindex;   /* the pod's veth on this side (its peer is the pod's eth0) */
+	__u8 mac[6];     /* the pod's eth0 */
+	__u8 gw_mac[6];  /* the bridge's MAC, the source of what the host sends the pod */
+	__u32 pad;
+};
 
 /* Hooks are places, not formats: an agent runs one network, so vxlan and udp share the slots. */
 enum fb_hook {
 	FB_HOOK_TC_ENCAP = 0,  /* tc egress on flannel.<VNI> (vxlan) or flannel0 (udp) */
 	FB_HOOK_XDP_DECAP = 1, /* XDP on the uplink */
 	FB_HOOK_TC_DECAP = 2,  /* tc ingress on the uplink */
-	FB_HOOK_MAX = 3,
+	FB_HOOK_POD_EGRESS = 3,  /* host routing: tc ingress on a pod's veth (what the pod sends) */
+	FB_HOOK_POD_DELIVER = 4, /* host routing: tc egress on a pod's veth (what the host delivers) */
+	FB_HOOK_MAX = 5,
 };
 
 /* What happened to a packet. 0-7: handled; 8-39: passed on to the kernel untouched; 40-63: dropped. */
@@ -102,6 +150,9 @@ enum fb_reason {
 	FB_ENCAP_REDIRECT = 0,       /* encapsulated, outer MACs from the FIB, sent on the uplink */
 	FB_DECAP_PASS = 1,           /* decapsulated, inner packet handed to the stack (XDP) */
 	FB_DECAP_REDIRECT = 2,       /* decapsulated, redirected into the flannel device's ingress (tc) */
+	FB_DECAP_TO_POD = 3,         /* host routing: decapsulated straight into the local pod */
+	FB_ENCAP_FROM_POD = 4,       /* host routing: from the pod's veth encapsulated to the uplink */
+	FB_FLOW_LEARNT = 5,          /* host routing: a flow validated by the host stack, recorded */
 
 	FB_PASS_NOT_IPV4 = 8,        /* not IPv4 (ARP, IPv6, ...) */
 	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */
@@ -122,6 +173,11 @@ enum fb_reason {
 	FB_PASS_SKIP = 24,           /* encap: remote marked FB_REMOTE_SKIP */
 	FB_PASS_GSO = 25,            /* a GSO packet this hook must not resize (see tc_decap.c) */
 	FB_PASS_TTL_EXPIRED = 26,    /* udp: inner TTL would reach 0; the userspace plane drops it */
+	FB_PASS_NOT_VALIDATED = 27,  /* host routing: flow not (yet) validated by the host stack */
+	FB_PASS_REVALIDATE = 28,     /* host routing: flow's validation lapsed; asked again */
+	FB_PASS_TCP_CONTROL = 29,    /* host routing: SYN, FIN or RST, for conntrack to see */
+	FB_PASS_NO_ENDPOINT = 30,    /* host routing: inner destination is no pod known here */
+	FB_PASS_NO_PORTS = 31,       /* host routing: not TCP/UDP/ICMP, or a fragment */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */

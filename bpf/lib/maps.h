@@ -22,6 +22,11 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fb_nexthop, fb_nexthops, FB_NEXTH
 		 FB_PIN_DIR "/fb_nexthops");
 BPF_TABLE_PINNED("hash", __be32, __u32, fb_senders, FB_MAX_SENDERS, FB_PIN_DIR "/fb_senders",
 		 BPF_F_NO_PREALLOC);
+/* Host routing: LRU, so a flow nobody uses any more makes room by itself. */
+BPF_TABLE_PINNED("lru_hash", struct fb_flow_key, struct fb_flow, fb_flows, FB_MAX_FLOWS,
+		 FB_PIN_DIR "/fb_flows");
+BPF_TABLE_PINNED("lru_hash", __be32, struct fb_endpoint, fb_endpoints, FB_MAX_ENDPOINTS,
+		 FB_PIN_DIR "/fb_endpoints");
 
 static __always_inline struct fb_config *fb_get_config(void)
 {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,6 +55,11 @@ class Network(abc.ABC):
     def accepts(self, lease: Lease) -> bool:
         """Whether a peer's lease is one this data path can reach (flanneld: same type)."""
         return True
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """What the data path keeps doing while the agent runs (run as tasks beside the lease
+        watch), e.g. host routing's check for new pods."""
+        return []
 
     @property
     def wants_peers(self) -> bool:

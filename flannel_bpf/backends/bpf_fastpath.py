@@ -14,8 +14,16 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from flannel_bpf.backends.base import BackendError
-from flannel_bpf.datapath.bpf_maps import FB_CFG_CHECK_SOURCES, DatapathConfig, Remote
+from flannel_bpf.datapath.bpf_maps import (
+    FB_CFG_CHECK_SOURCES,
+    FB_CFG_HOST_ROUTING,
+    FB_MARK_VALIDATED,
+    DatapathConfig,
+    Remote,
+)
 from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.datapath.loader import (
     BPFDatapath,
@@ -26,6 +34,13 @@ from flannel_bpf.datapath.loader import (
     default_ttl,
     local_port_range,
     pin_dir_for,
+)
+from flannel_bpf.datapath.traffic_rules import (
+    IptablesRules,
+    RulesError,
+    conntrack_be_liberal,
+    host_routing_rules,
+    remove_host_routing_rules,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +54,7 @@ def datapath_config(
     uplink_mac: str,
     vtep: Device,
     anti_spoofing: bool = False,
+    host_routing: bool = False,
 ) -> DatapathConfig:
     low, high = local_port_range()
     return DatapathConfig(
@@ -52,7 +68,8 @@ def datapath_config(
         sport_min=low,
         sport_max=high,
         ttl=default_ttl(),
-        flags=FB_CFG_CHECK_SOURCES if anti_spoofing else 0,
+        flags=(FB_CFG_CHECK_SOURCES if anti_spoofing else 0)
+        | (FB_CFG_HOST_ROUTING if host_routing else 0),
     )
 
 
@@ -67,6 +84,7 @@ async def load_bpf_datapath(
     decap_mode: str,
     vni: int = 0,
     anti_spoofing: bool = False,
+    pod_bridge: str = "",
 ) -> BPFDatapath:
     """Compile, load and attach (in a thread: compiling takes about a second).
 
@@ -77,11 +95,14 @@ async def load_bpf_datapath(
     datapath = BPFDatapath(
         vtep=vtep,
         uplink=Device(iface.name, iface.index, uplink_mac),
-        config=datapath_config(iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing),
+        config=datapath_config(
+            iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing, bool(pod_bridge)
+        ),
         pin_dir=pin_dir_for(vtep.name, bpffs),
         bpffs_root=bpffs,
         decap_mode=decap_mode,
         wire=wire,
+        pod_bridge=pod_bridge,
     )
     try:
         state = await asyncio.to_thread(datapath.load)
@@ -89,6 +110,17 @@ async def load_bpf_datapath(
         raise LoaderError(str(exc)) from None
     for what in state.replaced:
         log.info("replaced the running BPF program on %s in place", what)
+    try:
+        await asyncio.to_thread(_host_routing_rules, vtep.name, pod_bridge)
+    except RulesError as exc:
+        raise LoaderError(f"host routing: {exc}") from None
+    if pod_bridge:
+        log.info(
+            "host routing: validated pod flows go between %s's veths and %s in BPF (%d veths now)",
+            pod_bridge,
+            iface.name,
+            len(datapath.pod_ports),
+        )
     if anti_spoofing:
         log.info(
             "anti-spoofing on: decapsulating only from underlay addresses holding a lease, "
@@ -132,6 +164,7 @@ async def remove_bpf_datapath(device: str, bpffs: Path) -> None:
     if pin_dir.exists():
         for line in await asyncio.to_thread(cleanup, pin_dir):
             log.info("BPF data path not wanted: %s", line)
+        await asyncio.to_thread(remove_host_routing_rules)
 
 
 def _mac_of(index: int) -> str:
@@ -143,3 +176,34 @@ def _mac_of(index: int) -> str:
     if not mac:
         raise BackendError(f"interface {index} has no MAC address")
     return str(mac).lower()
+
+
+async def keep_pod_ports(bpf: BPFDatapath, interval: float = 1.0) -> None:
+    """Host routing: every interval, new pods' veths get the programs (a pod's first packets
+    take the long way until then, which is always correct)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            attached = await asyncio.to_thread(bpf.refresh_pod_ports)
+        except (OSError, LoaderError, NetlinkError) as exc:
+            log.warning("host routing: checking %s's veths failed: %s", bpf.pod_bridge, exc)
+            continue
+        if attached:
+            log.info("host routing on new pod veths: %s", ", ".join(attached))
+
+
+def host_routing_keeper(bpf: BPFDatapath) -> IptablesRules:
+    return IptablesRules(
+        host_routing_rules(bpf.vtep.name, bpf.pod_bridge, FB_MARK_VALIDATED), "host routing"
+    )
+
+
+def _host_routing_rules(vtep: str, pod_bridge: str) -> None:
+    """The mangle rules that validate flows, in place when host routing is on, gone when off."""
+    if not pod_bridge:
+        remove_host_routing_rules()
+        return
+    IptablesRules(host_routing_rules(vtep, pod_bridge, FB_MARK_VALIDATED), "host routing").apply()
+    if conntrack_be_liberal():
+        log.info("host routing: set net.netfilter.nf_conntrack_tcp_be_liberal=1 (segments that "
+                 "follow a stretch carried in BPF are out of conntrack's window)")  # fmt: skip

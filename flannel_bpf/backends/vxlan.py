@@ -11,7 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Hashable
+from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -22,6 +22,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_bpf.backends.base import Backend, BackendError, Network
 from flannel_bpf.backends.bpf_fastpath import (
+    host_routing_keeper,
+    keep_pod_ports,
     load_bpf_datapath,
     reconcile_remotes,
     remove_bpf_datapath,
@@ -396,6 +398,12 @@ class VXLANNetwork(Network):
         # Peers whose route is in place (the last of their entries).
         self._programmed: set[IPv4Network] = set()
 
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        if self.bpf is not None and self.bpf.pod_bridge:
+            # The mark rules are resynced like flanneld's (the same period, 5 s by default).
+            return [keep_pod_ports(self.bpf), host_routing_keeper(self.bpf).keep(5.0)]
+        return []
+
     def datapath_status(self) -> dict[str, Any]:
         bpf = self.bpf.status() if self.bpf is not None else {}
         return {"device": self.device.name, **bpf}
@@ -727,6 +735,7 @@ class VXLANBackend(Backend):
                     bpffs=Path(opts.bpffs),
                     decap_mode=opts.bpf_decap,
                     anti_spoofing=opts.anti_spoofing,
+                    pod_bridge=opts.pod_bridge if opts.host_routing == "bpf" else "",
                 )
             except (LoaderError, BackendError) as exc:
                 if wanted == "bpf":

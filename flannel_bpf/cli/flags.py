@@ -57,6 +57,7 @@ DEFAULT_STATUS_FILE = f"{DEFAULT_STATUS_DIR}/status.json"
 
 DATAPATHS = ("auto", "bpf", "kernel", "userspace")
 BPF_DECAP_MODES = ("auto", "xdp", "tc", "xdp-generic")
+HOST_ROUTING_MODES = ("kernel", "bpf")
 LOG_FORMATS = ("text", "json")
 
 # flanneld's own wording, kept so that existing log searches and runbooks still match.
@@ -123,6 +124,8 @@ class AgentOptions:
     bpf_decap: str = "auto"
     bpffs: str = "/run/flannel-bpf/bpffs"
     anti_spoofing: bool = False
+    host_routing: str = "kernel"
+    pod_bridge: str = "cni0"
     status_file: str = DEFAULT_STATUS_FILE  # parse_run_args derives it from the subnet file
     metrics_addr: str = DEFAULT_METRICS_ADDR
 
@@ -435,6 +438,23 @@ _FLAGS: tuple[_Flag, ...] = (
         "that lease's subnet; the rest is dropped and counted (BPF data path) (flannel-bpf)",
     ),
     _Flag(
+        "host-routing",
+        _Kind.STRING,
+        "kernel",
+        "pod-to-pod overlay traffic through the host stack (kernel), or, for flows the host "
+        "stack has validated (conntrack ESTABLISHED, no NAT), straight between the pod's veth "
+        "and the uplink in BPF (bpf: vxlan with the BPF data path, tc decapsulation) "
+        "(flannel-bpf)",
+        check=_one_of(HOST_ROUTING_MODES),
+    ),
+    _Flag(
+        "pod-bridge",
+        _Kind.STRING,
+        "cni0",
+        "the bridge the pods' veths are attached to (the flannel CNI plugin's cni0); with "
+        "--host-routing=bpf its ports get the pod programs (flannel-bpf)",
+    ),
+    _Flag(
         "status-file",
         _Kind.STRING,
         "",
@@ -691,6 +711,8 @@ def parse_run_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOpti
         bpf_decap=state.string("bpf-decap"),
         bpffs=state.string("bpffs"),
         anti_spoofing=state.boolean("anti-spoofing"),
+        host_routing=state.string("host-routing"),
+        pod_bridge=state.string("pod-bridge"),
         status_file=state.string("status-file")
         or default_status_file(state.string("subnet-file"), environ),
         metrics_addr=state.string("metrics-addr"),

@@ -362,6 +362,7 @@ def cmd_docker_opts(args: list[str]) -> int:
 
 def cmd_cleanup(args: list[str]) -> int:
     from flannel_bpf.datapath import loader
+    from flannel_bpf.datapath.traffic_rules import remove_host_routing_rules
 
     parser = argparse.ArgumentParser(
         prog="flannel-bpf cleanup",
@@ -378,6 +379,8 @@ def cmd_cleanup(args: list[str]) -> int:
         for pin_dir in loader.instance_dirs(root):
             done += loader.cleanup(pin_dir)
         done += loader.remove_orphans(root)
+        if remove_host_routing_rules():
+            done.append("removed the host routing mangle rules")
     except OSError as exc:
         print(f"flannel-bpf cleanup: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -23,7 +23,7 @@ from flannel_bpf.datapath.vxlan_wire import format_mac, mac_to_bytes
 
 UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
 
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
 MAX_SENDERS: Final = MAX_REMOTES
@@ -32,6 +32,13 @@ NEXTHOP_SLOTS: Final = 1 << NEXTHOP_SLOT_BITS
 NEXTHOP_TTL_JIFFIES: Final = 10
 FB_REMOTE_SKIP: Final = 0x0001
 FB_CFG_CHECK_SOURCES: Final = 0x01  # --anti-spoofing
+FB_CFG_HOST_ROUTING: Final = 0x02  # --host-routing=bpf
+# Host routing (flannel_bpf.h "Host routing"): the mark the agent's mangle rules set on packets
+# of validated flows, how long a validation holds, the maps' sizes.
+FB_MARK_VALIDATED: Final = 0x00200000
+FLOW_TTL_NS: Final = 1_000_000_000
+MAX_FLOWS: Final = 65536
+MAX_ENDPOINTS: Final = 4096
 REASON_FIRST_DROP: Final = 40
 
 
@@ -39,6 +46,8 @@ class Hook(enum.IntEnum):
     TC_ENCAP = 0
     XDP_DECAP = 1
     TC_DECAP = 2
+    POD_EGRESS = 3
+    POD_DELIVER = 4
 
     @property
     def label(self) -> str:
@@ -55,6 +64,9 @@ class Reason(enum.IntEnum):
     ENCAP_REDIRECT = 0
     DECAP_PASS = 1
     DECAP_REDIRECT = 2
+    DECAP_TO_POD = 3
+    ENCAP_FROM_POD = 4
+    FLOW_LEARNT = 5
 
     PASS_NOT_IPV4 = 8
     PASS_IP_OPTIONS = 9
@@ -75,6 +87,11 @@ class Reason(enum.IntEnum):
     PASS_SKIP = 24
     PASS_GSO = 25
     PASS_TTL_EXPIRED = 26
+    PASS_NOT_VALIDATED = 27
+    PASS_REVALIDATE = 28
+    PASS_TCP_CONTROL = 29
+    PASS_NO_ENDPOINT = 30
+    PASS_NO_PORTS = 31
 
     DROP_INNER_MALFORMED = 40
     DROP_WRITE_FAILED = 41
@@ -116,6 +133,11 @@ SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
 SENDER_VALUE = struct.Struct("<I")  # how many leases name it
 # expires (jiffies), peer (network order), ifindex, mtu, ip_id, smac, dmac
 NEXTHOP = struct.Struct("<Q4sIHH6s6s")
+# saddr, daddr, sport, dport (network order), proto, dir, pad
+FLOW_KEY = struct.Struct("<4s4s2s2sBBH")
+FLOW_VALUE = struct.Struct("<Q")  # expires, bpf_ktime_get_ns()
+ENDPOINT_KEY = struct.Struct("4s")  # a local pod's IPv4 address
+ENDPOINT_VALUE = struct.Struct("<I6s6sI")  # ifindex, pod MAC, bridge MAC, pad
 
 REMOTES = MapSpec(
     "fb_remotes",
@@ -138,7 +160,27 @@ SENDERS = MapSpec(
 NEXTHOPS = MapSpec(
     "fb_nexthops", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, INDEX.size, NEXTHOP.size, NEXTHOP_SLOTS
 )
-ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS, NEXTHOPS)
+FLOWS = MapSpec(
+    "fb_flows", bpf_sys.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY.size, FLOW_VALUE.size, MAX_FLOWS
+)
+ENDPOINTS = MapSpec(
+    "fb_endpoints",
+    bpf_sys.BPF_MAP_TYPE_LRU_HASH,
+    ENDPOINT_KEY.size,
+    ENDPOINT_VALUE.size,
+    MAX_ENDPOINTS,
+)
+ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS, NEXTHOPS, FLOWS, ENDPOINTS)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A local pod as host routing knows it (fb_endpoints)."""
+
+    address: IPv4Address
+    ifindex: int
+    mac: str
+    gw_mac: str
 
 
 @dataclass(frozen=True)
@@ -362,6 +404,37 @@ class PinnedMaps:
             if value is not None:
                 found[IPv4Address(key)] = SENDER_VALUE.unpack(value)[0]
         return found
+
+    # host routing
+    def endpoints(self) -> list[Endpoint]:
+        fd = self.fd(ENDPOINTS)
+        found = []
+        for key in list(bpf_sys.map_keys(fd, ENDPOINT_KEY.size)):
+            value = bpf_sys.map_lookup(fd, key, ENDPOINT_VALUE.size)
+            if value is not None:
+                ifindex, mac, gw_mac, _ = ENDPOINT_VALUE.unpack(value)
+                found.append(Endpoint(IPv4Address(key), ifindex, format_mac(mac),
+                                      format_mac(gw_mac)))  # fmt: skip
+        return found
+
+    def forget_endpoints(self, ifindex: int | None = None) -> int:
+        """Drop the pods behind a veth (gone), or every pod; returns how many."""
+        fd = self.fd(ENDPOINTS)
+        dropped = 0
+        for key in list(bpf_sys.map_keys(fd, ENDPOINT_KEY.size)):
+            value = bpf_sys.map_lookup(fd, key, ENDPOINT_VALUE.size)
+            if value is not None and (
+                ifindex is None or ENDPOINT_VALUE.unpack(value)[0] == ifindex
+            ):
+                dropped += bpf_sys.map_delete(fd, key)
+        return dropped
+
+    def flows(self) -> int:
+        return self.count(FLOWS)
+
+    def forget_flows(self) -> int:
+        fd = self.fd(FLOWS)
+        return sum(bpf_sys.map_delete(fd, key) for key in list(bpf_sys.map_keys(fd, FLOW_KEY.size)))
 
     # fb_stats
     def counters(self) -> dict[CounterKey, tuple[int, int]]:

@@ -89,7 +89,11 @@ ENTRY_FILES: Final = (
     "tc_udp_encap.c",
     "xdp_udp_decap.c",
     "tc_udp_decap.c",
+    "tc_pod.c",
 )
+# Host routing (vxlan only): tc ingress and egress of each pod's veth on the host side.
+POD_EGRESS: Final = "fb_tc_pod_egress"
+POD_DELIVER: Final = "fb_tc_pod_deliver"
 
 # tc: a fixed priority and handle, so a restart replaces our filter instead of adding another.
 TC_PRIO: Final = 1
@@ -218,6 +222,20 @@ class Programs:
         self.encap = self.xdp_decap = self.tc_decap = -1
 
 
+@dataclass
+class PodPrograms:
+    """Host routing's programs, kept open while the agent runs: pods come and go."""
+
+    egress: int
+    deliver: int
+
+    def close(self) -> None:
+        for fd in (self.egress, self.deliver):
+            if fd >= 0:
+                os.close(fd)
+        self.egress = self.deliver = -1
+
+
 def prepare_pins(pin_dir: Path) -> list[str]:
     """Remove pins whose map no longer has our layout; returns what was removed and why."""
     removed = []
@@ -255,6 +273,48 @@ def ensure_maps(pin_dir: Path) -> None:
             os.close(fd)
 
 
+def _built(source_dir: Path) -> Any:
+    from flannel_bpf.datapath.bpf_build import BuildError, objects
+
+    every_program = (*(name for w in WIRE_FORMATS.values() for name in w.programs), POD_EGRESS,
+                     POD_DELIVER)  # fmt: skip
+    try:
+        return objects(program_source(source_dir), every_program)
+    except BuildError as exc:
+        raise LoaderError(str(exc)) from None
+
+
+def _load_sched_cls(pin_dir: Path, names: tuple[str, ...], source_dir: Path) -> dict[str, int]:
+    """Load tc programs bound to this instance's pinned maps (created when missing)."""
+    from flannel_bpf.datapath.bpf_build import BuildError
+
+    built = _built(source_dir)
+    ensure_maps(pin_dir)
+    map_fds: dict[str, int] = {}
+    fds: dict[str, int] = {}
+    try:
+        for spec in ALL_MAPS:
+            map_fds[spec.name] = bpf_sys.obj_get(pin_dir / spec.name)
+        for name in names:
+            fds[name] = bpf_sys.prog_load(
+                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, built.bytecode(name, map_fds), name
+            )
+    except (bpf_sys.BPFError, BuildError) as exc:
+        for fd in fds.values():
+            os.close(fd)
+        raise LoaderError(f"the kernel refused a program: {exc}") from None
+    finally:
+        for fd in map_fds.values():
+            os.close(fd)
+    return fds
+
+
+def compile_pod_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> PodPrograms:
+    """Host routing's two programs, bound to the instance's maps."""
+    fds = _load_sched_cls(pin_dir, (POD_EGRESS, POD_DELIVER), source_dir)
+    return PodPrograms(fds[POD_EGRESS], fds[POD_DELIVER])
+
+
 def compile_programs(
     pin_dir: Path, wire: WireFormat = VXLAN, source_dir: Path = BPF_SOURCE_DIR
 ) -> Programs:
@@ -263,24 +323,15 @@ def compile_programs(
     The bytecode comes from flannel_bpf.datapath.bpf_build: compiled by bcc in a child process
     and cached, so neither bcc nor LLVM is ever loaded into the agent.
     """
-    from flannel_bpf.datapath.bpf_build import BuildError, objects
+    from flannel_bpf.datapath.bpf_build import BuildError
 
-    every_program = tuple(name for w in WIRE_FORMATS.values() for name in w.programs)
-    try:
-        built = objects(program_source(source_dir), every_program)
-    except BuildError as exc:
-        raise LoaderError(str(exc)) from None
-    ensure_maps(pin_dir)
+    built = _built(source_dir)
+    fds = _load_sched_cls(pin_dir, (wire.encap, wire.tc_decap), source_dir)
     map_fds: dict[str, int] = {}
-    fds: dict[str, int] = {}
     try:
         for spec in ALL_MAPS:
             map_fds[spec.name] = bpf_sys.obj_get(pin_dir / spec.name)
         try:
-            for name in (wire.encap, wire.tc_decap):
-                fds[name] = bpf_sys.prog_load(
-                    bpf_sys.BPF_PROG_TYPE_SCHED_CLS, built.bytecode(name, map_fds), name
-                )
             # Frags: jumbo underlays and multi-buffer NICs reach the program instead of failing.
             fds[wire.xdp_decap] = bpf_sys.prog_load(
                 bpf_sys.BPF_PROG_TYPE_XDP,
@@ -481,9 +532,14 @@ class BPFDatapath:
         bpffs_root: Path = DEFAULT_BPFFS,
         decap_mode: str = "auto",
         wire: WireFormat = VXLAN,
+        pod_bridge: str = "",
     ) -> None:
         if decap_mode not in DECAP_MODES:
             raise LoaderError(f"unknown decapsulation mode {decap_mode!r}")
+        if pod_bridge and (wire is not VXLAN or decap_mode in ("xdp", "xdp-generic")):
+            # XDP runs before there is an skb to hand to a pod (bpf_redirect_peer is tc's).
+            raise LoaderError("host routing needs the vxlan format and tc decapsulation "
+                              f"(--bpf-decap auto or tc, not {decap_mode})")  # fmt: skip
         self.vtep = vtep
         self.uplink = uplink
         self.config = config
@@ -493,6 +549,11 @@ class BPFDatapath:
         self.wire = wire
         self.state = AttachState()
         self.maps: PinnedMaps | None = None
+        # Host routing: the pods' bridge, its programs (open for pods yet to come), the ports
+        # (ifindex -> name) that carry them.
+        self.pod_bridge = pod_bridge
+        self.pod_programs: PodPrograms | None = None
+        self.pod_ports: dict[int, str] = {}
         # What fb_remotes and fb_senders hold, as we wrote them: fb_senders counts, per underlay
         # address, the remotes naming it, so a peer's last lease going takes its address along.
         self._remotes: dict[IPv4Network, Remote] = {}
@@ -511,9 +572,15 @@ class BPFDatapath:
                 raise LoaderError(f"cannot open the pinned maps in {self.pin_dir}: {exc}") from None
             # Config first: programs attached from here on must never run unconfigured.
             self.maps.write_config(self.config)
+            if self.pod_bridge:
+                self.pod_programs = compile_pod_programs(self.pin_dir)
             with IPRoute() as ipr:
                 self._attach_decap(ipr, programs)
                 self._attach_encap(ipr, programs)
+                if self.pod_programs is not None:
+                    self._attach_pod_ports(ipr)
+                else:
+                    self._detach_pod_ports(ipr)
         except NetlinkError as exc:
             self.close()
             raise LoaderError(f"attaching failed: {exc}") from None
@@ -538,7 +605,9 @@ class BPFDatapath:
         want = self.decap_mode
         reason = ""
         if want == "auto":
-            if strict:
+            if self.pod_bridge:
+                want, reason = "tc", "host routing hands packets to pods from tc"
+            elif strict:
                 want, reason = "tc", f"rp_filter is strict (1) on {uplink.name}"
             elif foreign:
                 want, reason = "tc", f"another XDP program (id {prog_id}) is attached"
@@ -609,6 +678,68 @@ class BPFDatapath:
         self.state.decap = "tc"
         self.state.decap_reason = reason
 
+    # -- host routing: the pods' veths -----------------------------------------------------------
+
+    def _bridge_ports(self, ipr: Any) -> dict[int, str] | None:
+        """The veths on the pods' bridge (None: no such bridge yet, e.g. before the first pod)."""
+        found = ipr.link_lookup(ifname=self.pod_bridge)
+        if not found:
+            return None
+        ports = {}
+        for link in ipr.get_links():
+            if link.get_attr("IFLA_MASTER") == found[0]:
+                info = link.get_attr("IFLA_LINKINFO")
+                if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                    ports[int(link["index"])] = str(link.get_attr("IFLA_IFNAME"))
+        return ports
+
+    def _attach_pod_ports(self, ipr: Any) -> list[str]:
+        """Attach the pod programs to every veth of the bridge not carrying them yet; forget the
+        pods of veths gone. Returns the names attached."""
+        assert self.pod_programs is not None
+        ports = self._bridge_ports(ipr) or {}
+        attached = []
+        for index, name in ports.items():
+            if index in self.pod_ports:
+                continue
+            try:
+                attach_tc(ipr, index, TC_INGRESS, self.pod_programs.egress, POD_EGRESS)
+                attach_tc(ipr, index, TC_EGRESS, self.pod_programs.deliver, POD_DELIVER)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    continue  # the pod went while we attached
+                raise
+            self.pod_ports[index] = name
+            attached.append(name)
+        gone = [index for index in self.pod_ports if index not in ports]
+        for index in gone:
+            del self.pod_ports[index]
+            if self.maps is not None:
+                self.maps.forget_endpoints(index)
+        return attached
+
+    def _detach_pod_ports(self, ipr: Any) -> None:
+        """Host routing off: remove our pod programs from the bridge's veths (if any)."""
+        bridge = self.pod_bridge or "cni0"
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            return
+        for link in ipr.get_links():
+            if link.get_attr("IFLA_MASTER") == found[0]:
+                index = int(link["index"])
+                detach_tc(ipr, index, TC_INGRESS)
+                detach_tc(ipr, index, TC_EGRESS)
+        if self.maps is not None:
+            self.maps.forget_endpoints()
+            self.maps.forget_flows()
+
+    def refresh_pod_ports(self) -> list[str]:
+        """New pods' veths get the programs (host routing's periodic check)."""
+        if self.pod_programs is None:
+            return []
+        with IPRoute() as ipr:
+            return self._attach_pod_ports(ipr)
+
     def status(self) -> dict[str, str]:
         """Where it runs and why, for the status file."""
         return {
@@ -617,6 +748,8 @@ class BPFDatapath:
             "decap_reason": self.state.decap_reason,
             "uplink": self.uplink.name,
             "anti_spoofing": "on" if self.config.flags & FB_CFG_CHECK_SOURCES else "off",
+            "host_routing": "bpf" if self.pod_bridge else "kernel",
+            **({"pod_ports": str(len(self.pod_ports))} if self.pod_bridge else {}),
         }
 
     def close(self) -> None:
@@ -624,6 +757,9 @@ class BPFDatapath:
         if self.maps is not None:
             self.maps.close()
             self.maps = None
+        if self.pod_programs is not None:
+            self.pod_programs.close()
+            self.pod_programs = None
 
     # -- remotes -------------------------------------------------------------------------------
 
@@ -747,9 +883,22 @@ def unpin(pin_dir: Path) -> list[str]:
     return done
 
 
+def _pod_ports() -> list[int]:
+    """Devices carrying host routing's programs (pods' veths), whichever bridge they are on."""
+    found = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            index = int(link["index"])
+            names = (tc_filter(ipr, index, TC_INGRESS), tc_filter(ipr, index, TC_EGRESS))
+            if any(name and name.startswith(("fb_tc_pod", POD_EGRESS)) for name in names):
+                found.append(index)
+    return found
+
+
 def cleanup(pin_dir: Path) -> list[str]:
-    """Take one instance's data path down: detach (devices from its fb_config), then unpin."""
-    return detach_ours(_devices_of(pin_dir)) + unpin(pin_dir)
+    """Take one instance's data path down: detach (devices from its fb_config, and pods' veths
+    carrying host routing's programs), then unpin."""
+    return detach_ours([*_devices_of(pin_dir), *_pod_ports()]) + unpin(pin_dir)
 
 
 def instance_dirs(root: Path = DEFAULT_BPFFS) -> list[Path]:

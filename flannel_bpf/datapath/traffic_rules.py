@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,60 @@ class IptablesRules:
                     await asyncio.to_thread(self.apply)
             except (RulesError, OSError, subprocess.SubprocessError) as exc:
                 log.error("checking %s rules failed: %s", self.name, exc)
+
+
+HOST_ROUTING_COMMENT = "flannel-bpf host routing"
+HOST_ROUTING_CHAIN = "FLANNEL-BPF-HOSTRT"
+BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def host_routing_rules(vtep: str, bridge: str, mark: int) -> list[Rule]:
+    """Host routing's validation (flannel_bpf.h "Host routing"): packets leaving the host stack
+    for a remote pod (out of the VTEP) or a local one (out of the pods' bridge) whose connection
+    conntrack knows as established, with no NAT on it, get the validated mark."""
+    comment = ("-m", "comment", "--comment", HOST_ROUTING_COMMENT)
+    established = ("-m", "conntrack", "--ctstate", "ESTABLISHED")
+    not_nated = ("-m", "conntrack", "!", "--ctstate", "SNAT,DNAT")
+    validated = (*established, *not_nated, *comment, "-j", "MARK", "--or-mark", hex(mark))
+    return [
+        Rule("mangle", "POSTROUTING", (*comment, "-j", HOST_ROUTING_CHAIN)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", vtep, *validated)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", bridge, *validated)),
+    ]
+
+
+def remove_host_routing_rules() -> bool:
+    """Host routing off: its jump and chain go, whatever devices they named. True when there
+    was a chain to remove."""
+    jump = ("-m", "comment", "--comment", HOST_ROUTING_COMMENT, "-j", HOST_ROUTING_CHAIN)
+    try:
+        for _ in range(16):
+            proc = subprocess.run(["iptables", "-w", "-t", "mangle", "-D", "POSTROUTING", *jump],
+                                  capture_output=True, timeout=30)  # fmt: skip
+            if proc.returncode != 0:
+                break
+        removed = False
+        for action in ("-F", "-X"):
+            proc = subprocess.run(["iptables", "-w", "-t", "mangle", action, HOST_ROUTING_CHAIN],
+                                  capture_output=True, timeout=30)  # fmt: skip
+            removed = proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False  # no iptables here: nothing of ours either
+    return removed
+
+
+def conntrack_be_liberal() -> bool:
+    """Have conntrack accept TCP segments outside the window it last saw (once per namespace;
+    True when it was changed). Host routing carries most of a validated flow past conntrack, so
+    the segment that next takes the long way is far ahead of the window conntrack remembers, and
+    without this it would be INVALID (which kube-proxy drops)."""
+    try:
+        if BE_LIBERAL.read_text().strip() == "1":
+            return False
+        BE_LIBERAL.write_text("1")
+    except OSError as exc:
+        raise RulesError(f"cannot set {BE_LIBERAL}: {exc}") from None
+    return True
 
 
 def supports_random_fully() -> bool:

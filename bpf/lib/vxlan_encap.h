@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Wrapping an Ethernet frame carrying IPv4 in flannel's VXLAN and sending it on the uplink: what
+ * vxlan.ko does after its FDB lookup. Shared by the encapsulation at flannel.<VNI> (tc_encap.c)
+ * and host routing's at a pod's veth (tc_pod.c).
+ */
+#ifndef FB_VXLAN_ENCAP_H
+#define FB_VXLAN_ENCAP_H
+
+#include "common.h"
+#include "maps.h"
+#include "underlay.h"
+
+/* ENCAP_L2(14), not 14 + 8: with the VXLAN header counted, every GSO packet is dropped. */
+#define FB_ENCAP_FLAGS                                                                          \
+	(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |  \
+	 BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN))
+
+/*
+ * Encapsulate the frame at skb->data (Ethernet + IPv4 without options, checked by the caller, ip
+ * pointing at it) towards remote and redirect it to the underlay next hop. Returns the tc verdict
+ * and counts under hook: `handled` when sent, a FB_PASS_* reason (packet untouched) when the
+ * kernel is to carry it instead. forward: the packet is forwarded here, not by the host stack, so
+ * its TTL drops by one once it is sure to be sent (the caller checked ttl > 1).
+ */
+static __always_inline int fb_vxlan_encap(struct __sk_buff *skb, const struct fb_config *cfg,
+					  const struct fb_remote *remote, struct iphdr *ip,
+					  void *data_end, __u32 hook, __u32 handled, __u64 bytes,
+					  int forward)
+{
+	__u32 hash = fb_flow_hash(skb, ip, data_end, cfg->local_ip);
+	__u32 reason = handled;
+	struct fb_nexthop *hop = fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD, &reason);
+
+	if (!hop) {
+		fb_count(hook, reason, bytes);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* The outer IPv4 header, built before the packet moves: it needs the inner TOS. */
+	__u32 inner_len = skb->len; /* the inner frame, Ethernet header included */
+	struct iphdr outer_ip = {
+		.version = 4,
+		.ihl = 5,
+		.tos = fb_outer_tos(ip->tos),
+		.tot_len = bpf_htons(inner_len + FB_VXLAN_OVERHEAD - sizeof(struct ethhdr)),
+		/* DF clear as vxlan.ko sends it; the ID counts per peer and CPU from a random start. */
+		.id = bpf_htons(hop->ip_id++),
+		.ttl = cfg->ttl,
+		.protocol = IPPROTO_UDP,
+		.saddr = cfg->local_ip,
+		.daddr = remote->vtep_ip,
+	};
+
+	outer_ip.check = fb_ipv4_csum(&outer_ip);
+	if (bpf_skb_adjust_room(skb, FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FB_ENCAP_FLAGS)) {
+		fb_count(hook, FB_PASS_ADJUST_FAILED, bytes);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* Written in place: no helper call per header. */
+	void *data = (void *)(long)skb->data;
+
+	data_end = (void *)(long)skb->data_end;
+	struct fb_encap_headers *h = data;
+	struct iphdr *inner_ip = (void *)(h + 1);
+
+	if ((void *)(inner_ip + 1) > data_end) {
+		fb_count(hook, FB_DROP_WRITE_FAILED, bytes);
+		return TC_ACT_SHOT;
+	}
+	if (forward)
+		fb_decrease_ttl(inner_ip);
+	struct ethhdr *outer_eth = data;
+	struct iphdr *outer = (void *)(outer_eth + 1);
+	struct udphdr *udp = (void *)(outer + 1);
+	struct fb_vxlanhdr *vxlan = (void *)(udp + 1);
+	struct ethhdr *inner_eth = (void *)(vxlan + 1);
+
+	__builtin_memcpy(outer_eth->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(outer_eth->h_source, hop->smac, ETH_ALEN);
+	fb_set_eth_proto(outer_eth, bpf_htons(ETH_P_IP));
+	*outer = outer_ip;
+	udp->source = fb_flow_sport(hash, cfg->sport_min, cfg->sport_max);
+	udp->dest = cfg->port;
+	udp->len = bpf_htons(inner_len + sizeof(struct udphdr) + sizeof(struct fb_vxlanhdr));
+	udp->check = 0; /* legal for IPv4 (RFC 7348) and what Cilium and Calico send */
+	vxlan->flags = bpf_htonl(FB_VXLAN_FLAGS_VNI);
+	vxlan->vni = bpf_htonl(cfg->vni << 8);
+	/* Inner MACs as the peer's vxlan.ko requires: its VtepMAC, from our VtepMAC. */
+	__builtin_memcpy(inner_eth->h_dest, remote->vtep_mac, ETH_ALEN);
+	__builtin_memcpy(inner_eth->h_source, cfg->vtep_mac, ETH_ALEN);
+	fb_set_eth_proto(inner_eth, bpf_htons(ETH_P_IP));
+
+	fb_count(hook, handled, bytes);
+	return bpf_redirect(hop->ifindex, 0);
+}
+
+#endif /* FB_VXLAN_ENCAP_H */

@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Host routing (--host-routing=bpf) at a pod's veth, on the host's side of it.
+ *
+ * fb_tc_pod_egress (tc ingress: what the pod sends): a packet to a remote pod subnet whose flow
+ * the host stack has validated is encapsulated here and sent to the uplink, skipping the bridge,
+ * routing and netfilter of this host; its TTL drops by one, as forwarding would. Anything else
+ * continues into the bridge untouched.
+ *
+ * fb_tc_pod_deliver (tc egress: what the host stack delivers to the pod): never changes a packet.
+ * It records the pod (veth, MACs) in fb_endpoints and, for packets marked validated, the flow in
+ * fb_flows, so that tc_decap.c can hand the rest of the flow straight to the pod.
+ */
+#include "common.h"
+#include "maps.h"
+#include "host_routing.h"
+#include "vxlan_encap.h"
+
+static __always_inline int fb_pod_pass(__u32 reason, __u64 bytes)
+{
+	fb_count(FB_HOOK_POD_EGRESS, reason, bytes);
+	return TC_ACT_OK; /* on into the bridge, the long way */
+}
+
+int fb_tc_pod_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u64 bytes = skb->len;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return fb_pod_pass(FB_PASS_NOT_IPV4, bytes);
+	if ((void *)(ip + 1) > data_end)
+		return fb_pod_pass(FB_PASS_SHORT, bytes);
+	if (ip->version != 4 || ip->ihl != 5)
+		return fb_pod_pass(FB_PASS_IP_OPTIONS, bytes);
+
+	struct fb_config *cfg = fb_get_config();
+
+	if (!cfg || !fb_host_routing(cfg))
+		return fb_pod_pass(FB_PASS_NO_CONFIG, bytes);
+
+	struct fb_remote_key rkey = {.prefixlen = 32, .subnet = ip->daddr};
+	struct fb_remote *remote = fb_remotes.lookup(&rkey);
+
+	if (!remote)
+		return fb_pod_pass(FB_PASS_NO_REMOTE, bytes);
+	if (remote->flags & FB_REMOTE_SKIP)
+		return fb_pod_pass(FB_PASS_SKIP, bytes);
+	if (ip->ttl <= 1)
+		return fb_pod_pass(FB_PASS_TTL_EXPIRED, bytes); /* the stack sends the ICMP error */
+
+	struct fb_flow_key key;
+	__u32 why = fb_flow_key_of(ip, data_end, FB_FLOW_EGRESS, &key);
+
+	if (!why)
+		why = fb_flow_check(&key);
+	if (why)
+		return fb_pod_pass(why, bytes);
+
+	return fb_vxlan_encap(skb, cfg, remote, ip, data_end, FB_HOOK_POD_EGRESS, FB_ENCAP_FROM_POD,
+			      bytes, 1);
+}
+
+int fb_tc_pod_deliver(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end ||
+	    ip->version != 4 || ip->ihl != 5)
+		return TC_ACT_OK;
+
+	struct fb_config *cfg = fb_get_config();
+
+	if (!cfg || !fb_host_routing(cfg) || !(skb->mark & FB_MARK_VALIDATED))
+		return TC_ACT_OK;
+
+	/* Only what the host stack routed to the pod (from the bridge's address) says who it is;
+	 * written on every validated packet of the long way, which is rare once flows go short. */
+	struct fb_endpoint endpoint = {.ifindex = skb->ifindex};
+
+	fb_mac_copy(endpoint.mac, eth->h_dest);
+	fb_mac_copy(endpoint.gw_mac, eth->h_source);
+	fb_endpoints.update(&ip->daddr, &endpoint);
+	if (fb_flow_learn(skb, ip, data_end, FB_FLOW_INGRESS))
+		fb_count(FB_HOOK_POD_DELIVER, FB_FLOW_LEARNT, skb->len);
+	return TC_ACT_OK;
+}
