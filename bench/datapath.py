@@ -73,6 +73,14 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("bpf-tc", "BPF vxlan, tc decap", "vxlan", "bpf", ("--bpf-decap=tc",)),
     Config(
+        "bpf-host-routing",
+        "BPF vxlan, host routing",
+        "vxlan",
+        "bpf",
+        ("--host-routing=bpf",),
+        note="validated flows between the pod's veth and the uplink in BPF (tc decap)",
+    ),
+    Config(
         "vxlan-kernel-tso-off",
         "kernel vxlan, peer TSO off",
         "vxlan",
@@ -246,7 +254,10 @@ def build(config: Config, mtu: int, run_id: str) -> LiveLab:
         nodes=2,
         backend=config.backend,
         underlay_mtu=mtu,
-        agent_args=config.agent_args,
+        # Every agent masquerades itself, as kube-flannel's DaemonSet runs them (--ip-masq), so
+        # the CNI bridge does not masquerade pod-to-pod traffic (its ipMasq is the complement).
+        agent_args=(*config.agent_args, "--ip-masq"),
+        flanneld_args=("--ip-masq",),
         datapaths=(config.datapath,) if config.datapath else (),
         flanneld_nodes=2 if config.flanneld else 0,
     )
@@ -422,6 +433,7 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
             "limit": f"<= {flanneld['tcp_lat_us']:.1f} (flanneld)",
             "met": bpf["tcp_lat_us"] <= flanneld["tcp_lat_us"], "note": decap,
         })  # fmt: skip
+    out += host_routing_targets(by_key)
     user, flanneld_udp = by_key.get(("udp-userspace", 1500)), by_key.get(("flanneld-udp", 1500))
     if user and flanneld_udp and flanneld_udp["tcp1_gbps"]:
         value = user["tcp1_gbps"] / flanneld_udp["tcp1_gbps"]
@@ -432,6 +444,51 @@ def targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
             "note": f"{user['tcp1_gbps']:.2f} vs {flanneld_udp['tcp1_gbps']:.2f} Gbit/s"
             + ("; 2x flanneld" if value >= 2 else "; below 2x flanneld"),
         })  # fmt: skip
+    return out
+
+
+def host_routing_targets(by_key: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 19's targets for --host-routing=bpf at MTU 1500, against the real flanneld's vxlan
+    and host-gw measured in the same rounds."""
+    routed = by_key.get(("bpf-host-routing", 1500))
+    flanneld = by_key.get(("flanneld-vxlan", 1500))
+    hostgw = by_key.get(("host-gw", 1500))
+    out: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, limit: float, higher: bool, note: str) -> None:
+        if value is None:
+            out.append({"name": name, "value": 0.0, "unit": "x", "limit": "", "met": False,
+                        "note": "not measured"})  # fmt: skip
+            return
+        met = value >= limit if higher else value <= limit
+        out.append({"name": name, "value": round(value, 3), "unit": "x",
+                    "limit": f"{'>=' if higher else '<='} {limit}", "met": met,
+                    "note": note})  # fmt: skip
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, metric: str) -> float | None:
+        if not a or not b or not a[metric] or not b[metric]:
+            return None
+        return float(a[metric]) / float(b[metric])
+
+    def both(metric: str, unit: str) -> str:
+        if not routed or not flanneld:
+            return ""
+        return f"{routed[metric]:.2f} vs flanneld {flanneld[metric]:.2f} {unit}"
+
+    target("host routing TCP throughput vs flanneld vxlan (MTU 1500)",
+           ratio(routed, flanneld, "tcp1_gbps"), 1.15, True,
+           both("tcp1_gbps", "Gbit/s"))  # fmt: skip
+    target("host routing TCP throughput vs host-gw (MTU 1500)",
+           ratio(routed, hostgw, "tcp1_gbps"), 0.95, True,
+           f"host-gw {hostgw['tcp1_gbps']:.2f} Gbit/s" if hostgw else "")  # fmt: skip
+    # Latency: how many times shorter than flanneld's round trip.
+    target("host routing TCP request/response vs flanneld vxlan (MTU 1500)",
+           ratio(flanneld, routed, "tcp_lat_us"), 1.3, True, both("tcp_lat_us", "us"))  # fmt: skip
+    target("host routing 64-byte packet rate vs flanneld vxlan (MTU 1500)",
+           ratio(routed, flanneld, "gen64_pps"), 1.5, True, both("gen64_pps", "pps"))  # fmt: skip
+    target("host routing CPU seconds per Gbit vs flanneld vxlan (MTU 1500)",
+           ratio(routed, flanneld, "cpu_s_per_gbit"), 0.85, False,
+           both("cpu_s_per_gbit", "s/Gbit"))  # fmt: skip
     return out
 
 
