@@ -248,6 +248,55 @@ ROWS = (
         ),
     ),
     Row(
+        "Host routing (--host-routing=bpf)",
+        (
+            Panel(
+                "Pod traffic by way",
+                "timeseries",
+                (
+                    q(
+                        "sum by (hook, reason) (rate(flannel_datapath_bytes_total{"
+                        'reason=~"encap_from_pod|decap_to_pod|encap_redirect|decap_redirect'
+                        f'|decap_pass",{N}}}[{RATE}])) * 8',
+                        "{{hook}} {{reason}}",
+                    ),
+                ),
+                unit="bps",
+                description="encap_from_pod and decap_to_pod: the short way (pod veth <-> "
+                "uplink in BPF); the rest went through the host stack (routing, netfilter, the "
+                "bridge).",
+            ),
+            Panel(
+                "Why the long way",
+                "timeseries",
+                (
+                    q(
+                        "sum by (hook, reason) (rate(flannel_datapath_packets_total{"
+                        'hook=~"pod_egress|tc_decap",reason=~"pass_not_validated|'
+                        "pass_revalidate|pass_tcp_control|pass_no_endpoint|pass_no_ports|"
+                        f'pass_no_remote|pass_too_big",{N}}}[{RATE}]))',
+                        "{{hook}} {{reason}}",
+                    ),
+                ),
+                unit="pps",
+                description="Packets host routing left to the host stack, by reason: flows "
+                "not validated (NAT, new), lapsed validations (one packet per flow a second), "
+                "SYN/FIN/RST, destinations outside the overlay.",
+            ),
+            Panel(
+                "Flows and pods known",
+                "timeseries",
+                (
+                    q(
+                        f'flannel_bpf_map_entries{{map=~"fb_flows|fb_endpoints",{N}}}',
+                        "{{instance}} {{map}}",
+                    ),
+                ),
+                description="Validated flows (both directions) and local pods in the maps.",
+            ),
+        ),
+    ),
+    Row(
         "Drops",
         (
             Panel(

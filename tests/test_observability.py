@@ -68,6 +68,7 @@ def test_dashboard_has_the_rows_variables_and_scoping_operators_need() -> None:
         "Health",
         "Leases and peers",
         "Data path traffic",
+        "Host routing (--host-routing=bpf)",
         "Drops",
         "etcd",
         "BPF maps and programs",
@@ -283,7 +284,9 @@ def _traffic(info: dict[str, Any], count: int = 40) -> None:
 def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
     lab_up: Callable[..., dict[str, Any]], lab_name: str
 ) -> None:
-    info = lab_up("--nodes", "3", "--datapath", "bpf,bpf,userspace", "--prometheus")
+    # Host routing on (the userspace node says it cannot have it): its panels have data too.
+    info = lab_up("--nodes", "3", "--datapath", "bpf,bpf,userspace", "--prometheus",
+                  "--agent-arg=--host-routing=bpf")  # fmt: skip
     assert info["prometheus"], info
     _traffic(info)
     prom = prometheus_of(LabState.load(lab_name))
@@ -311,6 +314,7 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(
     assert scalar("min(flannel_peers)") == 2 and scalar("min(flannel_peers_programmed)") == 2
     assert scalar('count(flannel_datapath_info{datapath="bpf"})') == 2
     assert scalar('count(flannel_datapath_info{datapath="userspace"})') == 1
+    assert scalar('count(flannel_datapath_info{host_routing="bpf"})') == 2
     assert scalar("sum(flannel_bpf_program_attached)") == 4  # tc encap + tc decap, two nodes
 
     queries = panel_queries(dashboard())

@@ -121,6 +121,12 @@ async def load_bpf_datapath(
             iface.name,
             len(datapath.pod_ports),
         )
+        log.warning(
+            "host routing: packets of a validated flow skip the host's filter rules (iptables "
+            "NetworkPolicy included) between validations; a flow is validated through them "
+            "when it is established and again every second, so a rule that drops it takes "
+            "effect within a second (docs/decisions.md section 7)"
+        )
     if anti_spoofing:
         log.info(
             "anti-spoofing on: decapsulating only from underlay addresses holding a lease, "

@@ -622,6 +622,9 @@ class UDPBackend(Backend):
             raise BackendError("the UDP backend needs an IPv4 Network")
         port = parse_port(ctx.config.backend)
         opts, iface = ctx.options, ctx.iface
+        if opts.host_routing == "bpf":
+            log.warning("--host-routing=bpf is for the vxlan backend (flannel's VXLAN on the "
+                        "wire); udp runs with host routing kernel")  # fmt: skip
         # flanneld's udp writes PublicIP only: no BackendType, no BackendData.
         lease = await self.acquire(LeaseAttrs(public_ip=iface.ext_addr))
         plane = await start_udp_dataplane(lease.subnet, ctx.config.network, iface, port)

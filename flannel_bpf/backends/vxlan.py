@@ -405,7 +405,7 @@ class VXLANNetwork(Network):
         return []
 
     def datapath_status(self) -> dict[str, Any]:
-        bpf = self.bpf.status() if self.bpf is not None else {}
+        bpf = self.bpf.status() if self.bpf is not None else {"host_routing": "kernel"}
         return {"device": self.device.name, **bpf}
 
     def programmed_peers(self) -> int:
@@ -744,6 +744,9 @@ class VXLANBackend(Backend):
                 log.warning("%s; falling back to kernel vxlan", reason)
                 fallbacks = (reason,)
 
+        if opts.host_routing == "bpf" and bpf is None:
+            log.warning("--host-routing=bpf needs the BPF data path; pod traffic goes through "
+                        "the host stack (host routing kernel)")  # fmt: skip
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface.ext_addr, device))
         await configure_vxlan_device(device, lease.subnet, network)
         return VXLANNetwork(

@@ -28,7 +28,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from flannel_bpf import __version__
-from flannel_bpf.datapath.bpf_maps import REMOTES, LayoutMismatch, PinnedMaps
+from flannel_bpf.datapath.bpf_maps import (
+    ENDPOINTS,
+    FLOWS,
+    REMOTES,
+    LayoutMismatch,
+    PinnedMaps,
+)
 from flannel_bpf.subnet.etcd.store import OPERATIONS, OUTCOMES
 
 if TYPE_CHECKING:
@@ -195,6 +201,7 @@ class _AgentCollector(Collector):
             backend=s.backend,
             datapath=network.datapath,
             decap=str(details.get("decap", "")),
+            host_routing=str(details.get("host_routing", "kernel")),
             fallback_reason=fallback,
         )
         yield _gauge(
@@ -345,10 +352,12 @@ class _BPFCollector(Collector):
 def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
     from flannel_bpf.datapath.loader import attached
 
+    host_routing = details.get("host_routing") == "bpf"
     with PinnedMaps(pin_dir) as maps:
         counters = maps.counters()
         remotes = maps.count(REMOTES)
         cfg = maps.read_config()
+        filled = {spec: maps.count(spec) for spec in (FLOWS, ENDPOINTS)} if host_routing else {}
     packets = CounterMetricFamily(
         "flannel_datapath_packets",
         "Packets the BPF programs saw, by hook and reason; outcome says what became of them "
@@ -367,14 +376,17 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
     yield packets
     yield bytes_
     yield _gauge(PEERS_PROGRAMMED, PEERS_PROGRAMMED_HELP, remotes)
-    # Only the maps that fill up: arrays (fb_config, fb_stats) are full by construction.
-    yield _gauge("flannel_bpf_map_entries", "Entries in a pinned map.", remotes, map=REMOTES.name)
-    yield _gauge(
-        "flannel_bpf_map_max_entries",
-        "Capacity of a pinned map.",
-        REMOTES.max_entries,
-        map=REMOTES.name,
-    )
+    # Only the maps that fill up: arrays (fb_config, fb_stats) are full by construction. Host
+    # routing's maps are LRU: full is fine there, old entries make room.
+    entries = GaugeMetricFamily("flannel_bpf_map_entries", "Entries in a pinned map.",
+                                labels=["map"])  # fmt: skip
+    capacity = GaugeMetricFamily("flannel_bpf_map_max_entries", "Capacity of a pinned map.",
+                                 labels=["map"])  # fmt: skip
+    for spec, count in {REMOTES: remotes, **filled}.items():
+        entries.add_metric([spec.name], count)
+        capacity.add_metric([spec.name], spec.max_entries)
+    yield entries
+    yield capacity
     hooks = GaugeMetricFamily(
         "flannel_bpf_program_attached",
         "1 if the program this data path needs is attached at that hook, else 0.",

@@ -1,0 +1,224 @@
+"""Host routing (--host-routing=bpf) in the namespace lab: validated pod flows go between the
+pod's veth and the uplink in BPF, everything the host stack must see (NAT, new connections,
+traffic leaving the overlay) still goes through it.
+
+Every lab here runs the agents with --ip-masq, as kube-flannel's DaemonSet does: then the CNI
+bridge does not masquerade pod-to-pod traffic (without it every pod flow is SNATed by the
+bridge's ipMasq rule, and host routing rightly leaves all of them to the host stack).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flannel_bpf.lab import lab
+from flannel_bpf.lab.lab import LabState
+
+from .conftest import pod_exec, requires_root
+from .test_lab_bpf import (
+    by_node,
+    counters,
+    delta,
+    iperf_server,
+    node_status,
+    ping_all,
+    stream_through,
+    transfer,
+)
+
+pytestmark = [pytest.mark.root, requires_root]
+
+HOST_ROUTING = ("--datapath", "bpf", "--agent-arg=--host-routing=bpf", "--agent-arg=--ip-masq")
+CLUSTER_IP = "10.96.0.10"
+
+
+def sh(ns: str, *cmd: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+def short_way(lab_name: str, ns: str) -> tuple[int, int]:
+    """Bytes host routing carried on a node: (from its pods, to its pods)."""
+    seen = counters(lab_name, ns)
+    return (seen.get(("pod_egress", "encap_from_pod"), (0, 0))[1],
+            seen.get(("tc_decap", "decap_to_pod"), (0, 0))[1])  # fmt: skip
+
+
+def wait_ports(lab_name: str, ns: str, pods: int) -> None:
+    """The agent checks the bridge's ports every second: wait until each pod's veth has the
+    programs."""
+    deadline = time.monotonic() + 10
+    while int(node_status(lab_name, ns)["details"].get("pod_ports", 0)) < pods:
+        assert time.monotonic() < deadline, node_status(lab_name, ns)["details"]
+        time.sleep(0.2)
+
+
+def test_validated_flows_take_the_short_way_both_ways(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        details = node_status(lab_name, ns)["details"]
+        assert (details["host_routing"], details["decap"]) == ("bpf", "tc"), details
+        wait_ports(lab_name, ns, 1)
+        rules = sh(ns, "iptables", "-t", "mangle", "-S", "FLANNEL-BPF-HOSTRT")
+        assert "-o flannel.1" in rules and "-o cni0" in rules and "0x200000" in rules
+        liberal = sh(ns, "sysctl", "-n", "net.netfilter.nf_conntrack_tcp_be_liberal").strip()
+        assert liberal == "1"
+    ping_all(lab_name, info["pods"])
+    pods = by_node(info)
+    before = {ns: short_way(lab_name, ns) for ns in (n1, n2)}
+    out = transfer(lab_name, pods[n1], pods[n2], "200M").received
+    back = transfer(lab_name, pods[n2], pods[n1], "200M").received
+    after = {ns: short_way(lab_name, ns) for ns in (n1, n2)}
+    # All but the first packets of each connection (before conntrack calls it established and
+    # the long way has validated it) go the short way, on both ends, both directions.
+    assert after[n1][0] - before[n1][0] >= 0.9 * out  # n1's pod -> uplink, in BPF
+    assert after[n2][1] - before[n2][1] >= 0.9 * out  # uplink -> n2's pod, in BPF
+    assert after[n2][0] - before[n2][0] >= 0.9 * back
+    assert after[n1][1] - before[n1][1] >= 0.9 * back
+    seen = counters(lab_name, n1)
+    assert seen[("tc_encap", "flow_learnt")][0] > 0 and seen[("pod_deliver", "flow_learnt")][0] > 0
+    assert seen[("pod_egress", "pass_tcp_control")][0] > 0  # SYN and FIN: the long way
+
+
+def test_nated_flows_stay_on_the_long_way(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """A ClusterIP as kube-proxy installs it (DNAT to backends on two nodes), a NodePort from
+    outside the cluster (DNAT plus masquerade), and --ip-masq to an address outside the overlay:
+    each works, and none of those flows is taken past the host stack where it is NATed."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "2", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        wait_ports(lab_name, ns, 2)
+    client = next(p for p in info["pods"] if p["node"] == n1)
+    local = next(p for p in info["pods"] if p["node"] == n1 and p is not client)
+    remote = next(p for p in info["pods"] if p["node"] == n2)
+    # kube-proxy's shape: KUBE-SERVICES -> KUBE-SVC (statistic) -> KUBE-SEP (DNAT), in PREROUTING.
+    rules = [
+        ["-N", "KUBE-SEP-REMOTE"], ["-N", "KUBE-SEP-LOCAL"], ["-N", "KUBE-SVC-TEST"],
+        ["-A", "KUBE-SEP-REMOTE", "-p", "tcp", "-j", "DNAT", "--to-destination",
+         f"{remote['ip']}:5201"],
+        ["-A", "KUBE-SEP-LOCAL", "-p", "tcp", "-j", "DNAT", "--to-destination",
+         f"{local['ip']}:5201"],
+        ["-A", "KUBE-SVC-TEST", "-m", "statistic", "--mode", "random", "--probability", "0.5",
+         "-j", "KUBE-SEP-REMOTE"],
+        ["-A", "KUBE-SVC-TEST", "-j", "KUBE-SEP-LOCAL"],
+        ["-A", "PREROUTING", "-d", CLUSTER_IP, "-p", "tcp", "--dport", "80", "-j",
+         "KUBE-SVC-TEST"],
+    ]  # fmt: skip
+    for rule in rules:
+        sh(n1, "iptables", "-t", "nat", *rule)
+    before = short_way(lab_name, n1)
+    remote_before = counters(lab_name, n2)
+    for _ in range(6):  # both backends, whichever the statistic picks
+        with iperf_server(remote["namespace"]), iperf_server(local["namespace"]):
+            proc = pod_exec(lab_name, client["namespace"], "iperf3", "-c", CLUSTER_IP, "-p",
+                            "80", "-n", "20M")  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-1500:]
+    # n1 DNATs every one of those connections: neither way may skip its conntrack there.
+    after = short_way(lab_name, n1)
+    assert after[0] - before[0] < 1_000_000, (before, after)
+    assert after[1] - before[1] < 1_000_000, (before, after)
+    seen = counters(lab_name, n1)
+    assert seen[("pod_egress", "pass_not_validated")][1] > 20 * 1024**2
+    # n2 sees a plain pod-to-pod connection (the DNAT happened on n1): it may go short there.
+    assert delta(counters(lab_name, n2), remote_before, "tc_decap", "decap_to_pod")[1] > 0
+
+    # A NodePort on n1 for a client outside the cluster (the underlay's etcd namespace):
+    # DNAT to the pod on n2 plus masquerade, as kube-proxy does for an external client.
+    node_ip = info["nodes"][0]["underlay_ip"]
+    sh(n1, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", node_ip, "-p", "tcp", "--dport",
+       "30080", "-j", "DNAT", "--to-destination", f"{remote['ip']}:5201")  # fmt: skip
+    sh(n1, "iptables", "-t", "nat", "-A", "POSTROUTING", "-d", remote["ip"], "-p", "tcp",
+       "--dport", "5201", "-j", "MASQUERADE")  # fmt: skip
+    before = short_way(lab_name, n1)
+    with iperf_server(remote["namespace"]):
+        proc = subprocess.run(["ip", "netns", "exec", f"{lab_name}-etcd", "iperf3", "-c",
+                               node_ip, "-p", "30080", "-n", "20M"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-1500:]
+    after = short_way(lab_name, n1)
+    assert after[0] - before[0] < 1_000_000 and after[1] - before[1] < 1_000_000
+
+    # --ip-masq to outside the overlay: no remote subnet, so never the short way.
+    before_outside = counters(lab_name, n1)
+    with iperf_server(f"{lab_name}-etcd"):
+        proc = pod_exec(lab_name, client["namespace"], "iperf3", "-c", "198.18.0.2", "-n", "20M")
+    assert proc.returncode == 0, proc.stdout[-1500:]
+    no_remote = delta(counters(lab_name, n1), before_outside, "pod_egress", "pass_no_remote")
+    assert no_remote[1] >= 20 * 1024**2
+
+
+def test_a_stream_started_before_switching_modes_survives_both_switches(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """A pod-to-pod stream runs while both agents restart with host routing on, then off again:
+    no half second under 100 Mbit/s, 95% delivered; the short way carries it while on, and off
+    leaves no program on the pods' veths and no mangle rule."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", "--datapath", "bpf",
+                  "--agent-arg=--ip-masq")  # fmt: skip
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    pods = by_node(info)
+
+    def restart_all(host_routing: str) -> None:
+        state = LabState.load(lab_name)
+        for node in state.nodes:
+            args = [a for a in node.agent_args if not a.startswith("--host-routing")]
+            lab.restart_agent(lab_name, node.name, args=[*args, f"--host-routing={host_routing}"],
+                              ready_timeout=60)  # fmt: skip
+
+    before = short_way(lab_name, n1)
+    stream_through(pods[n1], pods[n2], 8, lambda: restart_all("bpf"))
+    after = short_way(lab_name, n1)
+    assert after[0] - before[0] > 50 * 1024**2, (before, after)  # the same stream, now short
+
+    stream_through(pods[n1], pods[n2], 6, lambda: restart_all("kernel"))
+    for ns in (n1, n2):
+        assert node_status(lab_name, ns)["details"]["host_routing"] == "kernel"
+        veths = sh(ns, "ip", "-o", "link", "show", "master", "cni0")
+        for line in veths.splitlines():
+            name = line.split(": ")[1].split("@")[0]
+            assert "fb_tc_pod" not in sh(ns, "tc", "filter", "show", "dev", name, "ingress")
+            assert "fb_tc_pod" not in sh(ns, "tc", "filter", "show", "dev", name, "egress")
+        assert "FLANNEL-BPF-HOSTRT" not in sh(ns, "iptables", "-t", "mangle", "-S")
+    before = short_way(lab_name, n1)
+    transfer(lab_name, pods[n1], pods[n2], "50M")
+    assert short_way(lab_name, n1) == before
+
+
+def test_host_routing_beside_a_flanneld_node(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """The wire stays flannel's VXLAN: the real flanneld's vxlan.ko on n1 talks to our host
+    routing on n2 both ways, and our side takes the short way in both directions."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", "--flanneld-nodes", "1",
+                  "--flanneld-arg=--ip-masq", *HOST_ROUTING)  # fmt: skip
+    theirs, ours = (n["namespace"] for n in info["nodes"])
+    wait_ports(lab_name, ours, 1)
+    ping_all(lab_name, info["pods"])
+    pods = by_node(info)
+    before = short_way(lab_name, ours)
+    out = transfer(lab_name, pods[ours], pods[theirs], "200M").received
+    into = transfer(lab_name, pods[theirs], pods[ours], "200M").received
+    after = short_way(lab_name, ours)
+    assert after[0] - before[0] >= 0.9 * out
+    assert after[1] - before[1] >= 0.9 * into
+
+
+def test_host_routing_needs_tc_decapsulation(lab_name: str) -> None:
+    """XDP runs before there is an skb to hand to a pod: asked for both, the agent says so."""
+    from .conftest import cli
+
+    proc = cli("lab", "--name", lab_name, "up", "--nodes", "1", "--pods-per-node", "0",
+               *HOST_ROUTING, "--agent-arg=--bpf-decap=xdp")  # fmt: skip
+    assert proc.returncode == 1
+    assert "host routing needs the vxlan format and tc decapsulation" in proc.stderr
+    assert "Traceback" not in proc.stderr
