@@ -213,6 +213,31 @@ def test_host_routing_beside_a_flanneld_node(
     assert after[1] - before[1] >= 0.9 * into
 
 
+def test_a_smaller_underlay_mtu_sends_the_flow_the_long_way(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """The underlay shrinks under a validated flow (1500 -> 1400, the pods keep 1450): the
+    short way no longer fits (the FIB's MTU, re-read within 100 ms), so the packets go to the
+    host stack, where vxlan.ko fragments the outer packets as flanneld's path does; the
+    transfer and a full-size ping still get through."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        wait_ports(lab_name, ns, 1)
+    pods = by_node(info)
+    transfer(lab_name, pods[n1], pods[n2], "50M")  # validated and short from here on
+    for index, ns in enumerate((n1, n2), start=1):
+        sh(ns, "ip", "link", "set", "eth1", "mtu", "1400")
+        sh(f"{lab_name}-ul", "ip", "link", "set", f"n{index}", "mtu", "1400")
+    before = counters(lab_name, n1)
+    out = transfer(lab_name, pods[n1], pods[n2], "50M").received
+    too_big = delta(counters(lab_name, n1), before, "pod_egress", "pass_too_big")
+    assert too_big[1] >= 0.5 * out, too_big
+    ping = pod_exec(lab_name, pods[n1]["namespace"], "ping", "-c2", "-M", "do", "-s", "1422",
+                    pods[n2]["ip"])  # fmt: skip
+    assert ping.returncode == 0, ping.stdout
+
+
 def test_host_routing_needs_tc_decapsulation(lab_name: str) -> None:
     """XDP runs before there is an skb to hand to a pod: asked for both, the agent says so."""
     from .conftest import cli

@@ -316,6 +316,9 @@ def format_status(info: dict[str, Any]) -> str:
     if details.get("decap"):
         why = f" ({details['decap_reason']})" if details.get("decap_reason") else ""
         lines.append(f"decap:     {details['decap']}{why}")
+    if details.get("host_routing"):
+        veths = f" ({details['pod_ports']} pod veths)" if details.get("pod_ports") else ""
+        lines.append(f"host routing: {details['host_routing']}{veths}")
     bpf = info.get("bpf")
     if isinstance(bpf, dict):
         if "error" in bpf:
@@ -338,7 +341,9 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_HANDLED = ("encap_redirect", "decap_pass", "decap_redirect")
+# What each way carried: the host stack's (encap at flannel.<VNI>, decap into the stack) and
+# host routing's short way (pod veth to uplink, uplink to pod).
+_HANDLED = ("encap_redirect", "decap_pass", "decap_redirect", "encap_from_pod", "decap_to_pod")
 
 
 def _human(seconds: float) -> str:
