@@ -72,8 +72,10 @@ int fb_tc_udp_encap(struct __sk_buff *skb)
 
 	/* The packet gains an Ethernet header too: it has none on flannel0. */
 	__u32 reason = FB_ENCAP_REDIRECT;
-	struct fb_nexthop *hop =
-		fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_UDP_OVERHEAD + ETH_HLEN, &reason);
+	__u32 seg_hdr_len = fb_segment_headers(ip, data_end); /* counts an Ethernet header ... */
+	struct fb_nexthop *hop = fb_underlay_hop(skb, cfg, remote->vtep_ip,
+						 FB_UDP_OVERHEAD + ETH_HLEN, /* ... added here */
+						 seg_hdr_len ? seg_hdr_len - ETH_HLEN : 0, &reason);
 
 	/* An unresolved neighbour goes to the plane, whose socket resolves it. */
 	if (!hop)

@@ -36,6 +36,7 @@ from .conftest import requires_root
 from .test_bpf_programs import (  # noqa: F401 - topo is a fixture
     KERNEL_FRAME,
     TC_ACT_REDIRECT,
+    TC_ACT_UNSPEC,
     TOPO,
     Node,
     topo,
@@ -295,3 +296,31 @@ def test_otherwise_the_uplink_decapsulates_into_flannel_1_as_before(
     assert retval == TC_ACT_REDIRECT  # into flannel.1, the long way
     assert out == pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"]) + inner
     assert delta == {reason: (1, 0), Reason.DECAP_REDIRECT: (1, len(KERNEL_FRAME))}
+
+
+def _tcp_aggregate(mss: int) -> bytes:
+    """A pod's TCP aggregate of two segments of mss bytes (header 20 bytes, flags ACK)."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 7777, 1, 1, 0x50, 0x10, 65535, 0, 0)
+    return pk.eth(GW_MAC, POD_MAC) + pk.ipv4("10.5.1.5", "10.5.2.7", tcp + b"z" * 2 * mss,
+                                             proto=6)  # fmt: skip
+
+
+@pytest.mark.parametrize(("mss", "fits"), [(1398, True), (1420, False)])
+def test_an_aggregate_fits_when_each_segment_will(
+    routed: dict[str, Routed], mss: int, fits: bool
+) -> None:
+    """Segments of 1398 bytes + 54 of headers + 50 of VXLAN = 1502 fit a 1500 MTU underlay (plus
+    its 14-byte Ethernet header); 1420 do not, and the aggregate goes the long way, where vxlan.ko
+    tells the pod the path MTU. bpf_check_mtu() would have passed both."""
+    from .test_bpf_programs import skb_ctx as gso_ctx
+
+    a = routed["a"]
+    frame = _tcp_aggregate(mss)
+    a.set_flow(frame[14:], EGRESS)
+    retval, _, delta = a.run(Hook.POD_EGRESS, a.egress, frame, gso_ctx(gso_size=mss, gso_segs=2))
+    if fits:
+        # Past the size check to the resize, which BPF_PROG_TEST_RUN's skbs cannot pass (no way
+        # to give them a TCP GSO type); the lab's PMTU test sends real aggregates.
+        assert (retval, delta) == (TC_ACT_UNSPEC, {Reason.PASS_ADJUST_FAILED: (1, len(frame))})
+    else:
+        assert (retval, delta) == (TC_ACT_UNSPEC, {Reason.PASS_TOO_BIG: (1, len(frame))})

@@ -13,18 +13,35 @@ static __always_inline __u32 fb_nexthop_slot(__be32 peer)
 }
 
 /*
- * Whether the packet still fits the route once wrapped in overhead bytes, as bpf_check_mtu()
- * decides: a GSO packet fits when its segments do (they are cut to fit), anything else by length.
+ * Whether the packet still fits the route once wrapped in overhead bytes. A GSO packet fits when
+ * each of its segments will: gso_size plus the headers every segment repeats (seg_hdr_len, from
+ * the frame's start through its TCP or UDP header) plus the overhead. bpf_check_mtu() cannot say
+ * that: for GSO it either passes everything or checks segments without the overhead. Without
+ * seg_hdr_len (headers not parsed) a GSO packet is taken to fit, as bpf_check_mtu() would.
  */
 static __always_inline int fb_fits(struct __sk_buff *skb, const struct fb_nexthop *hop,
-				   __s32 overhead)
+				   __s32 overhead, __u32 seg_hdr_len)
 {
-	if (skb->gso_size) {
-		__u32 mtu = 0;
-
-		return bpf_check_mtu(skb, hop->ifindex, &mtu, overhead, 0) == 0;
-	}
+	if (skb->gso_size)
+		return !seg_hdr_len ||
+		       skb->gso_size + seg_hdr_len + overhead <= (__u32)hop->mtu + ETH_HLEN;
 	return skb->len + overhead <= (__u32)hop->mtu + ETH_HLEN;
+}
+
+/* The headers each segment of a GSO frame repeats: Ethernet, IPv4 (no options) and TCP (its
+ * data offset) or UDP; 0 when they cannot be read here. */
+static __always_inline __u32 fb_segment_headers(const struct iphdr *ip, void *data_end)
+{
+	if (ip->protocol == IPPROTO_UDP)
+		return ETH_HLEN + sizeof(struct iphdr) + sizeof(struct udphdr);
+	if (ip->protocol != IPPROTO_TCP)
+		return 0;
+
+	const __u8 *doff = (const __u8 *)(ip + 1) + 12;
+
+	if ((void *)(doff + 1) > data_end)
+		return 0;
+	return ETH_HLEN + sizeof(struct iphdr) + (*doff >> 4) * 4;
 }
 
 /*
@@ -39,7 +56,8 @@ static __always_inline int fb_fits(struct __sk_buff *skb, const struct fb_nextho
  */
 static __always_inline struct fb_nexthop *fb_underlay_hop(struct __sk_buff *skb,
 							  const struct fb_config *cfg, __be32 peer,
-							  __s32 overhead, __u32 *reason)
+							  __s32 overhead, __u32 seg_hdr_len,
+							  __u32 *reason)
 {
 	__u32 slot = fb_nexthop_slot(peer);
 	struct fb_nexthop *hop = fb_nexthops.lookup(&slot);
@@ -80,7 +98,7 @@ static __always_inline struct fb_nexthop *fb_underlay_hop(struct __sk_buff *skb,
 		fb_mac_copy(hop->smac, fib.smac);
 		fb_mac_copy(hop->dmac, fib.dmac);
 	}
-	if (!fb_fits(skb, hop, overhead)) {
+	if (!fb_fits(skb, hop, overhead, seg_hdr_len)) {
 		*reason = FB_PASS_TOO_BIG;
 		return NULL;
 	}

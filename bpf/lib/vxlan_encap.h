@@ -30,7 +30,8 @@ static __always_inline int fb_vxlan_encap(struct __sk_buff *skb, const struct fb
 {
 	__u32 hash = fb_flow_hash(skb, ip, data_end, cfg->local_ip);
 	__u32 reason = handled;
-	struct fb_nexthop *hop = fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD, &reason);
+	struct fb_nexthop *hop = fb_underlay_hop(skb, cfg, remote->vtep_ip, FB_VXLAN_OVERHEAD,
+						 fb_segment_headers(ip, data_end), &reason);
 
 	if (!hop) {
 		fb_count(hook, reason, bytes);

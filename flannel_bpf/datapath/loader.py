@@ -749,7 +749,7 @@ class BPFDatapath:
             "uplink": self.uplink.name,
             "anti_spoofing": "on" if self.config.flags & FB_CFG_CHECK_SOURCES else "off",
             "host_routing": "bpf" if self.pod_bridge else "kernel",
-            **({"pod_ports": str(len(self.pod_ports))} if self.pod_bridge else {}),
+            **({"pod_bridge": self.pod_bridge} if self.pod_bridge else {}),
         }
 
     def close(self) -> None:

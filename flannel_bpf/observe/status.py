@@ -262,10 +262,15 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
         maps = PinnedMaps(pin_dir)
     except (OSError, LayoutMismatch) as exc:
         return {"error": f"pinned maps unreadable: {exc}"}
+    from flannel_bpf.datapath.bpf_maps import FB_CFG_HOST_ROUTING, FLOWS
+
     with maps:
         cfg = maps.read_config()
         remotes = list(maps.remotes())
         counters = maps.counters()
+        routing = cfg is not None and bool(cfg.flags & FB_CFG_HOST_ROUTING)
+        pods = maps.endpoints() if routing else []
+        flows = maps.count(FLOWS) if routing else 0
     live: dict[str, Any] = {
         "pin_dir": str(pin_dir),
         "remotes": [
@@ -278,6 +283,11 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
             if p
         ],
     }
+    if routing:  # what host routing knows now: local pods and validated flows
+        live["host_routing"] = {
+            "pods": [{"ip": str(e.address), "ifindex": e.ifindex, "mac": e.mac} for e in pods],
+            "flows": flows,
+        }
     if cfg is not None and devices_here:
         try:
             live["attached"] = attached(cfg.vtep_ifindex, cfg.uplink_ifindex)
@@ -317,8 +327,7 @@ def format_status(info: dict[str, Any]) -> str:
         why = f" ({details['decap_reason']})" if details.get("decap_reason") else ""
         lines.append(f"decap:     {details['decap']}{why}")
     if details.get("host_routing"):
-        veths = f" ({details['pod_ports']} pod veths)" if details.get("pod_ports") else ""
-        lines.append(f"host routing: {details['host_routing']}{veths}")
+        lines.append(f"host routing: {details['host_routing']}")
     bpf = info.get("bpf")
     if isinstance(bpf, dict):
         if "error" in bpf:
@@ -334,6 +343,10 @@ def format_status(info: dict[str, Any]) -> str:
                 lines.append(f"attached:  {hooks or 'nothing'}")
             lines.append(f"pins:      {bpf['pin_dir']}")
             lines.append(f"remotes:   {len(bpf['remotes'])} (flannel-bpf peers lists them)")
+            if "host_routing" in bpf:
+                known = bpf["host_routing"]
+                lines.append(f"short way: {len(known['pods'])} local pods learnt, "
+                             f"{known['flows']} validated flows")  # fmt: skip
             handled = [c for c in bpf["counters"] if c["reason"] in _HANDLED]
             for c in handled:
                 lines.append(f"  {c['hook']:<10} {c['reason']:<16} {c['packets']:>12} pkts")
