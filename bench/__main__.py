@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("prog_cost", "control_plane", "datapath")
+BENCHMARKS = ("prog_cost", "control_plane", "datapath", "profile")
 QUICK_ARGS = {
     "prog_cost": ["--runs", "3000"],
     "control_plane": ["--leases", "1000", "--agents", "10"],
     "datapath": ["--rounds", "1", "--seconds", "2", "--mtu", "1500"],
+    "profile": ["--seconds", "2", "--paths", "flanneld-vxlan", "bpf-host-routing"],
 }
 
 

@@ -38,7 +38,14 @@ from bench.datapath import CONFIGS, IPERF_PORT, Config, build, server
 from flannel_bpf.lab import lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_PATHS = ("flanneld-vxlan", "bpf-tc", "bpf-xdp", "bpf-host-routing", "vxlan-kernel", "host-gw")
+DEFAULT_PATHS = (
+    "flanneld-vxlan",
+    "bpf-tc",
+    "bpf-xdp",
+    "bpf-host-routing",
+    "vxlan-kernel",
+    "host-gw",
+)
 FREQUENCY = 1999  # Hz per CPU: about 16,000 samples per CPU in 8 s, cheap enough not to skew
 
 # (part of the path, symbol prefixes): the first match wins, so specific before general.

@@ -18,7 +18,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Hand-written: what the numbers mean, and why a missed target is missed (kept with the code).
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-SECTIONS = ("datapath", "prog_cost", "control_plane")
+SECTIONS = ("datapath", "profile", "prog_cost", "control_plane")
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -108,6 +108,31 @@ def datapath_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def profile_section(data: dict[str, Any]) -> list[str]:
+    """Where one stream's cycles go per data path (bench/profile.py)."""
+    paths = data["paths"]
+    names: list[str] = []
+    for p in paths:
+        names += [n for n in p["cpu_ms_per_gib"] if n != "idle" and n not in names]
+    ordered = sorted(names, key=lambda n: -max(p["cpu_ms_per_gib"].get(n, 0.0) for p in paths))
+    rows = [["one stream, Gbit/s", *(_num(p["gbps"]) for p in paths)]]
+    rows += [[n, *(_num(p["cpu_ms_per_gib"].get(n, 0.0), 1) for p in paths)] for n in ordered]
+    rows.append(["**busy CPU in all**", *(f"**{_num(p['busy_cpu_ms_per_gib'], 1)}**"
+                                          for p in paths)])  # fmt: skip
+    return [
+        "## Where the cycles go: one TCP stream, MTU 1500",
+        "",
+        f"`python -m bench.profile`: perf samples of the whole machine ({data['frequency_hz']} Hz "
+        f"per CPU, {data['seconds']} s) while one iperf3 stream runs pod to pod, each kernel "
+        "function put in one part of the path, in CPU milliseconds per GiB carried (both nodes "
+        "share the kernel, so sender and receiver are added up). Run on "
+        f"{data['when']}, kernel {data['kernel']}.",
+        "",
+        *_table(["part of the path", *(p["key"] for p in paths)], rows),
+        "",
+    ]
+
+
 def prog_cost_section(data: dict[str, Any]) -> list[str]:
     out = [
         "## Per-packet program cost (BPF_PROG_TEST_RUN)",
@@ -195,6 +220,8 @@ def render(sections: dict[str, dict[str, Any]], chart_name: str | None, analysis
         if chart_name:
             lines += [f"![data path throughput and packet rate]({chart_name})", ""]
         lines += datapath_section(sections["datapath"])
+    if "profile" in sections:
+        lines += profile_section(sections["profile"])
     if "prog_cost" in sections:
         lines += prog_cost_section(sections["prog_cost"])
     if "control_plane" in sections:
