@@ -4,8 +4,8 @@
  *
  * fb_tc_pod_egress (tc ingress: what the pod sends): a packet to a remote pod subnet whose flow
  * the host stack has validated is encapsulated here and sent to the uplink, skipping the bridge,
- * routing and netfilter of this host; its TTL drops by one, as forwarding would. Anything else
- * continues into the bridge untouched.
+ * routing and netfilter of this host; its TTL drops by one, as forwarding would. Its source must
+ * be the pod this veth was learnt for. Anything else continues into the bridge untouched.
  *
  * fb_tc_pod_deliver (tc egress: what the host stack delivers to the pod): never changes a packet.
  * It records the pod (veth, MACs) in fb_endpoints and, for packets marked validated, the flow in
@@ -51,6 +51,13 @@ int fb_tc_pod_egress(struct __sk_buff *skb)
 		return fb_pod_pass(FB_PASS_SKIP, bytes);
 	if (ip->ttl <= 1)
 		return fb_pod_pass(FB_PASS_TTL_EXPIRED, bytes); /* the stack sends the ICMP error */
+
+	/* Only the pod behind this veth, with its own address, goes short: no pod can borrow
+	 * another's validated flow by sending with its source address. */
+	struct fb_endpoint *self = fb_endpoints.lookup(&ip->saddr);
+
+	if (!self || self->ifindex != skb->ifindex)
+		return fb_pod_pass(FB_PASS_NO_ENDPOINT, bytes);
 
 	struct fb_flow_key key;
 	__u32 why = fb_flow_key_of(ip, data_end, FB_FLOW_EGRESS, &key);

@@ -14,10 +14,11 @@ def _datapath_results() -> dict[str, object]:
         "flanneld-vxlan": 12.0, "flanneld-udp": 0.4, "flanneld-host-gw": 17.0, "host-gw": 17.0,
         "vxlan-kernel": 14.0, "bpf-auto": 15.5, "bpf-xdp": 5.0, "bpf-tc": 15.0,
         "vxlan-kernel-tso-off": 7.0, "udp-userspace": 0.6, "udp-bpf": 8.0,
+        "bpf-host-routing": 18.0,
     }  # fmt: skip
     assert set(tcp_by_key) == {c.key for c in CONFIGS}
     results = []
-    for config, pps in zip(CONFIGS, range(100_000, 1_200_000, 100_000), strict=True):
+    for config, pps in zip(CONFIGS, range(100_000, 1_300_000, 100_000), strict=True):
         tcp = tcp_by_key[config.key]
         r = Result(config, 1500, decap="tc" if config.datapath == "bpf" else "")
         r.samples = [
@@ -66,10 +67,15 @@ def test_report_lists_every_target_with_its_verdict(tmp_path: Path) -> None:
     targets = [t["name"] for t in data["targets"]]  # type: ignore[index]
     # against the real flanneld of the same backend: 15.5 / 12.0 = 1.29; udp 0.6 / 0.4 = 1.5
     assert "| BPF TCP throughput vs flanneld vxlan (MTU 1500) | 1.29 x | >= 1.1 | **met** |" in text
+    # host routing: 18.0 / 12.0 = 1.5 >= 1.15; 18.0 / 17.0 = 1.06 >= 0.95
+    assert "| host routing TCP throughput vs flanneld vxlan (MTU 1500) | 1.50 x | >= 1.15 |" in text
+    assert "| host routing TCP throughput vs host-gw (MTU 1500) | 1.06 x | >= 0.95 |" in text
     assert (
         "| userspace udp TCP throughput vs flanneld udp (MTU 1500) | 1.50 x | >= 1, aim 2 |" in text
     )
-    assert len(targets) == 9 and all(name in text for name in targets)
+    assert (
+        len(targets) == 14
+    )  # nine for the default path, five for host routing and all(name in text for name in targets)
 
 
 def test_no_results_is_a_clear_error(tmp_path: Path) -> None:

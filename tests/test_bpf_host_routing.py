@@ -125,6 +125,8 @@ def routed(topo: dict[str, Node]) -> Iterator[dict[str, Routed]]:  # noqa: F811
 
 @pytest.fixture(autouse=True)
 def fresh_maps(routed: dict[str, Routed]) -> Iterator[None]:
+    # A's pod 10.5.1.5, as learnt behind the device BPF_PROG_TEST_RUN gives skbs (lo, 1).
+    _endpoint(routed["a"], "10.5.1.5", ifindex=1)
     yield
     for r in routed.values():
         r.clear()
@@ -169,6 +171,8 @@ def test_a_validated_flow_is_encapsulated_as_flannel_1_would_after_forwarding(
         ("skip remote", Reason.PASS_SKIP),
         ("fragment", Reason.PASS_NO_PORTS),
         ("ip options", Reason.PASS_IP_OPTIONS),
+        ("another veth's pod", Reason.PASS_NO_ENDPOINT),
+        ("unknown source", Reason.PASS_NO_ENDPOINT),
     ],
 )
 def test_everything_else_goes_on_into_the_bridge_untouched(
@@ -186,6 +190,10 @@ def test_everything_else_goes_on_into_the_bridge_untouched(
         frame = frame[:14] + pk.ipv4("10.5.1.5", "10.9.9.9", frame[34:])
     if case == "skip remote":
         frame = frame[:14] + pk.ipv4("10.5.1.5", "10.5.5.7", frame[34:])
+    if case == "another veth's pod":  # a validated flow of 10.5.1.5, sent from another veth
+        _endpoint(a, "10.5.1.5", ifindex=a.u0)
+    if case == "unknown source":
+        frame = frame[:14] + pk.ipv4("10.5.1.99", "10.5.2.7", frame[34:])
     if case != "no flow":
         a.set_flow(frame[14:], EGRESS, expires_in=-1.0 if case == "lapsed" else 60.0)
     retval, out, delta = a.run(Hook.POD_EGRESS, a.egress, frame)
@@ -258,9 +266,10 @@ def test_the_encap_program_learns_marked_egress_flows(routed: dict[str, Routed])
 # The uplink: the receiving side
 
 
-def _endpoint(b: Routed) -> None:
-    value = struct.pack("<I6s6sI", b.u0, pk.mac(POD_MAC), pk.mac(GW_MAC), 0)
-    bpf_sys.map_update(b.node.maps.fd(ENDPOINTS), ENDPOINT_KEY.pack(bytes([10, 5, 2, 7])), value)
+def _endpoint(r: Routed, address: str = "10.5.2.7", ifindex: int = 0) -> None:
+    value = struct.pack("<I6s6sI", ifindex or r.u0, pk.mac(POD_MAC), pk.mac(GW_MAC), 0)
+    key = ENDPOINT_KEY.pack(bytes(int(x) for x in address.split(".")))
+    bpf_sys.map_update(r.node.maps.fd(ENDPOINTS), key, value)
 
 
 def test_a_validated_flow_is_handed_to_the_pod_as_the_host_would(

@@ -296,7 +296,7 @@ def _upgraded_sources(tmp_path: Path) -> Path:
     """bpf/ as a next release might ship it: same maps and behaviour, different instructions."""
     new = tmp_path / "bpf-next"
     shutil.copytree(loader.BPF_SOURCE_DIR, new)
-    encap = new / "tc_encap.c"
+    encap = new / "lib" / "vxlan_encap.h"
     text = encap.read_text()
     assert ".ttl = cfg->ttl," in text
     encap.write_text(text.replace(".ttl = cfg->ttl,", ".ttl = cfg->ttl ?: 64,"))

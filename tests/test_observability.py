@@ -360,8 +360,8 @@ def check_conventions(text: str) -> None:
     labels = set(re.findall(r"[{,]([a-z_]+)=", text))
     assert labels <= {
         "operation", "outcome", "le", "type", "reason", "version", "python_version", "backend",
-        "iface", "public_ip", "datapath", "decap", "fallback_reason", "subnet", "direction",
-        "hook", "map", "collector",
+        "iface", "public_ip", "datapath", "decap", "host_routing", "fallback_reason", "subnet",
+        "direction", "hook", "map", "collector",
     }, labels  # fmt: skip
 
 

@@ -176,7 +176,8 @@ enum fb_reason {
 	FB_PASS_NOT_VALIDATED = 27,  /* host routing: flow not (yet) validated by the host stack */
 	FB_PASS_REVALIDATE = 28,     /* host routing: flow's validation lapsed; asked again */
 	FB_PASS_TCP_CONTROL = 29,    /* host routing: SYN, FIN or RST, for conntrack to see */
-	FB_PASS_NO_ENDPOINT = 30,    /* host routing: inner destination is no pod known here */
+	FB_PASS_NO_ENDPOINT = 30,    /* host routing: no such pod here (decap: the destination;
+	                              * a pod's veth: the source, on that veth) */
 	FB_PASS_NO_PORTS = 31,       /* host routing: not TCP/UDP/ICMP, or a fragment */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
