@@ -161,6 +161,57 @@ def test_validated_flows_take_the_short_way_both_ways(
     assert seen[("pod_egress", "pass_tcp_control")][0] > 0  # SYN and FIN: the long way
 
 
+UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+s.settimeout(3)
+n = 0
+try:
+    while True:
+        s.recv(2048)
+        n += 1
+except socket.timeout:
+    print(n)
+"""
+UDP_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    s.sendto(b"x" * 36, (sys.argv[1], 9999))
+    if i % 100 == 99:
+        time.sleep(0.01)
+"""
+
+
+def test_a_one_way_udp_stream_goes_short_from_its_second_packet(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """Never answered, so never ESTABLISHED: conntrack's confirmed entry without NAT is what
+    validates it (its first packet went through the NAT decision), on both nodes."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        wait_ports(lab_name, ns, 1)
+    pods = by_node(info)
+    # The sender's pod must be known behind its veth: a little answered traffic first.
+    ping_all(lab_name, info["pods"])
+    before = {ns: counters(lab_name, ns) for ns in (n1, n2)}
+    sink = subprocess.Popen(["ip", "netns", "exec", pods[n2]["namespace"], sys.executable, "-c",
+                             UDP_SINK], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(0.5)
+        sh(pods[n1]["namespace"], sys.executable, "-c", UDP_SEND, pods[n2]["ip"], "3000")
+        received = int(sink.communicate(timeout=30)[0].strip())
+    finally:
+        sink.kill()
+    assert received >= 2900, received
+    sent_short = delta(counters(lab_name, n1), before[n1], "pod_egress", "encap_from_pod")[0]
+    got_short = delta(counters(lab_name, n2), before[n2], "tc_decap", "decap_to_pod")[0]
+    assert sent_short >= 0.9 * 3000, sent_short
+    assert got_short >= 0.9 * 3000, got_short
+
+
 def test_nated_flows_stay_on_the_long_way(
     lab_name: str, lab_up: Callable[..., dict[str, Any]]
 ) -> None:

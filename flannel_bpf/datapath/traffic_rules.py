@@ -156,16 +156,23 @@ BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 def host_routing_rules(vtep: str, bridge: str, mark: int) -> list[Rule]:
     """Host routing's validation (flannel_bpf.h "Host routing"): packets leaving the host stack
-    for a remote pod (out of the VTEP) or a local one (out of the pods' bridge) whose connection
-    conntrack knows as established, with no NAT on it, get the validated mark."""
+    for a remote pod (out of the VTEP) or a local one (out of the pods' bridge) get the validated
+    mark when conntrack knows their connection and no NAT rewrites it: established, or, for
+    anything but TCP (whose handshake must complete), confirmed, i.e. past its first packet,
+    which is where NAT is decided (mangle POSTROUTING runs before nat's: a first packet's NAT
+    is not known yet here). So a one-way UDP stream goes short from its second packet on."""
     comment = ("-m", "comment", "--comment", HOST_ROUTING_COMMENT)
-    established = ("-m", "conntrack", "--ctstate", "ESTABLISHED")
     not_nated = ("-m", "conntrack", "!", "--ctstate", "SNAT,DNAT")
-    validated = (*established, *not_nated, *comment, "-j", "MARK", "--or-mark", hex(mark))
+    mark_it = (*comment, "-j", "MARK", "--or-mark", hex(mark))
+    established = ("-m", "conntrack", "--ctstate", "ESTABLISHED", *not_nated, *mark_it)
+    confirmed = ("!", "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW", "--ctstatus",
+                 "CONFIRMED", *not_nated, *mark_it)  # fmt: skip
     return [
         Rule("mangle", "POSTROUTING", (*comment, "-j", HOST_ROUTING_CHAIN)),
-        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", vtep, *validated)),
-        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", bridge, *validated)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", vtep, *established)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", vtep, *confirmed)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", bridge, *established)),
+        Rule("mangle", HOST_ROUTING_CHAIN, ("-o", bridge, *confirmed)),
     ]
 
 
