@@ -282,7 +282,7 @@ def test_nated_flows_stay_on_the_long_way(
         proc = pod_exec(lab_name, client["namespace"], "iperf3", "-c", "198.18.0.2", "-n", "20M")
     assert proc.returncode == 0, proc.stdout[-1500:]
     no_remote = delta(counters(lab_name, n1), before_outside, "pod_egress", "pass_no_remote")
-    assert no_remote[1] >= 0.9 * 20 * 1024**2  # (iperf3's last segments may be in flight)
+    assert no_remote[1] >= 0.5 * 20 * 1024**2  # iperf3 -n counts what it wrote, some unsent
 
 
 def test_a_stream_started_before_switching_modes_survives_both_switches(
