@@ -25,17 +25,11 @@ int fb_tc_encap(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u64 bytes = skb->len;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
+	struct iphdr *ip = NULL;
+	__u32 not_ipv4 = fb_frame_ipv4(skb, data, data_end, &ip);
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return fb_encap_pass(FB_PASS_NOT_IPV4, bytes);
-	if ((void *)(ip + 1) > data_end)
-		return fb_encap_pass(FB_PASS_SHORT, bytes);
-	if (fb_eth_proto(eth) != bpf_htons(ETH_P_IP))
-		return fb_encap_pass(FB_PASS_NOT_IPV4, bytes);
-	if (ip->version != 4 || ip->ihl != 5)
-		return fb_encap_pass(FB_PASS_IP_OPTIONS, bytes);
+	if (not_ipv4 || !ip)
+		return fb_encap_pass(not_ipv4, bytes);
 
 	struct fb_config *cfg = fb_get_config();
 

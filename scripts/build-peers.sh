@@ -62,10 +62,52 @@ check_go() {
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 export GOMODCACHE=$GO_CACHE_ROOT/mod GOCACHE=$GO_CACHE_ROOT/build
 
-# finish NAME TMPDIR SECONDS: writes BUILD-INFO and moves the finished tree into place.
-finish() {
-  local name=$1 tmp=$2 started=$3 final
+version_of() {
+  case $1 in
+    flanneld) echo "$FLANNEL_VERSION" ;;
+    kubernetes) echo "$KUBERNETES_VERSION" ;;
+    etcd) echo "$ETCD_VERSION" ;;
+    flannel-cni) echo "$FLANNEL_CNI_VERSION" ;;
+  esac
+}
+
+binaries_of() {
+  case $1 in
+    flanneld) echo flanneld ;;
+    kubernetes) echo kube-apiserver kube-controller-manager kubectl ;;
+    etcd) echo etcd ;;
+    flannel-cni) echo flannel ;;
+  esac
+}
+
+# is_built NAME: the finished tree is in place (BUILD-INFO is written last, before the rename).
+is_built() {
+  local final bin
+  final=$(dir_of "$1")
+  [ -e "$final/BUILD-INFO" ] || return 1
+  for bin in $(binaries_of "$1"); do
+    [ -x "$final/$bin" ] || return 1
+  done
+}
+
+# build NAME WHAT: builds one peer with compile_NAME TMPDIR (sources in TMPDIR/src, binaries
+# into TMPDIR/out, output into a log shown on failure), then writes VERSION and BUILD-INFO and
+# moves the finished tree into place.
+build() {
+  local name=$1 what=$2 version final tmp started
+  version=$(version_of "$name")
   final=$(dir_of "$name")
+  if is_built "$name"; then
+    say "$name $version: already built ($final)"
+    return
+  fi
+  say "$name $version: building $what"
+  started=$(date +%s)
+  tmp=$(mktemp -d "$WORK/$name.XXXX")
+  mkdir "$tmp/src" "$tmp/out"
+  echo "version=$version" >"$tmp/out/VERSION"
+  ( set -e; "compile_${name//-/_}" "$tmp" ) >"$tmp/build.log" 2>&1 \
+    || { tail -n 30 "$tmp/build.log" >&2; die "$name: go build failed (log above)"; }
   {
     echo "name=$name"
     echo "go=$(go env GOVERSION)"
@@ -77,47 +119,26 @@ finish() {
   say "$name: built in $(( $(date +%s) - started )) s into $final ($(du -sh "$final" | cut -f1))"
 }
 
-build_flanneld() {
-  local final tmp src started
-  final=$(dir_of flanneld)
-  if [ -x "$final/flanneld" ] && [ -e "$final/BUILD-INFO" ]; then
-    say "flanneld $FLANNEL_VERSION: already built ($final)"
-    return
-  fi
-  say "flanneld $FLANNEL_VERSION: building from github.com/flannel-io/flannel (a few minutes)"
-  started=$(date +%s)
-  tmp=$(mktemp -d "$WORK/flanneld.XXXX")
+compile_flanneld() {
+  local tmp=$1 src
   src=$(go mod download -json "github.com/flannel-io/flannel@$FLANNEL_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
-  [ -d "$src" ] || die "flanneld: the module source was not downloaded"
-  cp -r "$src" "$tmp/src" && chmod -R u+w "$tmp/src" && mkdir "$tmp/out"
+  [ -d "$src" ] || { echo "flanneld: the module source was not downloaded"; return 1; }
+  rm -rf "$tmp/src" && cp -r "$src" "$tmp/src" && chmod -R u+w "$tmp/src"
   # v0.28.9 links a Tencent Cloud backend whose SDK module (tencentcloud/vpc v1.3.149) the module
   # proxy refuses ("not available"). It is a cloud-routing backend no test here can use, so it is
   # left out of main.go; every other backend and the whole of flanneld are built as released.
   sed -i '\#"github.com/flannel-io/flannel/pkg/backend/tencentvpc"#d' "$tmp/src/main.go"
-  (
-    cd "$tmp/src"
-    go mod edit -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc \
-      -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common
-    # The udp backend's packet proxy is C (cgo), as in flannel's own amd64 build.
-    CGO_ENABLED=1 go build -trimpath -o "$tmp/out/flanneld" \
-      -ldflags "-s -w -X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" .
-  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "flanneld: go build failed (log above)"; }
-  echo "version=$FLANNEL_VERSION" >"$tmp/out/VERSION"
+  cd "$tmp/src"
+  go mod edit -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc \
+    -droprequire=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/common
+  # The udp backend's packet proxy is C (cgo), as in flannel's own amd64 build.
+  CGO_ENABLED=1 go build -trimpath -o "$tmp/out/flanneld" \
+    -ldflags "-s -w -X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" .
   echo "note=built without pkg/backend/tencentvpc (its SDK module is not served)" >>"$tmp/out/VERSION"
-  finish flanneld "$tmp" "$started"
 }
 
-build_etcd() {
-  local final tmp started
-  final=$(dir_of etcd)
-  if [ -x "$final/etcd" ] && [ -e "$final/BUILD-INFO" ]; then
-    say "etcd $ETCD_VERSION: already built ($final)"
-    return
-  fi
-  say "etcd $ETCD_VERSION: building from go.etcd.io/etcd/server/v3 (a few minutes)"
-  started=$(date +%s)
-  tmp=$(mktemp -d "$WORK/etcd.XXXX")
-  mkdir "$tmp/src" "$tmp/out"
+compile_etcd() {
+  local tmp=$1
   # etcd's own main module carries replace lines, so it cannot be built by module path; its
   # main.go is one call into etcdmain, which is an ordinary package of the server module.
   cat >"$tmp/src/main.go" <<'EOF'
@@ -132,78 +153,47 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 EOF
-  (
-    cd "$tmp/src"
-    go mod init flannel-bpf.invalid/peers/etcd
-    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-    go mod tidy
-    go build -trimpath -o "$tmp/out/etcd" \
-      -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" .
-  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "etcd: go build failed (log above)"; }
-  echo "version=$ETCD_VERSION" >"$tmp/out/VERSION"
-  finish etcd "$tmp" "$started"
+  cd "$tmp/src"
+  go mod init flannel-bpf.invalid/peers/etcd
+  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+  go mod tidy
+  go build -trimpath -o "$tmp/out/etcd" \
+    -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" .
 }
 
-build_flannel_cni() {
-  local final tmp started
-  final=$(dir_of flannel-cni)
-  if [ -x "$final/flannel" ] && [ -e "$final/BUILD-INFO" ]; then
-    say "flannel CNI plugin $FLANNEL_CNI_VERSION: already built ($final)"
-    return
-  fi
-  say "flannel CNI plugin $FLANNEL_CNI_VERSION: building from github.com/containernetworking/plugins"
-  started=$(date +%s)
-  tmp=$(mktemp -d "$WORK/flannel-cni.XXXX")
-  mkdir "$tmp/src" "$tmp/out"
-  (
-    cd "$tmp/src"
-    go mod init flannel-bpf.invalid/peers/flannel-cni
-    go get "github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_CNI_VERSION"
-    go build -trimpath -o "$tmp/out/flannel" -ldflags "-s -w" \
-      github.com/containernetworking/plugins/plugins/meta/flannel
-  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "flannel-cni: go build failed (log above)"; }
-  echo "version=$FLANNEL_CNI_VERSION" >"$tmp/out/VERSION"
-  finish flannel-cni "$tmp" "$started"
+compile_flannel_cni() {
+  local tmp=$1
+  cd "$tmp/src"
+  go mod init flannel-bpf.invalid/peers/flannel-cni
+  go get "github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_CNI_VERSION"
+  go build -trimpath -o "$tmp/out/flannel" -ldflags "-s -w" \
+    github.com/containernetworking/plugins/plugins/meta/flannel
 }
 
-build_kubernetes() {
-  local final tmp gomod minor started ldflags pkg
-  final=$(dir_of kubernetes)
-  if [ -x "$final/kube-apiserver" ] && [ -x "$final/kube-controller-manager" ] \
-      && [ -x "$final/kubectl" ] && [ -e "$final/BUILD-INFO" ]; then
-    say "kubernetes $KUBERNETES_VERSION: already built ($final)"
-    return
-  fi
-  say "kubernetes $KUBERNETES_VERSION: building kube-apiserver, kube-controller-manager, kubectl from k8s.io/kubernetes (20-40 minutes on 2 cores)"
-  started=$(date +%s)
-  tmp=$(mktemp -d "$WORK/kubernetes.XXXX")
-  mkdir "$tmp/src" "$tmp/out"
+compile_kubernetes() {
+  local tmp=$1 gomod minor ldflags pkg
   gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
-  [ -f "$gomod" ] || die "kubernetes: the module's go.mod was not downloaded"
+  [ -f "$gomod" ] || { echo "kubernetes: the module's go.mod was not downloaded"; return 1; }
   minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
-  (
-    cd "$tmp/src"
-    go mod init flannel-bpf.invalid/peers/kubernetes
-    # k8s.io/kubernetes points its staging modules at ./staging; outside its tree each one is
-    # the published module of the same release: v1.36.3 -> v0.36.3.
-    sed -n 's#^\t\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod" | while read -r mod; do
-      go mod edit -replace="$mod=$mod@v0.${KUBERNETES_VERSION#v1.}"
-    done
-    go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION"
-    go get k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kubectl
-    # What hack/lib/version.sh stamps, so the binaries report their release (the apiserver's
-    # /version, kubectl's skew check).
-    ldflags="-s -w"
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-      ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-    done
-    go build -trimpath -o "$tmp/out/" -ldflags "$ldflags" k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-  ) >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "kubernetes: go build failed (log above)"; }
-  echo "version=$KUBERNETES_VERSION" >"$tmp/out/VERSION"
-  finish kubernetes "$tmp" "$started"
+  cd "$tmp/src"
+  go mod init flannel-bpf.invalid/peers/kubernetes
+  # k8s.io/kubernetes points its staging modules at ./staging; outside its tree each one is
+  # the published module of the same release: v1.36.3 -> v0.36.3.
+  sed -n 's#^\t\(k8s.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod" | while read -r mod; do
+    go mod edit -replace="$mod=$mod@v0.${KUBERNETES_VERSION#v1.}"
+  done
+  go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION"
+  go get k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl
+  # What hack/lib/version.sh stamps, so the binaries report their release (the apiserver's
+  # /version, kubectl's skew check).
+  ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  go build -trimpath -o "$tmp/out/" -ldflags "$ldflags" k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
 }
 
 mkdir -p "$PEERS_CACHE" "$GO_CACHE_ROOT"
@@ -228,13 +218,13 @@ for name in flanneld flannel-cni etcd kubernetes; do
   need+=("$name")
 done
 for name in "${need[@]}"; do
-  case $name in
-    flanneld) [ -x "$(dir_of flanneld)/flanneld" ] && [ -e "$(dir_of flanneld)/BUILD-INFO" ] || { check_go; break; } ;;
-    etcd) [ -x "$(dir_of etcd)/etcd" ] && [ -e "$(dir_of etcd)/BUILD-INFO" ] || { check_go; break; } ;;
-    flannel-cni) [ -e "$(dir_of flannel-cni)/BUILD-INFO" ] || { check_go; break; } ;;
-    kubernetes) [ -e "$(dir_of kubernetes)/BUILD-INFO" ] || { check_go; break; } ;;
-  esac
+  is_built "$name" || { check_go; break; }
 done
 for name in "${need[@]}"; do
-  "build_${name//-/_}"
+  case $name in
+    flanneld) build flanneld "from github.com/flannel-io/flannel (a few minutes)" ;;
+    etcd) build etcd "from go.etcd.io/etcd/server/v3 (a few minutes)" ;;
+    flannel-cni) build flannel-cni "from github.com/containernetworking/plugins/plugins/meta/flannel" ;;
+    kubernetes) build kubernetes "kube-apiserver, kube-controller-manager, kubectl from k8s.io/kubernetes (20-40 minutes on 2 cores)" ;;
+  esac
 done

@@ -78,6 +78,11 @@ def iperf_server(pod: str, port: int = 5201) -> Iterator[None]:
         server.wait()
 
 
+# net.ipv4.tcp_wmem[2] + tcp_rmem[2], a namespace's defaults on this kernel (4 MiB + 32 MiB): the
+# sender's unsent and unacknowledged bytes plus what the receiver holds unread.
+IN_FLIGHT_AT_MOST = (4 + 32) * 1024**2
+
+
 @dataclass(frozen=True)
 class Transfer:
     gbits: float
@@ -87,8 +92,9 @@ class Transfer:
 def transfer(lab_name: str, src: dict[str, Any], dst: dict[str, Any], size: str = "1G") -> Transfer:
     """A TCP transfer of size (1G or N M) from pod src to pod dst. iperf3's server stops reading
     as soon as the client says it is done, so the last segments still in flight can be reset and
-    never cross: counters of a path are held to what the server received (Transfer.received),
-    which must be at least 90% of size."""
+    never cross: counters of a path are held to what the server received (Transfer.received).
+    What may be lost so is at most both sockets' buffers (3.4 MiB of 50 MiB seen under an
+    underlay MTU change), and never 10% of a gigabyte."""
     with iperf_server(dst["namespace"]):
         client = pod_exec(lab_name, src["namespace"], "iperf3", "-c", dst["ip"], "-n", size, "-J")
     assert client.returncode == 0, client.stdout[-2000:]
@@ -96,7 +102,7 @@ def transfer(lab_name: str, src: dict[str, Any], dst: dict[str, Any], size: str 
     wanted = GB if size == "1G" else int(size.rstrip("M")) * 1024**2
     assert result["sum_sent"]["bytes"] >= wanted
     received = int(result["sum_received"]["bytes"])
-    assert received >= 0.9 * wanted, (received, wanted)
+    assert received >= wanted - max(IN_FLIGHT_AT_MOST, wanted // 10), (received, wanted)
     return Transfer(float(result["sum_received"]["bits_per_second"]) / 1e9, received)
 
 

@@ -11,6 +11,29 @@
 #include "maps.h"
 #include "underlay.h"
 
+/*
+ * The IPv4 header of an Ethernet frame about to be routed into the overlay (at the vtep or at a
+ * pod's veth): IPv4 by skb->protocol and by EtherType, a plain 20-byte header in the linear
+ * part. Returns 0 with *ipp set, or the pass reason the caller counts.
+ */
+static __always_inline __u32 fb_frame_ipv4(const struct __sk_buff *skb, void *data, void *data_end,
+					   struct iphdr **ipp)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return FB_PASS_NOT_IPV4;
+	if ((void *)(ip + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (fb_eth_proto(eth) != bpf_htons(ETH_P_IP))
+		return FB_PASS_NOT_IPV4;
+	if (ip->version != 4 || ip->ihl != 5)
+		return FB_PASS_IP_OPTIONS;
+	*ipp = ip;
+	return 0;
+}
+
 /* ENCAP_L2(14), not 14 + 8: with the VXLAN header counted, every GSO packet is dropped. */
 #define FB_ENCAP_FLAGS                                                                          \
 	(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |  \

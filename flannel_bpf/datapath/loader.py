@@ -284,8 +284,10 @@ def _built(source_dir: Path) -> Any:
         raise LoaderError(str(exc)) from None
 
 
-def _load_sched_cls(pin_dir: Path, names: tuple[str, ...], source_dir: Path) -> dict[str, int]:
-    """Load tc programs bound to this instance's pinned maps (created when missing)."""
+def _load(pin_dir: Path, source_dir: Path, wanted: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Load each program of ``wanted`` (name -> program type, load flags) from one build, bound
+    to this instance's pinned maps (created when missing), opened once for all of them. On any
+    refusal nothing stays loaded."""
     from flannel_bpf.datapath.bpf_build import BuildError
 
     built = _built(source_dir)
@@ -295,9 +297,9 @@ def _load_sched_cls(pin_dir: Path, names: tuple[str, ...], source_dir: Path) -> 
     try:
         for spec in ALL_MAPS:
             map_fds[spec.name] = bpf_sys.obj_get(pin_dir / spec.name)
-        for name in names:
+        for name, (prog_type, flags) in wanted.items():
             fds[name] = bpf_sys.prog_load(
-                bpf_sys.BPF_PROG_TYPE_SCHED_CLS, built.bytecode(name, map_fds), name
+                prog_type, built.bytecode(name, map_fds), name, prog_flags=flags
             )
     except (bpf_sys.BPFError, BuildError) as exc:
         for fd in fds.values():
@@ -305,13 +307,16 @@ def _load_sched_cls(pin_dir: Path, names: tuple[str, ...], source_dir: Path) -> 
         raise LoaderError(f"the kernel refused a program: {exc}") from None
     finally:
         for fd in map_fds.values():
-            os.close(fd)
+            os.close(fd)  # the loaded programs hold their own references
     return fds
+
+
+_TC = (bpf_sys.BPF_PROG_TYPE_SCHED_CLS, 0)
 
 
 def compile_pod_programs(pin_dir: Path, source_dir: Path = BPF_SOURCE_DIR) -> PodPrograms:
     """Host routing's two programs, bound to the instance's maps."""
-    fds = _load_sched_cls(pin_dir, (POD_EGRESS, POD_DELIVER), source_dir)
+    fds = _load(pin_dir, source_dir, {POD_EGRESS: _TC, POD_DELIVER: _TC})
     return PodPrograms(fds[POD_EGRESS], fds[POD_DELIVER])
 
 
@@ -323,29 +328,9 @@ def compile_programs(
     The bytecode comes from flannel_bpf.datapath.bpf_build: compiled by bcc in a child process
     and cached, so neither bcc nor LLVM is ever loaded into the agent.
     """
-    from flannel_bpf.datapath.bpf_build import BuildError
-
-    built = _built(source_dir)
-    fds = _load_sched_cls(pin_dir, (wire.encap, wire.tc_decap), source_dir)
-    map_fds: dict[str, int] = {}
-    try:
-        for spec in ALL_MAPS:
-            map_fds[spec.name] = bpf_sys.obj_get(pin_dir / spec.name)
-        try:
-            # Frags: jumbo underlays and multi-buffer NICs reach the program instead of failing.
-            fds[wire.xdp_decap] = bpf_sys.prog_load(
-                bpf_sys.BPF_PROG_TYPE_XDP,
-                built.bytecode(wire.xdp_decap, map_fds),
-                wire.xdp_decap,
-                prog_flags=bpf_sys.BPF_F_XDP_HAS_FRAGS,
-            )
-        except (bpf_sys.BPFError, BuildError) as exc:
-            for fd in fds.values():
-                os.close(fd)
-            raise LoaderError(f"the kernel refused a program: {exc}") from None
-    finally:
-        for fd in map_fds.values():
-            os.close(fd)  # the loaded programs hold their own references
+    # Frags: jumbo underlays and multi-buffer NICs reach the XDP program instead of failing.
+    xdp = (bpf_sys.BPF_PROG_TYPE_XDP, bpf_sys.BPF_F_XDP_HAS_FRAGS)
+    fds = _load(pin_dir, source_dir, {wire.encap: _TC, wire.tc_decap: _TC, wire.xdp_decap: xdp})
     return Programs(fds[wire.encap], fds[wire.xdp_decap], fds[wire.tc_decap])
 
 
