@@ -18,6 +18,7 @@ from flannel_bpf.cli.flags import DEFAULT_METRICS_ADDR, AgentOptions
 from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
 from flannel_bpf.datapath.traffic_rules import (
     IptablesRules,
+    Net,
     RulesError,
     apply_nftables,
     forward_rules,
@@ -190,8 +191,6 @@ class Agent:
             config = await manager.wait_for_network_config()
         except ManagerError as exc:
             raise AgentError(str(exc)) from None
-        if config.enable_ipv6:
-            raise AgentError("EnableIPv6 is set in the network config: IPv6 is not supported yet")
         manager.prefetch_leases()
         try:
             return await self._run_with_config(manager, config, previous)
@@ -207,7 +206,9 @@ class Agent:
             log.info("public IP %s from the node's annotation replaces --public-ip", override)
             opts = dataclasses.replace(opts, public_ip=override)
         try:
-            iface = await find_external_interface(opts)
+            iface = await find_external_interface(
+                opts, ipv4=config.enable_ipv4, ipv6=config.enable_ipv6
+            )
         except InterfaceError as exc:
             raise AgentError(str(exc)) from None
         log.info(
@@ -246,10 +247,10 @@ class Agent:
             raise AgentError(f"failed to install traffic rules: {exc}") from None
 
         contents = SubnetFile(
-            network=config.network,
-            subnet=network.lease.subnet,
-            ipv6_network=None,
-            ipv6_subnet=None,
+            network=config.network if config.enable_ipv4 else None,
+            subnet=network.lease.subnet if config.enable_ipv4 else None,
+            ipv6_network=config.ipv6_network if config.enable_ipv6 else None,
+            ipv6_subnet=network.lease.ipv6_subnet if config.enable_ipv6 else None,
             mtu=network.mtu,
             ip_masq=opts.ip_masq,
         )
@@ -319,36 +320,44 @@ class Agent:
     def _install_rules(
         self, config: NetworkConfig, network: Network, previous: PreviousSubnets
     ) -> list[IptablesRules]:
-        """flanneld's traffic manager: masquerade (--ip-masq) and forward rules."""
+        """flanneld's traffic manager: masquerade (--ip-masq) and forward rules, for each
+        family the network has (iptables and ip6tables, or nftables' two tables)."""
         opts = self.options
-        assert config.network is not None
-        subnet = network.lease.subnet
+        lease = network.lease
         fully_random = not opts.ip_masq_fully_random_disable
+        families: list[tuple[Net, Net, Net | None, Net | None]] = []
+        if config.enable_ipv4 and config.network is not None:
+            families.append((config.network, lease.subnet, previous.network, previous.subnet))
+        if config.enable_ipv6 and config.ipv6_network is not None and lease.ipv6_subnet:
+            families.append(
+                (config.ipv6_network, lease.ipv6_subnet, previous.ipv6_network,
+                 previous.ipv6_subnet)
+            )  # fmt: skip
         if config.enable_nftables:
-            ruleset = nftables_ruleset(
-                config.network,
-                subnet,
-                opts.ip_masq,
-                opts.iptables_forward_rules,
-                fully_random,
-            )
             if opts.ip_masq or opts.iptables_forward_rules:
-                apply_nftables(ruleset)
+                for net, subnet, _, _ in families:
+                    apply_nftables(
+                        nftables_ruleset(net, subnet, opts.ip_masq, opts.iptables_forward_rules,
+                                         fully_random)
+                    )  # fmt: skip
             return []
         remove_nftables()  # the unused mode's leftovers, as flanneld does
         keepers = []
-        if opts.ip_masq:
-            fully_random = fully_random and supports_random_fully()
-            old_net, old_sub = previous.network, previous.subnet
-            if old_net and old_sub and (old_net, old_sub) != (config.network, subnet):
-                log.info("removing masquerade rules of the old network %s/%s", old_net, old_sub)
-                for random in (True, False):
-                    IptablesRules(masquerade_rules(old_net, old_sub, random), "old masq").delete()
-            keepers.append(
-                IptablesRules(masquerade_rules(config.network, subnet, fully_random), "masq")
-            )
-        if opts.iptables_forward_rules:
-            keepers.append(IptablesRules(forward_rules(config.network), "forward"))
+        fully_random = fully_random and supports_random_fully()
+        for net, subnet, old_net, old_sub in families:
+            v6 = net.version == 6
+            family = "IPv6 " if v6 else ""
+            if opts.ip_masq:
+                if old_net and old_sub and (old_net, old_sub) != (net, subnet):
+                    log.info("removing %smasquerade rules of the old network %s/%s", family,
+                             old_net, old_sub)  # fmt: skip
+                    for random in (True, False):
+                        old = masquerade_rules(old_net, old_sub, random)
+                        IptablesRules(old, "old masq", ipv6=v6).delete()
+                masq = masquerade_rules(net, subnet, fully_random)
+                keepers.append(IptablesRules(masq, f"{family}masq", ipv6=v6))
+            if opts.iptables_forward_rules:
+                keepers.append(IptablesRules(forward_rules(net), f"{family}forward", ipv6=v6))
         for rules in keepers:
             rules.apply()
         return keepers

@@ -205,10 +205,14 @@ class Manager:
     async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:
         return Lease(IPv4Network("10.5.7.0/24"), attrs)
 
+class Config:
+    enable_ipv6 = False
+
 async def main() -> None:
     addr = IPv4Address("198.18.0.1")
     iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1480, addr, addr)
-    ctx = ExternalContext(iface, None, Manager(), None, PreviousSubnets())  # type: ignore[arg-type]
+    config, previous = Config(), PreviousSubnets()
+    ctx = ExternalContext(iface, None, Manager(), config, previous)  # type: ignore[arg-type]
     net = await make_backend("host-gw", ctx).register_network()
     checker = [t for t in asyncio.all_tasks() if t.get_name() == "host-gw-route-check"]
     print(net.mtu, net.lease.attrs.to_json().decode(), len(checker))

@@ -58,7 +58,7 @@ NETWORK = "10.5.0.0/16"
 # the given peer events as one batch. Prints the device and our lease value as JSON.
 DRIVER = r"""
 import asyncio, json, logging, socket, sys
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from flannel_bpf.backends.vxlan import (
     VXLANNetwork, configure_vxlan_device, ensure_vxlan_device, parse_vxlan_config,
     vxlan_lease_attrs,
@@ -73,25 +73,37 @@ args = json.loads(sys.argv[1])
 
 async def main() -> None:
     addr = IPv4Address(args["addr"])
-    iface = ExternalInterface(args["iface"], socket.if_nametoindex(args["iface"]), 1500, addr, addr)
+    addr6 = IPv6Address(args["addr6"]) if "addr6" in args else None
+    iface = ExternalInterface(args["iface"], socket.if_nametoindex(args["iface"]), 1500, addr,
+                              addr, addr6, addr6)
     cfg = parse_vxlan_config(BackendConfig("vxlan", args.get("backend", {})))
     logging.getLogger("flannel_bpf").info("%s", cfg.log_line())
     dev = await ensure_vxlan_device(cfg, iface)
-    attrs = vxlan_lease_attrs(cfg, iface.ext_addr, dev)
-    lease = Lease(IPv4Network(args["subnet"]), attrs)
+    dev6 = await ensure_vxlan_device(cfg, iface, v6=True) if addr6 else None
+    attrs = vxlan_lease_attrs(cfg, iface, dev, dev6)
+    subnet6 = IPv6Network(args["subnet6"]) if dev6 else None
+    lease = Lease(IPv4Network(args["subnet"]), attrs, subnet6)
     await configure_vxlan_device(dev, lease.subnet, IPv4Network(args["network"]))
-    net = VXLANNetwork(lease, dev, direct_routing=cfg.direct_routing, retry_attempts=2)
+    if dev6 is not None and subnet6 is not None:
+        await configure_vxlan_device(dev6, subnet6, IPv6Network(args["network6"]))
+    net = VXLANNetwork(lease, dev, device6=dev6, direct_routing=cfg.direct_routing,
+                       retry_attempts=2)
     events = []
-    for kind, subnet, public_ip, data in args.get("events", []):
+    for kind, subnet, public_ip, data, *v6 in args.get("events", []):
+        subnet6, public_ip6, data6 = v6 or (None, None, "")
         peer = Lease(
             IPv4Network(subnet),
-            LeaseAttrs(IPv4Address(public_ip), backend_type="vxlan", backend_data=data.encode()),
+            LeaseAttrs(IPv4Address(public_ip), public_ip6 and IPv6Address(public_ip6),
+                       backend_type="vxlan", backend_data=data.encode(),
+                       backend_v6_data=data6.encode()),
+            subnet6 and IPv6Network(subnet6),
         )
         events.append(LeaseEvent(LeaseEventType(kind), peer))
     if events:
         await net.apply(events)
     print(json.dumps({"mac": dev.mac, "name": dev.name, "mtu": dev.mtu,
-                      "attrs": attrs.to_json().decode()}))
+                      "attrs": attrs.to_json().decode(),
+                      "mac6": dev6.mac if dev6 else "", "mtu6": dev6.mtu if dev6 else 0}))
 
 asyncio.run(main())
 """
@@ -426,6 +438,55 @@ def test_device_and_lease_value(netns: Callable[[str], str]) -> None:
 
 
 @requires_root
+def test_dual_stack_device_lease_and_peers(netns: Callable[[str], str]) -> None:
+    """EnableIPv6: flannel-v6.<VNI> as flanneld builds it (local6 = PublicIPv6, MTU - 50 as the
+    kernel clamps it for an IPv6 underlay, <subnet>::/128), PublicIPv6 and BackendV6Data in the
+    lease; a dual-stack peer gets its neighbour, FDB entry (to its PublicIPv6) and onlink route
+    there too, a single-stack peer only its IPv4 entries, a malformed v6 half only a warning."""
+    ns = host(netns, "vx")
+    sh(ns, "-6", "addr", "add", "fd00:198:18::1/64", "dev", "u0", "nodad")
+    peer4 = ["added", "10.5.2.0/24", "198.18.0.2", '{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}']
+    dual = [
+        "added",
+        "10.5.3.0/24",
+        "198.18.0.3",
+        '{"VNI":1,"VtepMAC":"0a:00:00:00:00:03"}',
+        "fd10:5:0:3::/64",
+        "fd00:198:18::3",
+        '{"VNI":1,"VtepMAC":"0a:00:00:00:06:03"}',
+    ]
+    bad6 = ["added", "10.5.4.0/24", "198.18.0.4", '{"VNI":1,"VtepMAC":"0a:00:00:00:00:04"}',
+            "fd10:5:0:4::/64", "fd00:198:18::4", '{"VNI":1}']  # fmt: skip
+    report, log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", addr6="fd00:198:18::1",
+                        subnet6="fd10:5:0:1::/64", network6="fd10:5::/56",
+                        events=[peer4, dual, bad6])  # fmt: skip
+    mac, mac6 = report["mac"], report["mac6"]
+    assert mac6 and mac6 != mac
+    assert report["attrs"] == (
+        '{"PublicIP":"198.18.0.1","PublicIPv6":"fd00:198:18::1","BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},'
+        f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}'
+    )
+    link = sh(ns, "-d", "link", "show", "flannel-v6.1")
+    assert re.search(r"vxlan id 1 local fd00:198:18::1 dev u0 .*dstport 8472 nolearning", link)
+    assert report["mtu6"] == 1430  # vxlan.ko clamps 1450 to the IPv6 underlay's headroom
+    addrs = lines(sh(ns, "-6", "-o", "addr", "show", "dev", "flannel-v6.1", "scope", "global"))
+    assert len(addrs) == 1 and "inet6 fd10:5:0:1::/128" in addrs[0]
+
+    assert lines(sh(ns, "-6", "neigh", "show", "dev", "flannel-v6.1")) == [
+        "fd10:5:0:3:: lladdr 0a:00:00:00:06:03 PERMANENT"
+    ]
+    fdb = run(["ip", "netns", "exec", ns, "bridge", "fdb", "show", "dev", "flannel-v6.1"])
+    assert "0a:00:00:00:06:03 dst fd00:198:18::3 self permanent" in fdb
+    routes = sh(ns, "-6", "route", "show", "dev", "flannel-v6.1")
+    assert re.search(r"fd10:5:0:3::/64 via fd10:5:0:3:: metric \d+ onlink", routes)
+    assert "fd10:5:0:4::" not in routes and "fd10:5:0:2::" not in routes
+    assert "error decoding subnet lease v6 JSON for 10.5.4.0/24: BackendV6Data" in log
+    # Every peer keeps its IPv4 entries.
+    assert len(lines(sh(ns, "-4", "neigh", "show", "dev", "flannel.1"))) == 3
+
+
+@requires_root
 def test_device_options(netns: Callable[[str], str]) -> None:
     ns = host(netns, "vx")
     backend = {"VNI": 7, "Port": 4789, "MTU": 1400, "GBP": True, "Learning": True}
@@ -644,6 +705,7 @@ class Manager:
 class Config:
     network = IPv4Network("10.5.0.0/16")
     backend = BackendConfig("vxlan", {"VNI": 3})
+    enable_ipv6 = False
 
 async def main() -> None:
     addr = IPv4Address("198.18.0.1")

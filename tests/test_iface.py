@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.datapath.iface import NO_DEFAULT_MATCH, NO_OPTION_MATCH
+from flannel_bpf.datapath.iface import NO_DEFAULT_MATCH
 
 pytestmark = [
     pytest.mark.root,
@@ -35,15 +35,18 @@ from flannel_bpf.cli.flags import parse_run_args
 from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-opts = parse_run_args(sys.argv[1:], {})
+stack, args = sys.argv[1], sys.argv[2:]  # "v4", "dual" or "v6": the network's stack
+opts = parse_run_args(args, {})
 try:
-    ext = asyncio.run(find_external_interface(opts))
+    ext = asyncio.run(find_external_interface(opts, ipv4=stack != "v6", ipv6=stack != "v4"))
 except InterfaceError as exc:
     print(json.dumps({"error": str(exc)}))
 else:
     print(json.dumps({
         "name": ext.name, "index": ext.index, "mtu": ext.mtu,
         "iface_addr": str(ext.iface_addr), "ext_addr": str(ext.ext_addr),
+        **({"iface_v6_addr": str(ext.iface_v6_addr), "ext_v6_addr": str(ext.ext_v6_addr)}
+           if stack != "v4" else {}),
     }))
 """
 
@@ -78,11 +81,11 @@ class NetNS:
         info: list[dict[str, Any]] = json.loads(self.ip("-j", "link", "show", "dev", name))
         return info[0]
 
-    def find(self, *flags: str) -> dict[str, Any]:
+    def find(self, *flags: str, stack: str = "v4") -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env = {k: v for k, v in env.items() if not k.startswith("FLANNELD_")}
         result = subprocess.run(
-            ["ip", "netns", "exec", self.name, sys.executable, "-c", _CHILD, *flags],
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", _CHILD, stack, *flags],
             capture_output=True,
             text=True,
             check=False,
@@ -187,212 +190,82 @@ def test_public_ip_not_owned_without_iface_is_an_error(ns: NetNS) -> None:
     assert "198.18.9.9" in message
 
 
-def test_public_ipv6_is_refused(ns: NetNS) -> None:
+def test_public_ipv6_without_ipv6_in_the_network_is_ignored(ns: NetNS) -> None:
     ns.veth("a0", "10.20.0.5/24")
     ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
 
-    assert "IPv6" in _err(ns.find("--public-ipv6=fd00::1"))
+    found = _ok(ns.find("--public-ipv6=fd00::1"))
+    assert (found["name"], found["ext_addr"]) == ("a0", "10.20.0.5")
 
 
-# --- rule 2: --iface --------------------------------------------------------------------------
+# --- dual stack (EnableIPv6 beside IPv4) ------------------------------------------------------
 
 
-def test_iface_by_name(ns: NetNS) -> None:
+def _v6(ns: NetNS, dev: str, *addrs: str) -> None:
+    for addr in addrs:
+        ns.ip("-6", "addr", "add", addr, "dev", dev, "nodad")
+
+
+def test_dual_stack_default_routes_on_one_interface(ns: NetNS) -> None:
+    """Both families' defaults lead out of a0: its global IPv6 address (a ULA counts as global,
+    as Go's IsGlobalUnicast) is preferred to its link-local one, and is the PublicIPv6."""
     ns.veth("a0", "10.20.0.5/24")
-    ns.veth("b0", "10.30.0.5/24", mtu=1450)
+    _v6(ns, "a0", "fd00:20::5/64")
     ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+    ns.ip("-6", "route", "add", "default", "via", "fd00:20::1", "dev", "a0")
 
-    found = _ok(ns.find("--iface", "b0"))
-
-    assert found == {
-        "name": "b0",
-        "index": ns.link("b0")["ifindex"],
-        "mtu": 1450,
-        "iface_addr": "10.30.0.5",
-        "ext_addr": "10.30.0.5",
-    }
-
-
-def test_iface_by_ip_uses_that_ip(ns: NetNS) -> None:
-    # 10.20.0.6 is a secondary address: found by name, 10.20.0.5 would be used.
-    ns.veth("a0", "10.20.0.5/24", "10.20.0.6/24")
-
-    found = _ok(ns.find("-iface=10.20.0.6"))
-
-    assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
-        "a0",
-        "10.20.0.6",
-        "10.20.0.6",
-    )
-
-
-def test_iface_values_tried_in_order_first_success_wins(ns: NetNS) -> None:
-    ns.veth("a0", "10.20.0.5/24")
-    ns.veth("b0", "10.30.0.5/24")
-    ns.veth("c0")  # exists but has no IPv4 address, so it fails too
-
-    found = _ok(
-        ns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0", "--iface=b0", "-iface=a0")
-    )
-
-    assert (found["name"], found["iface_addr"]) == ("b0", "10.30.0.5")
-
-
-def test_iface_all_failing_names_what_was_tried(ns: NetNS) -> None:
-    ns.veth("c0")
-
-    message = _err(ns.find("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0"))
-
-    assert message.startswith(NO_OPTION_MATCH)
-    for tried in ("--iface=nosuch0", "--iface=10.99.0.1", "--iface=c0"):
-        assert tried in message
-    assert "failed to find IPv4 address for interface c0" in message
-
-
-def test_empty_iface_value_means_default_route_like_flanneld(ns: NetNS) -> None:
-    ns.veth("a0", "10.20.0.5/24")
-    ns.veth("b0", "10.30.0.5/24")
-    ns.ip("route", "add", "default", "via", "10.30.0.1", "dev", "b0")
-
-    assert _ok(ns.find("--iface="))["name"] == "b0"
-
-
-def test_public_ip_not_owned_is_fine_with_iface(ns: NetNS) -> None:
-    ns.veth("a0", "10.20.0.5/24")
-
-    found = _ok(ns.find("--iface=a0", "--public-ip=198.18.5.5"))
-
-    assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
-        "a0",
-        "10.20.0.5",
-        "198.18.5.5",
-    )
-
-
-# --- rule 3: --iface-regex --------------------------------------------------------------------
-
-
-@pytest.fixture
-def two_links(ns: NetNS) -> NetNS:
-    # b0 is created first, so it has the lower ifindex.
-    ns.veth("b0", "10.30.0.5/24")
-    ns.veth("a0", "10.20.0.5/24")
-    return ns
-
-
-def test_iface_regex_matches_addresses_before_names(two_links: NetNS) -> None:
-    found = _ok(two_links.find(r"--iface-regex=^b0$|^10\.20\."))
-
-    assert (found["name"], found["iface_addr"]) == ("a0", "10.20.0.5")
-
-
-def test_iface_regex_address_match_in_ifindex_order(two_links: NetNS) -> None:
-    found = _ok(two_links.find(r"--iface-regex=^10\."))
-
-    assert (found["name"], found["iface_addr"]) == ("b0", "10.30.0.5")
-
-
-def test_iface_regex_falls_back_to_names(two_links: NetNS) -> None:
-    found = _ok(two_links.find("--iface-regex=^a0$"))
-
-    assert (found["name"], found["iface_addr"]) == ("a0", "10.20.0.5")
-
-
-def test_iface_regex_only_after_every_iface_value(two_links: NetNS) -> None:
-    found = _ok(
-        two_links.find(r"--iface-regex=^10\.30\.", "--iface=nosuch0", r"-iface-regex=^10\.20\.")
-    )
-
-    assert found["name"] == "b0"
-    found = _ok(two_links.find(r"--iface-regex=^10\.30\.", "--iface=a0"))
+    found = _ok(ns.find(stack="dual"))
     assert found["name"] == "a0"
+    assert (found["iface_addr"], found["iface_v6_addr"]) == ("10.20.0.5", "fd00:20::5")
+    assert found["ext_v6_addr"] == "fd00:20::5"
+
+    found = _ok(ns.find("--public-ipv6=2001:db8::7", "--iface=a0", stack="dual"))
+    assert (found["iface_v6_addr"], found["ext_v6_addr"]) == ("fd00:20::5", "2001:db8::7")
 
 
-def test_iface_regex_without_match_is_an_error(two_links: NetNS) -> None:
-    message = _err(two_links.find("--iface-regex=^nomatch"))
-
-    assert message.startswith(NO_OPTION_MATCH)
-    assert "Could not match pattern ^nomatch" in message
-    assert "a0:[10.20.0.5]" in message
-
-
-# --- rule 4: --iface-can-reach ----------------------------------------------------------------
-
-
-def test_iface_can_reach_uses_route_interface_and_source(ns: NetNS) -> None:
-    ns.veth("a0", "10.20.0.5/24")
-    ns.veth("b0", "10.30.0.5/24", "10.30.0.9/24")
-    ns.ip("route", "add", "10.40.0.0/16", "via", "10.30.0.1", "dev", "b0", "src", "10.30.0.9")
-
-    found = _ok(ns.find("--iface-can-reach=10.40.1.1"))
-
-    assert (found["name"], found["iface_addr"], found["ext_addr"]) == (
-        "b0",
-        "10.30.0.9",
-        "10.30.0.9",
-    )
-    found = _ok(ns.find("--iface-can-reach", "10.20.0.77"))
-    assert (found["name"], found["iface_addr"]) == ("a0", "10.20.0.5")
-
-
-def test_iface_can_reach_is_tried_last(ns: NetNS) -> None:
+def test_dual_stack_default_routes_on_two_interfaces_are_refused(ns: NetNS) -> None:
     ns.veth("a0", "10.20.0.5/24")
     ns.veth("b0", "10.30.0.5/24")
+    _v6(ns, "b0", "fd00:30::5/64")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+    ns.ip("-6", "route", "add", "default", "via", "fd00:30::1", "dev", "b0")
 
-    found = _ok(ns.find("--iface-can-reach=10.20.0.77", "--iface-regex=^b0$"))
+    message = _err(ns.find(stack="dual"))
+    assert "v6 default route interface b0 must be the same with v4 default route interface a0" in (
+        message
+    )
 
-    assert found["name"] == "b0"
 
-
-def test_iface_can_reach_without_route_is_an_error(ns: NetNS) -> None:
+def test_dual_stack_interface_by_its_ipv6_address(ns: NetNS) -> None:
     ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
+    _v6(ns, "b0", "fd00:30::5/64")
 
-    message = _err(ns.find("--iface-can-reach=10.77.0.1"))
-
-    assert message.startswith(NO_OPTION_MATCH)
-    assert "--iface-can-reach=10.77.0.1" in message
-    assert "couldn't lookup route to 10.77.0.1" in message
-
-
-# --- address choice ---------------------------------------------------------------------------
+    found = _ok(ns.find("--iface=fd00:30::5", stack="dual"))
+    assert (found["name"], found["iface_addr"], found["iface_v6_addr"]) == (
+        "b0", "10.30.0.5", "fd00:30::5"
+    )  # fmt: skip
 
 
-def test_global_address_preferred_over_link_local(ns: NetNS) -> None:
-    ns.veth("a0", "169.254.7.7/16", "10.20.0.5/24")
+def test_dual_stack_link_local_only_is_taken_and_no_ipv6_is_an_error(ns: NetNS) -> None:
+    """flanneld's GetInterfaceIP6Addrs takes a link-local address when there is no global one;
+    an interface without IPv6 at all is skipped with the reason logged."""
+    ns.veth("a0", "10.20.0.5/24")
+    _v6(ns, "a0", "fe80::5/64")
+    ns.veth("b0", "10.30.0.5/24")
+    ns.ip("link", "set", "b0", "down")
+    subprocess.run(["ip", "netns", "exec", ns.name, "sysctl", "-qw",
+                    "net.ipv6.conf.b0.disable_ipv6=1"], check=True)  # fmt: skip
+    ns.ip("link", "set", "b0", "up")
 
-    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "10.20.0.5"
-
-
-def test_link_local_used_when_nothing_else(ns: NetNS) -> None:
-    ns.veth("a0", "169.254.7.7/16")
-
-    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
-
-
-def test_permanent_address_preferred_over_dynamic(ns: NetNS) -> None:
-    ns.veth("a0")
-    ns.ip("addr", "add", "10.20.0.5/24", "dev", "a0", "valid_lft", "3600", "preferred_lft", "3600")
-    ns.ip("addr", "add", "10.21.0.5/24", "dev", "a0")
-
-    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "10.21.0.5"
+    assert _ok(ns.find("--iface=a0", stack="dual"))["iface_v6_addr"].startswith("fe80::")
+    message = _err(ns.find("--iface=b0", stack="dual"))
+    assert "failed to find IPv6 address for interface b0" in message
 
 
-def test_deprecated_address_is_never_used(ns: NetNS) -> None:
-    ns.veth("a0")
-    ns.ip("addr", "add", "10.20.0.5/24", "dev", "a0", "preferred_lft", "0")
-    ns.ip("addr", "add", "169.254.7.7/16", "dev", "a0")
+def test_ipv6_only_is_refused_with_the_reason(ns: NetNS) -> None:
+    """(A malformed --public-ipv6 is a flag error before any lookup: test_flags.)"""
+    ns.veth("a0", "10.20.0.5/24")
+    _v6(ns, "a0", "fd00:20::5/64")
 
-    assert _ok(ns.find("--iface=a0"))["iface_addr"] == "169.254.7.7"
-
-    ns.ip("addr", "del", "169.254.7.7/16", "dev", "a0")
-    message = _err(ns.find("--iface=a0"))
-    assert "failed to find IPv4 address for interface a0" in message
-
-
-def test_interface_without_address_is_an_error(ns: NetNS) -> None:
-    ns.veth("a0")
-
-    message = _err(ns.find("--iface=a0"))
-
-    assert message.startswith(NO_OPTION_MATCH)
-    assert "failed to find IPv4 address for interface a0" in message
+    assert "IPv6-only networks are not supported" in _err(ns.find("--iface=a0", stack="v6"))

@@ -304,7 +304,7 @@ async def main() -> None:
     iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1500, addr, addr)
     vx = VXLANConfig(vni=cfg["vni"])
     dev = await ensure_vxlan_device(vx, iface)
-    lease = Lease(IPv4Network(cfg["subnet"]), vxlan_lease_attrs(vx, addr, dev))
+    lease = Lease(IPv4Network(cfg["subnet"]), vxlan_lease_attrs(vx, iface, dev))
     await configure_vxlan_device(dev, lease.subnet, IPv4Network(cfg["network"]))
     net = VXLANNetwork(lease, dev)
     data = json.dumps({"VNI": cfg["vni"], "VtepMAC": cfg["peer_mac"]}).encode()

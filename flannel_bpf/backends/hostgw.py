@@ -1,4 +1,5 @@
 """host-gw: one kernel route per peer, via the peer's PublicIP (flannel-compat.md section 5.3).
+With IPv6 (EnableIPv6), a second one per peer: its IPv6 subnet via its PublicIPv6.
 
 flanneld's pkg/backend/hostgw on top of route_network.go. :class:`HostGWNetwork` needs no lease
 manager, so tests can drive it in a network namespace without etcd.
@@ -12,7 +13,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
@@ -35,8 +36,8 @@ CHECK_INTERVAL = 10.0  # flanneld's routeCheckRetries loop period
 class Route:
     """flanneld compares routes on exactly these three fields (routeEqual)."""
 
-    dst: IPv4Network
-    gw: IPv4Address
+    dst: IPv4Network | IPv6Network
+    gw: IPv4Address | IPv6Address
     oif: int
 
     def spec(self) -> dict[str, Any]:
@@ -51,10 +52,10 @@ class Route:
         return f"{self.dst} via {self.gw} dev index {self.oif}"
 
 
-async def _main_routes(ipr: Any) -> list[Route]:
-    """The main table's IPv4 unicast routes with a destination and a gateway."""
+async def _main_routes(ipr: Any, family: int = socket.AF_INET) -> list[Route]:
+    """The main table's unicast routes of a family with a destination and a gateway."""
     routes: list[Route] = []
-    async for msg in await ipr.route("dump", family=socket.AF_INET):
+    async for msg in await ipr.route("dump", family=family):
         table = msg.get_attr("RTA_TABLE") or msg["table"]
         if int(table) != RT_TABLE_MAIN or int(msg["flags"]) & RTM_F_CLONED:
             continue
@@ -64,8 +65,8 @@ async def _main_routes(ipr: Any) -> list[Route]:
             continue
         routes.append(
             Route(
-                IPv4Network(f"{dst}/{msg['dst_len']}"),
-                IPv4Address(str(gw)),
+                ip_network(f"{dst}/{msg['dst_len']}"),
+                ip_address(str(gw)),
                 int(msg.get_attr("RTA_OIF") or 0),
             )
         )
@@ -76,13 +77,20 @@ class HostGWNetwork(Network):
     """Our lease plus the per-peer routes; a background task restores routes that vanish."""
 
     def __init__(
-        self, lease: Lease, link_index: int, mtu: int, *, check_interval: float = CHECK_INTERVAL
+        self,
+        lease: Lease,
+        link_index: int,
+        mtu: int,
+        *,
+        ipv6: bool = False,
+        check_interval: float = CHECK_INTERVAL,
     ) -> None:
         self.lease = lease
         self.mtu = mtu
         self.link_index = link_index
+        self.ipv6 = ipv6
         self.check_interval = check_interval
-        self.routes: dict[IPv4Network, Route] = {}
+        self.routes: dict[IPv4Network | IPv6Network, Route] = {}
         self._checker: asyncio.Task[None] | None = None
 
     def accepts(self, lease: Lease) -> bool:
@@ -96,7 +104,8 @@ class HostGWNetwork(Network):
             self._checker = asyncio.create_task(self._check_loop(), name="host-gw-route-check")
 
     def programmed_peers(self) -> int:
-        return len(self.routes)
+        """Peers with their IPv4 route (IPv6 routes are the same peers again)."""
+        return sum(1 for dst in self.routes if dst.version == 4)
 
     async def close(self) -> None:
         task, self._checker = self._checker, None
@@ -108,31 +117,47 @@ class HostGWNetwork(Network):
     def route_for(self, lease: Lease) -> Route:
         return Route(lease.subnet, lease.attrs.public_ip, self.link_index)
 
+    def routes_for(self, lease: Lease) -> list[Route]:
+        """The peer's IPv4 route, and with IPv6 on both sides its IPv6 route (GetV6Route)."""
+        routes = [self.route_for(lease)] if lease.subnet.prefixlen else []
+        v6, gw6 = lease.ipv6_subnet, lease.attrs.public_ipv6
+        if self.ipv6 and v6 is not None and v6.prefixlen and gw6 is not None:
+            routes.append(Route(v6, gw6, self.link_index))
+        return routes
+
+    async def _existing(self, ipr: Any) -> dict[IPv4Network | IPv6Network, list[Route]]:
+        existing: dict[IPv4Network | IPv6Network, list[Route]] = {}
+        families = (socket.AF_INET, socket.AF_INET6) if self.ipv6 else (socket.AF_INET,)
+        for family in families:
+            for route in await _main_routes(ipr, family):
+                existing.setdefault(route.dst, []).append(route)
+        return existing
+
     async def apply(self, events: list[LeaseEvent]) -> None:
         async with AsyncIPRoute() as ipr:
             # One dump per batch instead of flanneld's per-peer filtered listing.
-            existing: dict[IPv4Network, list[Route]] = {}
-            for route in await _main_routes(ipr):
-                existing.setdefault(route.dst, []).append(route)
+            existing = await self._existing(ipr)
             for event in events:
                 lease = event.lease
-                if lease.subnet == self.lease.subnet:
+                if lease.key == self.lease.key:
                     continue
-                route = self.route_for(lease)
-                if event.type is LeaseEventType.ADDED:
-                    log.info("Subnet added: %s via %s", lease.subnet, lease.attrs.public_ip)
-                    await self._add(ipr, route, existing)
-                else:
-                    log.info("Subnet removed: %s", lease.subnet)
+                for route in self.routes_for(lease):
+                    if event.type is LeaseEventType.ADDED:
+                        log.info("Subnet added: %s via %s", route.dst, route.gw)
+                        await self._add(ipr, route, existing)
+                        continue
+                    log.info("Subnet removed: %s", route.dst)
                     self.routes.pop(route.dst, None)
                     try:
                         await ipr.route("del", **route.spec())
                     except NetlinkError as exc:
                         if exc.code not in (errno.ESRCH, errno.ENOENT):
-                            log.error("Error deleting route to %s: %s", lease.subnet, exc)
+                            log.error("Error deleting route to %s: %s", route.dst, exc)
                     existing.pop(route.dst, None)
 
-    async def _add(self, ipr: Any, route: Route, existing: dict[IPv4Network, list[Route]]) -> None:
+    async def _add(
+        self, ipr: Any, route: Route, existing: dict[IPv4Network | IPv6Network, list[Route]]
+    ) -> None:
         self.routes[route.dst] = route
         present = existing.get(route.dst, [])
         for other in list(present):
@@ -161,7 +186,7 @@ class HostGWNetwork(Network):
         if not self.routes:
             return
         async with AsyncIPRoute() as ipr:
-            present = set(await _main_routes(ipr))
+            present = {route for routes in (await self._existing(ipr)).values() for route in routes}
             for route in list(self.routes.values()):
                 if route in present:
                     continue
@@ -195,7 +220,13 @@ class HostGWBackend(Backend):
 
     async def register_network(self) -> Network:
         iface = self.ctx.iface
-        lease = await self.acquire(LeaseAttrs(public_ip=iface.ext_addr, backend_type=BACKEND_TYPE))
-        network = HostGWNetwork(lease, iface.index, iface.mtu)
+        ipv6 = self.ctx.config.enable_ipv6
+        attrs = LeaseAttrs(
+            public_ip=iface.ext_addr,
+            public_ipv6=iface.ext_v6_addr if ipv6 else None,
+            backend_type=BACKEND_TYPE,
+        )
+        lease = await self.acquire(attrs)
+        network = HostGWNetwork(lease, iface.index, iface.mtu, ipv6=ipv6)
         network.start()
         return network

@@ -625,6 +625,12 @@ class UDPBackend(Backend):
         if opts.host_routing == "bpf":
             log.warning("--host-routing=bpf is for the vxlan backend (flannel's VXLAN on the "
                         "wire); udp runs with host routing kernel")  # fmt: skip
+        if ctx.config.enable_ipv6:
+            # As flanneld's: the lease still gets its IPv6 subnet (subnet.env names it), but
+            # no peer learns an IPv6 address of ours and nothing carries IPv6 pod traffic.
+            log.warning("EnableIPv6 is set, but the udp backend carries IPv4 only (as flanneld's "
+                        "udp): pods' IPv6 traffic between hosts is not carried; use vxlan or "
+                        "host-gw for IPv6")  # fmt: skip
         # flanneld's udp writes PublicIP only: no BackendType, no BackendData.
         lease = await self.acquire(LeaseAttrs(public_ip=iface.ext_addr))
         plane = await start_udp_dataplane(lease.subnet, ctx.config.network, iface, port)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ class VXLANConfig:
     def device_name(self) -> str:
         return f"flannel.{self.vni}"
 
+    @property
+    def device_name_v6(self) -> str:
+        return f"flannel-v6.{self.vni}"
+
     def log_line(self) -> str:
         # Go's %v prints bools as true/false.
         def b(value: bool) -> str:
@@ -129,21 +134,40 @@ def parse_vxlan_config(backend: BackendConfig) -> VXLANConfig:
 
 @dataclass(frozen=True)
 class PeerVtep:
-    """What a peer's vxlan lease tells us: where its VTEP is and which MAC terminates it."""
+    """What a peer's vxlan lease tells us for one family: where its VTEP is and which MAC
+    terminates it (flannel.<VNI>'s for IPv4, flannel-v6.<VNI>'s for IPv6)."""
 
-    subnet: IPv4Network
-    public_ip: IPv4Address
+    subnet: IPv4Network | IPv6Network
+    public_ip: IPv4Address | IPv6Address
     mac: str
 
 
 def peer_vtep(lease: Lease) -> PeerVtep:
     """Decode a peer's BackendData (flanneld's vxlanLeaseAttrs); ValueError when unusable."""
+    return PeerVtep(lease.subnet, lease.attrs.public_ip, _vtep_mac(lease.attrs.backend_data))
+
+
+def peer_vtep_v6(lease: Lease) -> PeerVtep | None:
+    """The IPv6 half of a peer's lease (its IPv6 subnet, PublicIPv6 and BackendV6Data), or None
+    when the peer has no IPv6 (a single-stack node); ValueError when present but unusable."""
+    if lease.ipv6_subnet is None or lease.ipv6_subnet.prefixlen == 0:
+        return None
+    if lease.attrs.public_ipv6 is None:
+        raise ValueError(f"the lease of {lease.ipv6_subnet} has no PublicIPv6")
     try:
-        data = lease.attrs.backend_json()
+        mac = _vtep_mac(lease.attrs.backend_v6_data)
+    except ValueError as exc:
+        raise ValueError(f"BackendV6Data: {exc}") from None
+    return PeerVtep(lease.ipv6_subnet, lease.attrs.public_ipv6, mac)
+
+
+def _vtep_mac(backend_data: bytes) -> str:
+    try:
+        data = json.loads(backend_data) if backend_data else None
     except ValueError as exc:
         raise ValueError(f"BackendData is not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"BackendData is not an object: {lease.attrs.backend_data!r}")
+        raise ValueError(f"BackendData is not an object: {backend_data!r}")
     # Receivers read only VtepMAC, but Go still fails the whole decode on a mistyped VNI.
     vni = _go_get(data, "VNI")
     if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or vni < 0):
@@ -153,11 +177,12 @@ def peer_vtep(lease: Lease) -> PeerVtep:
         raise ValueError("VtepMAC is missing")
     if not isinstance(mac, str):
         raise ValueError(f"VtepMAC is not a string: {mac!r}")
-    return PeerVtep(lease.subnet, lease.attrs.public_ip, parse_mac(mac))
+    return parse_mac(mac)
 
 
 def remote_entry(peer: PeerVtep, direct: bool) -> Remote:
     """A peer as fb_remotes holds it; direct-routing peers are left to the kernel's route."""
+    assert isinstance(peer.subnet, IPv4Network) and isinstance(peer.public_ip, IPv4Address)
     return Remote(peer.subnet, peer.public_ip, peer.mac, FB_REMOTE_SKIP if direct else 0)
 
 
@@ -193,7 +218,9 @@ def _linkinfo(msg: Any) -> tuple[str | None, dict[str, Any]]:
     return kind, attrs
 
 
-def _incompatibility(cfg: VXLANConfig, iface: ExternalInterface, msg: Any) -> str:
+def _incompatibility(
+    cfg: VXLANConfig, local: IPv4Address | IPv6Address, index: int, msg: Any
+) -> str:
     """flanneld's vxlanLinksIncompat: "" when the existing device may be reused as is."""
     kind, data = _linkinfo(msg)
     if kind != "vxlan":
@@ -202,11 +229,11 @@ def _incompatibility(cfg: VXLANConfig, iface: ExternalInterface, msg: Any) -> st
     if vni != cfg.vni:
         return f"vni: {cfg.vni} vs {vni}"
     link = int(data.get("IFLA_VXLAN_LINK") or 0)
-    if iface.index and link and link != iface.index:
-        return f"vtep (external) interface: {iface.index} vs {link}"
-    local = data.get("IFLA_VXLAN_LOCAL")
-    if local and IPv4Address(local) != iface.ext_addr:
-        return f"vtep (external) IP: {iface.ext_addr} vs {local}"
+    if index and link and link != index:
+        return f"vtep (external) interface: {index} vs {link}"
+    found = data.get("IFLA_VXLAN_LOCAL6" if local.version == 6 else "IFLA_VXLAN_LOCAL")
+    if found and ip_address(found) != local:
+        return f"vtep (external) IP: {local} vs {found}"
     if data.get("IFLA_VXLAN_GROUP"):
         return f"group address: <nil> vs {data['IFLA_VXLAN_GROUP']}"
     if int(data.get("IFLA_VXLAN_L2MISS") or 0):
@@ -259,11 +286,14 @@ async def stored_vtep_mac(manager: Manager, device_name: str) -> str | None:
 
 
 async def ensure_vxlan_device(
-    cfg: VXLANConfig, iface: ExternalInterface, mac: str | None = None
+    cfg: VXLANConfig, iface: ExternalInterface, mac: str | None = None, *, v6: bool = False
 ) -> VtepDevice:
     """Create flannel.<VNI> (with mac, or a random one), or reuse a compatible existing one,
-    which keeps its MAC."""
-    name = cfg.device_name
+    which keeps its MAC. v6: flannel-v6.<VNI>, its tunnels from the PublicIPv6."""
+    name = cfg.device_name_v6 if v6 else cfg.device_name
+    local: IPv4Address | IPv6Address | None = iface.ext_v6_addr if v6 else iface.ext_addr
+    if local is None:
+        raise BackendError(f"{name} needs the interface's IPv6 address (or --public-ipv6)")
     spec: dict[str, Any] = {
         "ifname": name,
         "kind": "vxlan",
@@ -271,7 +301,7 @@ async def ensure_vxlan_device(
         "mtu": (cfg.mtu or iface.mtu) - VXLAN_OVERHEAD,
         "vxlan_id": cfg.vni,
         "vxlan_link": iface.index,
-        "vxlan_local": str(iface.ext_addr),
+        "vxlan_local6" if v6 else "vxlan_local": str(local),
         # Sent explicitly, as vishvananda/netlink does, so kernel defaults cannot differ.
         "vxlan_ttl": 0,
         "vxlan_tos": 0,
@@ -296,7 +326,7 @@ async def ensure_vxlan_device(
                 existing = await _get_link(ipr, name)
                 if existing is None:
                     raise
-                reason = _incompatibility(cfg, iface, existing)
+                reason = _incompatibility(cfg, local, iface.index, existing)
                 if not reason:
                     log.debug("Returning existing device")
                 else:
@@ -323,31 +353,37 @@ async def ensure_vxlan_device(
 
 
 async def configure_vxlan_device(
-    device: VtepDevice, subnet: IPv4Network, network: IPv4Network
+    device: VtepDevice, subnet: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network
 ) -> None:
-    """EnsureV4AddressOnLink(<subnet .0>/32) and set the device up; check the MAC held."""
+    """EnsureV4AddressOnLink(<subnet .0>/32), or for flannel-v6.<VNI> EnsureV6AddressOnLink
+    (<subnet ::>/128, every other global address removed), and set the device up; check the
+    MAC held."""
     wanted = subnet.network_address
+    v6 = wanted.version == 6
     try:
         async with AsyncIPRoute() as ipr:
             present = False
-            stale: list[tuple[IPv4Address, int]] = []
-            async for msg in await ipr.addr("dump", family=socket.AF_INET, index=device.index):
+            stale: list[tuple[IPv4Address | IPv6Address, int]] = []
+            family = socket.AF_INET6 if v6 else socket.AF_INET
+            async for msg in await ipr.addr("dump", family=family, index=device.index):
                 if int(msg["index"]) != device.index:
                     continue
                 text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
                 if not text:
                     continue
-                address = IPv4Address(str(text))
-                if address == wanted and int(msg["prefixlen"]) == 32:
+                address = ip_address(str(text))
+                if address == wanted and int(msg["prefixlen"]) == wanted.max_prefixlen:
                     present = True
-                elif address in network:
+                elif address in network or (v6 and not address.is_link_local):
                     # Left over from an earlier lease: two subnet addresses would confuse peers.
                     stale.append((address, int(msg["prefixlen"])))
             for address, prefixlen in stale:
                 log.info("removing stale address %s/%d from %s", address, prefixlen, device.name)
                 await ipr.addr("del", index=device.index, address=str(address), prefixlen=prefixlen)
             if not present:
-                await ipr.addr("add", index=device.index, address=str(wanted), prefixlen=32)
+                await ipr.addr(
+                    "add", index=device.index, address=str(wanted), prefixlen=wanted.max_prefixlen
+                )
             await ipr.link("set", index=device.index, state="up")
             link = await _get_link(ipr, device.name)
     except NetlinkError as exc:
@@ -359,9 +395,25 @@ async def configure_vxlan_device(
         )
 
 
-def vxlan_lease_attrs(cfg: VXLANConfig, public_ip: IPv4Address, device: VtepDevice) -> LeaseAttrs:
-    data = f'{{"VNI":{cfg.vni},"VtepMAC":"{device.mac}"}}'.encode()
-    return LeaseAttrs(public_ip=public_ip, backend_type=BACKEND_TYPE, backend_data=data)
+def vxlan_lease_attrs(
+    cfg: VXLANConfig,
+    iface: ExternalInterface,
+    device: VtepDevice | None,
+    device6: VtepDevice | None = None,
+) -> LeaseAttrs:
+    """flanneld's vxlan attrs: BackendData for flannel.<VNI>, and with IPv6 PublicIPv6 and
+    BackendV6Data for flannel-v6.<VNI> (an IPv6-only node's PublicIP stays 0.0.0.0, as Go's)."""
+
+    def data(dev: VtepDevice | None) -> bytes:
+        return f'{{"VNI":{cfg.vni},"VtepMAC":"{dev.mac}"}}'.encode() if dev else b""
+
+    return LeaseAttrs(
+        public_ip=iface.ext_addr if device else IPv4Address(0),
+        public_ipv6=iface.ext_v6_addr if device6 else None,
+        backend_type=BACKEND_TYPE,
+        backend_data=data(device),
+        backend_v6_data=data(device6),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +422,9 @@ def vxlan_lease_attrs(cfg: VXLANConfig, public_ip: IPv4Address, device: VtepDevi
 
 class VXLANNetwork(Network):
     """Our lease plus flannel.<VNI>; programs one neighbour, FDB entry and route per peer.
+    With IPv6, flannel-v6.<VNI> gets the same three entries per peer that has IPv6 too.
 
-    With a BPF data path, each peer also gets an fb_remotes entry (written after the kernel
+    With a BPF data path, each IPv4 peer also gets an fb_remotes entry (written after the kernel
     entries, removed before them), so anything the programs pass on still finds vxlan.ko ready.
     """
 
@@ -380,6 +433,7 @@ class VXLANNetwork(Network):
         lease: Lease,
         device: VtepDevice,
         *,
+        device6: VtepDevice | None = None,
         direct_routing: bool = False,
         bpf: BPFDatapath | None = None,
         fallbacks: tuple[str, ...] = (),
@@ -388,6 +442,7 @@ class VXLANNetwork(Network):
     ) -> None:
         self.lease = lease
         self.device = device
+        self.device6 = device6
         self.mtu = device.mtu
         self.direct_routing = direct_routing
         self.bpf = bpf
@@ -395,8 +450,8 @@ class VXLANNetwork(Network):
         self.fallbacks = fallbacks
         self._attempts = max(1, retry_attempts)
         self._delay = retry_delay
-        # Peers whose route is in place (the last of their entries).
-        self._programmed: set[IPv4Network] = set()
+        # Peers whose route is in place (the last of their entries), by subnet of each family.
+        self._programmed: set[IPv4Network | IPv6Network] = set()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         if self.bpf is not None and self.bpf.pod_bridge:
@@ -406,10 +461,15 @@ class VXLANNetwork(Network):
 
     def datapath_status(self) -> dict[str, Any]:
         bpf = self.bpf.status() if self.bpf is not None else {"host_routing": "kernel"}
-        return {"device": self.device.name, **bpf}
+        v6 = {"device_v6": self.device6.name} if self.device6 is not None else {}
+        return {"device": self.device.name, **v6, **bpf}
 
     def programmed_peers(self) -> int:
-        return len(self._programmed)
+        """Peers with their IPv4 entries in place (IPv6's are counted apart)."""
+        return sum(1 for subnet in self._programmed if subnet.version == 4)
+
+    def programmed_peers_v6(self) -> int:
+        return sum(1 for subnet in self._programmed if subnet.version == 6)
 
     async def apply_snapshot(self, events: list[LeaseEvent]) -> None:
         """Kernel entries as for any batch; fb_remotes swept to exactly these leases at once."""
@@ -436,12 +496,22 @@ class VXLANNetwork(Network):
         peers: list[tuple[LeaseEvent, PeerVtep]] = []
         for event in events:
             lease = event.lease
-            if lease.subnet == self.lease.subnet:
+            if lease.key == self.lease.key:
                 continue
             try:
-                peers.append((event, peer_vtep(lease)))
+                if lease.subnet.prefixlen:  # 0.0.0.0/0: an IPv6-only peer
+                    peers.append((event, peer_vtep(lease)))
             except ValueError as exc:
                 log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
+            if self.device6 is None:
+                continue
+            try:
+                v6 = peer_vtep_v6(lease)
+            except ValueError as exc:
+                log.warning("error decoding subnet lease v6 JSON for %s: %s", lease.subnet, exc)
+                continue
+            if v6 is not None:
+                peers.append((event, v6))
         added: list[Remote] = []
         if not peers:
             return added
@@ -466,10 +536,12 @@ class VXLANNetwork(Network):
             (added if event.type is LeaseEventType.ADDED else removed).append((peer, is_direct))
         if self.bpf is not None:
             for peer, _ in removed:
-                update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
+                if isinstance(peer.subnet, IPv4Network):
+                    update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
         await self._remove_peers(nl, removed)
         await self._add_peers(nl, added)
-        remotes = [remote_entry(peer, is_direct) for peer, is_direct in added]
+        # The programs carry IPv4 inner packets: IPv6 peers are vxlan.ko's (flannel-v6.<VNI>).
+        remotes = [remote_entry(peer, direct) for peer, direct in added if peer.subnet.version == 4]
         if self.bpf is not None and not snapshot:
             for remote in remotes:
                 update_remote(self.bpf, remote.subnet, remote, "vxlan.ko")
@@ -489,14 +561,21 @@ class VXLANNetwork(Network):
         return direct
 
     # The entries, as iproute2 would write them; see the table in flannel-compat.md 5.1.
+    def _device_of(self, peer: PeerVtep) -> int:
+        if peer.subnet.version == 6:
+            assert self.device6 is not None
+            return self.device6.index
+        return self.device.index
+
     def _neigh(self, peer: PeerVtep, add: bool) -> NlRequest:
-        return neigh_request(add, self.device.index, peer.subnet.network_address, peer.mac)
+        return neigh_request(add, self._device_of(peer), peer.subnet.network_address, peer.mac)
 
     def _fdb(self, peer: PeerVtep, add: bool) -> NlRequest:
-        return fdb_request(add, self.device.index, peer.mac, peer.public_ip)
+        return fdb_request(add, self._device_of(peer), peer.mac, peer.public_ip)
 
     def _route(self, peer: PeerVtep, add: bool) -> NlRequest:
-        return route_request(add, peer.subnet, peer.subnet.network_address, self.device.index)
+        dev = self._device_of(peer)
+        return route_request(add, peer.subnet, peer.subnet.network_address, dev)
 
     @staticmethod
     def _direct_route(peer: PeerVtep, add: bool) -> NlRequest:
@@ -704,6 +783,7 @@ class VXLANBackend(Backend):
             # Switching away from BPF: programs left attached would keep decapsulating.
             await remove_bpf_datapath(cfg.device_name, Path(opts.bpffs))
         if wanted == "userspace":
+            self._ipv4_only("the userspace vxlan data path")
             await remove_vxlan_device(cfg.device_name)
             return await self._userspace(cfg, network, ())
 
@@ -714,6 +794,7 @@ class VXLANBackend(Backend):
             if wanted != "auto":
                 raise
             reason = f"kernel vxlan unavailable: {exc}"
+            self._ipv4_only(f"the userspace vxlan data path ({reason})")
             log.warning("%s; falling back to the userspace data path", reason)
             return await self._userspace(cfg, network, (reason,))
 
@@ -747,11 +828,30 @@ class VXLANBackend(Backend):
         if opts.host_routing == "bpf" and bpf is None:
             log.warning("--host-routing=bpf needs the BPF data path; pod traffic goes through "
                         "the host stack (host routing kernel)")  # fmt: skip
-        lease = await self.acquire(vxlan_lease_attrs(cfg, iface.ext_addr, device))
+        device6 = None
+        if self.ctx.config.enable_ipv6:
+            # flanneld's v6 VTEP, always vxlan.ko's: the programs carry IPv4 inner packets.
+            device6 = await ensure_vxlan_device(cfg, iface, None, v6=True)
+            if bpf is not None:
+                fallbacks += (f"IPv6 inner packets: kernel vxlan ({cfg.device_name_v6})",)
+        lease = await self.acquire(vxlan_lease_attrs(cfg, iface, device, device6))
         await configure_vxlan_device(device, lease.subnet, network)
+        if device6 is not None:
+            ipv6_network = self.ctx.config.ipv6_network
+            assert lease.ipv6_subnet is not None and ipv6_network is not None
+            await configure_vxlan_device(device6, lease.ipv6_subnet, ipv6_network)
         return VXLANNetwork(
-            lease, device, direct_routing=cfg.direct_routing, bpf=bpf, fallbacks=fallbacks
+            lease,
+            device,
+            device6=device6,
+            direct_routing=cfg.direct_routing,
+            bpf=bpf,
+            fallbacks=fallbacks,
         )
+
+    def _ipv4_only(self, what: str) -> None:
+        if self.ctx.config.enable_ipv6:
+            raise BackendError(f"EnableIPv6 is set, and {what} carries IPv4 only")
 
     async def _userspace(
         self, cfg: VXLANConfig, network: IPv4Network, fallbacks: tuple[str, ...]

@@ -413,6 +413,9 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument("--pods-per-node", type=int, default=1)
     p_up.add_argument("--backend", default="vxlan")
     p_up.add_argument("--network", default="10.244.0.0/16")
+    p_up.add_argument("--ipv6-network", default="",
+                      help="dual stack: EnableIPv6 with this IPv6Network (e.g. fd10:244::/56), "
+                           "an IPv6 underlay, pods with both families")  # fmt: skip
     p_up.add_argument("--underlay-mtu", type=int, default=1500)
     p_up.add_argument(
         "--datapath",
@@ -494,7 +497,8 @@ def cmd_lab(args: list[str]) -> int:
                 opts.etcd_members,
                 opts.flanneld_nodes,
                 tuple(opts.flanneld_arg),
-                opts.kube,
+                kube=opts.kube,
+                ipv6_network=opts.ipv6_network,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

@@ -23,8 +23,14 @@ flanneld quirks kept on purpose: an empty --iface or --iface-regex value means "
 interface"; an --iface IP may be any IPv4 address on the interface (even loopback or
 deprecated); regexes are searched, not anchored.
 
-IPv6 (--public-ipv6, v6 default routes, dual stack) is not implemented: asking for it raises
-InterfaceError rather than silently running IPv4 only.
+Dual stack (EnableIPv6 beside IPv4), as ipmatch.LookupExtIface for its dualStack: the interface
+is chosen as above, with these differences: a default route must exist for both families on the
+same interface; a regex must match an IPv4 and an IPv6 address of one interface (else names);
+an --iface IPv6 address picks its interface; --public-ipv6, when the interface is found by an IP,
+must be on that same interface. The IPv6 address is then the interface's first usable one
+(GetInterfaceIP6Addrs: global, ULA included, before link-local), and ExtV6Addr (the lease's
+PublicIPv6) is --public-ipv6 or that address. IPv6-only (EnableIPv4 false) is refused here for
+now: flanneld's own etcd mode cannot run it (flannel-compat.md 1.1).
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ class ExternalInterface:
     mtu: int
     iface_addr: ipaddress.IPv4Address  # the interface's own IPv4 address in use
     ext_addr: ipaddress.IPv4Address  # --public-ip or iface_addr: the lease's PublicIP
+    # Dual stack only: the interface's IPv6 address, and --public-ipv6 or it (PublicIPv6).
+    iface_v6_addr: ipaddress.IPv6Address | None = None
+    ext_v6_addr: ipaddress.IPv6Address | None = None
 
 
 class _NotFound(Exception):
@@ -86,7 +95,7 @@ class _Link:
 @dataclass(frozen=True)
 class _Addr:
     index: int
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     flags: int
 
 
@@ -97,6 +106,7 @@ class _Snapshot:
 
     links: tuple[_Link, ...]
     addrs: tuple[_Addr, ...]
+    addrs6: tuple[_Addr, ...] = ()
 
     def by_name(self, name: str) -> _Link:
         for link in self.links:
@@ -117,9 +127,28 @@ class _Snapshot:
                 return link
         raise _NotFound(f"no interface with IP {ip} found")
 
+    def owner_of6(self, ip: ipaddress.IPv6Address) -> _Link:
+        """GetInterfaceByIP6: any IPv6 address counts, whatever its scope or flags."""
+        for link in self.links:
+            if any(a.index == link.index and a.ip == ip for a in self.addrs6):
+                return link
+        raise _NotFound(f"no interface with IPv6 {ip} found")
+
     def usable_addrs(self, link: _Link) -> list[ipaddress.IPv4Address]:
         """GetInterfaceIP4Addrs: usable addresses, most preferred first."""
-        own = [a for a in self.addrs if a.index == link.index]
+        usable = self._usable(self.addrs, link)
+        return [ip for ip in usable if isinstance(ip, ipaddress.IPv4Address)]
+
+    def usable_addrs6(self, link: _Link) -> list[ipaddress.IPv6Address]:
+        """GetInterfaceIP6Addrs: the same rules; ULAs count as global (Go's IsGlobalUnicast)."""
+        usable = self._usable(self.addrs6, link)
+        return [ip for ip in usable if isinstance(ip, ipaddress.IPv6Address)]
+
+    @staticmethod
+    def _usable(
+        addrs: tuple[_Addr, ...], link: _Link
+    ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        own = [a for a in addrs if a.index == link.index]
         own.sort(key=_preference)  # stable, like flanneld's insertion sort on short lists
         return [
             a.ip
@@ -128,7 +157,7 @@ class _Snapshot:
         ]
 
 
-def _is_global_unicast(ip: ipaddress.IPv4Address) -> bool:
+def _is_global_unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     # Go's net.IP.IsGlobalUnicast, which (unlike Python's is_global) includes private ranges.
     return not (
         ip == ipaddress.IPv4Address("255.255.255.255")
@@ -159,6 +188,25 @@ def _as_ipv4(value: str) -> ipaddress.IPv4Address | None:
     return ip
 
 
+async def _read_addrs(ipr: Any, family: int) -> tuple[_Addr, ...]:
+    addrs: list[_Addr] = []
+    async for msg in await ipr.addr("dump", family=family):
+        # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on point-to-point links.
+        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if not text:
+            continue
+        # IFA_FLAGS carries the full 32-bit flags; the header byte only the low eight.
+        flags = msg.get_attr("IFA_FLAGS")
+        addrs.append(
+            _Addr(
+                index=int(msg["index"]),
+                ip=ipaddress.ip_address(str(text).split("%")[0]),
+                flags=int(flags if flags is not None else msg["flags"]),
+            )
+        )
+    return tuple(addrs)
+
+
 async def _read_snapshot(ipr: Any) -> _Snapshot:
     links: list[_Link] = []
     async for msg in await ipr.link("dump"):
@@ -169,29 +217,16 @@ async def _read_snapshot(ipr: Any) -> _Snapshot:
                 mtu=int(msg.get_attr("IFLA_MTU") or 0),
             )
         )
-    addrs: list[_Addr] = []
-    async for msg in await ipr.addr("dump", family=socket.AF_INET):
-        # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer on point-to-point links.
-        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if not text:
-            continue
-        # IFA_FLAGS carries the full 32-bit flags; the header byte only the low eight.
-        flags = msg.get_attr("IFA_FLAGS")
-        addrs.append(
-            _Addr(
-                index=int(msg["index"]),
-                ip=ipaddress.IPv4Address(str(text)),
-                flags=int(flags if flags is not None else msg["flags"]),
-            )
-        )
     links.sort(key=lambda link: link.index)
-    return _Snapshot(tuple(links), tuple(addrs))
+    addrs = await _read_addrs(ipr, socket.AF_INET)
+    return _Snapshot(tuple(links), addrs, await _read_addrs(ipr, socket.AF_INET6))
 
 
-async def _default_route_link(ipr: Any, snap: _Snapshot) -> _Link:
-    """GetDefaultGatewayInterface: the first IPv4 default route of the main table."""
+async def _default_route_link(ipr: Any, snap: _Snapshot, v6: bool = False) -> _Link:
+    """GetDefaultGatewayInterface (or GetDefaultV6GatewayInterface): the first default route
+    of the main table."""
     log.info("Determining IP address of default interface")
-    async for route in await ipr.route("dump", family=socket.AF_INET):
+    async for route in await ipr.route("dump", family=socket.AF_INET6 if v6 else socket.AF_INET):
         table = route.get_attr("RTA_TABLE") or route["table"]
         if int(table) != RT_TABLE_MAIN or int(route["flags"]) & RTM_F_CLONED:
             continue
@@ -237,15 +272,24 @@ async def _route_get(
     raise _NotFound("failed to get ifcanreach based interface: no route found")
 
 
-def _regex_match(snap: _Snapshot, pattern: str) -> tuple[_Link, ipaddress.IPv4Address | None]:
+def _regex_match(
+    snap: _Snapshot, pattern: str, dual: bool = False
+) -> tuple[_Link, ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    """Addresses first (in dual stack an IPv4 and an IPv6 one of the same interface), then
+    interface names."""
     regex = re.compile(pattern)
     for link in snap.links:
         for ip in snap.usable_addrs(link):
-            if regex.search(str(ip)):
-                return link, ip
+            if not regex.search(str(ip)):
+                continue
+            if not dual:
+                return link, ip, None
+            for ip6 in snap.usable_addrs6(link):
+                if regex.search(str(ip6)):
+                    return link, ip, ip6
     for link in snap.links:
         if regex.search(link.name):
-            return link, None
+            return link, None, None
     available = ", ".join(
         f"{link.name}:[{' '.join(str(ip) for ip in snap.usable_addrs(link))}]"
         for link in snap.links
@@ -259,38 +303,67 @@ def _regex_match(snap: _Snapshot, pattern: str) -> tuple[_Link, ipaddress.IPv4Ad
 async def _lookup(
     ipr: Any,
     snap: _Snapshot,
-    public_ip: ipaddress.IPv4Address | None,
+    public: tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None],
     *,
+    dual: bool = False,
     name: str = "",
     regex: str = "",
     can_reach: str = "",
 ) -> ExternalInterface:
-    """ipmatch.LookupExtIface for an IPv4 stack: exactly one selector, or none for the default."""
+    """ipmatch.LookupExtIface for an IPv4 or a dual stack: exactly one selector, or none for
+    the default."""
+    public_ip, public_ipv6 = public
     addr: ipaddress.IPv4Address | None = None
+    addr6: ipaddress.IPv6Address | None = None
     if name:
         ip = _as_ipv4(name)
         if ip is not None:
             log.info("Searching for interface using %s", ip)
             link = snap.owner_of(ip)
             addr = ip
+        elif dual and _looks_like_ip(name):
+            log.info("Searching for interface using %s", name)
+            addr6 = ipaddress.IPv6Address(name)
+            link = snap.owner_of6(addr6)
         elif _looks_like_ip(name):
-            raise _NotFound(f"no interface with IP {name} found (only IPv4 is supported)")
+            raise _NotFound(f"no interface with IP {name} found (IPv6 needs EnableIPv6)")
         else:
             link = snap.by_name(name)
+        if dual and _looks_like_ip(name) and public_ipv6 is not None and addr6 is None:
+            v6_link = snap.owner_of6(public_ipv6)
+            if v6_link.index != link.index:
+                raise _NotFound(
+                    f"v6 interface {v6_link.name} must be the same with v4 interface {link.name}"
+                )
+            addr6 = public_ipv6
     elif regex:
-        link, addr = _regex_match(snap, regex)
+        link, addr, addr6 = _regex_match(snap, regex, dual)
     elif can_reach:
         log.info("Determining interface to use based on given ifcanreach: %s", can_reach)
         link, addr = await _route_get(ipr, snap, can_reach)
     else:
         link = await _default_route_link(ipr, snap)
+        if dual:
+            v6_link = await _default_route_link(ipr, snap, v6=True)
+            if v6_link.index != link.index:
+                raise _NotFound(
+                    f"v6 default route interface {v6_link.name} must be the same with v4 "
+                    f"default route interface {link.name}"
+                )
 
     if addr is None:
         usable = snap.usable_addrs(link)
         if not usable:
             raise _NotFound(f"failed to find IPv4 address for interface {link.name}")
         addr = usable[0]
+    if dual and addr6 is None:
+        usable6 = snap.usable_addrs6(link)
+        if not usable6:
+            raise _NotFound(f"failed to find IPv6 address for interface {link.name}")
+        addr6 = usable6[0]
     log.info("Using interface with name %s and address %s", link.name, addr)
+    if addr6 is not None:
+        log.info("Using interface with name %s and v6 address %s", link.name, addr6)
 
     if link.mtu == 0:
         raise _NotFound(f"failed to determine MTU for {addr} interface")
@@ -301,8 +374,18 @@ async def _lookup(
     else:
         log.info("Defaulting external address to interface address (%s)", addr)
         ext = addr
+    ext6 = None
+    if dual:
+        ext6 = public_ipv6 or addr6
+        log.info("Using %s as external IPv6 address", ext6)
     return ExternalInterface(
-        name=link.name, index=link.index, mtu=link.mtu, iface_addr=addr, ext_addr=ext
+        name=link.name,
+        index=link.index,
+        mtu=link.mtu,
+        iface_addr=addr,
+        ext_addr=ext,
+        iface_v6_addr=addr6,
+        ext_v6_addr=ext6,
     )
 
 
@@ -314,28 +397,40 @@ def _looks_like_ip(value: str) -> bool:
     return True
 
 
-def _parse_public_ip(opts: AgentOptions) -> ipaddress.IPv4Address | None:
+def _parse_public_ips(
+    opts: AgentOptions, ipv6: bool
+) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    public_ip = public_ipv6 = None
+    if opts.public_ip:
+        try:
+            public_ip = ipaddress.IPv4Address(opts.public_ip)
+        except ValueError:
+            raise InterfaceError(f"invalid public IP address: {opts.public_ip}") from None
     if opts.public_ipv6:
-        raise InterfaceError(
-            f"--public-ipv6 {opts.public_ipv6}: IPv6 is not supported by flannel-bpf yet"
-        )
-    if not opts.public_ip:
-        return None
-    try:
-        return ipaddress.IPv4Address(opts.public_ip)
-    except ValueError:
-        raise InterfaceError(f"invalid public IP address: {opts.public_ip}") from None
+        if not ipv6:
+            log.warning("--public-ipv6 %s is ignored: EnableIPv6 is not set", opts.public_ipv6)
+        else:
+            try:
+                public_ipv6 = ipaddress.IPv6Address(opts.public_ipv6)
+            except ValueError:
+                raise InterfaceError(f"invalid public IPv6 address: {opts.public_ipv6}") from None
+    return public_ip, public_ipv6
 
 
 async def _select(
-    ipr: Any, opts: AgentOptions, public_ip: ipaddress.IPv4Address | None
+    ipr: Any,
+    opts: AgentOptions,
+    public: tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None],
+    dual: bool,
 ) -> ExternalInterface:
     snap = await _read_snapshot(ipr)
 
     if not (opts.iface or opts.iface_regex or opts.iface_can_reach):
+        # With --public-ip (else --public-ipv6), flanneld looks the IP up exactly like an
+        # --iface IP value.
+        by_ip = public[0] or public[1]
         try:
-            # With --public-ip, flanneld looks the IP up exactly like an --iface IP value.
-            return await _lookup(ipr, snap, public_ip, name=str(public_ip or ""))
+            return await _lookup(ipr, snap, public, dual=dual, name=str(by_ip or ""))
         except _NotFound as exc:
             raise InterfaceError(f"{NO_DEFAULT_MATCH}: {exc}") from None
 
@@ -351,27 +446,36 @@ async def _select(
     ]
     for label, selector in attempts:
         try:
-            return await _lookup(ipr, snap, public_ip, **selector)
+            return await _lookup(ipr, snap, public, dual=dual, **selector)
         except (_NotFound, re.error) as exc:
             log.info("Could not find valid interface matching %s: %s", label, exc)
             tried.append(f"{label}: {exc}")
     raise InterfaceError(f"{NO_OPTION_MATCH} (tried {'; '.join(tried)})")
 
 
-async def find_external_interface(opts: AgentOptions) -> ExternalInterface:
-    """Pick the interface and addresses flanneld would pick; raises InterfaceError."""
-    public_ip = _parse_public_ip(opts)
+async def find_external_interface(
+    opts: AgentOptions, *, ipv4: bool = True, ipv6: bool = False
+) -> ExternalInterface:
+    """Pick the interface and addresses flanneld would pick for the network's stack (EnableIPv4,
+    EnableIPv6); raises InterfaceError."""
+    if not ipv4:
+        raise InterfaceError(
+            "EnableIPv4 is false: IPv6-only networks are not supported by flannel-bpf yet "
+            "(dual stack is: EnableIPv4 and EnableIPv6)"
+        )
+    public = _parse_public_ips(opts, ipv6)
     try:
         async with AsyncIPRoute() as ipr:
-            found = await _select(ipr, opts, public_ip)
+            found = await _select(ipr, opts, public, ipv6)
     except (NetlinkError, OSError) as exc:
         raise InterfaceError(f"reading interfaces and routes over netlink failed: {exc}") from exc
     log.info(
-        "Using interface %s (index %d, mtu %d), address %s, public IP %s",
+        "Using interface %s (index %d, mtu %d), address %s, public IP %s%s",
         found.name,
         found.index,
         found.mtu,
         found.iface_addr,
         found.ext_addr,
+        f", public IPv6 {found.ext_v6_addr}" if found.ext_v6_addr else "",
     )
     return found

@@ -19,7 +19,7 @@ import errno
 import socket
 import struct
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import NamedTuple
 
 NUD_NOARP = 0x40
@@ -102,10 +102,14 @@ def _has_attr(payload: bytes, offset: int, kind: int) -> bool:
     return False
 
 
-def neigh_request(add: bool, ifindex: int, dst: IPv4Address, mac: str) -> NlRequest:
-    """ip neigh replace|del <dst> lladdr <mac> dev <ifindex> nud permanent."""
+def _family(address: IPv4Address | IPv6Address) -> int:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+def neigh_request(add: bool, ifindex: int, dst: IPv4Address | IPv6Address, mac: str) -> NlRequest:
+    """ip neigh replace|del <dst> lladdr <mac> dev <ifindex> nud permanent (either family)."""
     body = (
-        _NDMSG.pack(socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0)
+        _NDMSG.pack(_family(dst), ifindex, NUD_PERMANENT, 0, 0)
         + _nlattr(NDA_DST, dst.packed)
         + _nlattr(NDA_LLADDR, bytes.fromhex(mac.replace(":", "")))
     )
@@ -116,7 +120,7 @@ def neigh_request(add: bool, ifindex: int, dst: IPv4Address, mac: str) -> NlRequ
     )
 
 
-def fdb_request(add: bool, ifindex: int, mac: str, dst: IPv4Address) -> NlRequest:
+def fdb_request(add: bool, ifindex: int, mac: str, dst: IPv4Address | IPv6Address) -> NlRequest:
     """bridge fdb replace|del <mac> dev <ifindex> dst <dst> self permanent."""
     body = (
         _NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
@@ -131,14 +135,18 @@ def fdb_request(add: bool, ifindex: int, mac: str, dst: IPv4Address) -> NlReques
 
 
 def route_request(
-    add: bool, dst: IPv4Network, gateway: IPv4Address, oif: int | None = None
+    add: bool,
+    dst: IPv4Network | IPv6Network,
+    gateway: IPv4Address | IPv6Address,
+    oif: int | None = None,
 ) -> NlRequest:
     """ip route replace <dst> via <gateway> [dev <oif> onlink] proto boot (table main), or del.
 
     With oif the gateway is on-link on that device: the tunnel route via the peer's subnet.0.
+    Either family (dst and gateway of the same one).
     """
     header = _RTMSG.pack(
-        socket.AF_INET,
+        _family(gateway),
         dst.prefixlen,
         0,
         0,
@@ -183,9 +191,9 @@ def route_by_nexthop_request(dst: IPv4Network, nexthop_id: int) -> NlRequest:
     return NlRequest(RTM_NEWROUTE, NLM_REPLACE, header + attrs)
 
 
-def route_get_request(dst: IPv4Address) -> NlRequest:
+def route_get_request(dst: IPv4Address | IPv6Address) -> NlRequest:
     """ip route get <dst>."""
-    header = _RTMSG.pack(socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
+    header = _RTMSG.pack(_family(dst), dst.max_prefixlen, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
     return NlRequest(RTM_GETROUTE, NLM_REQUEST, header + _nlattr(RTA_DST, dst.packed))
 
 

@@ -3,7 +3,8 @@
 iptables mode: chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter), applied with
 `iptables-restore --noflush` (delete old copies, then append, which keeps the order), resynced
 periodically and rebuilt whole when anything is missing. nftables mode (`EnableNFTables`): tables
-`ip flannel-ipv4` with chains `postrtg` and `forward`.
+`ip flannel-ipv4` with chains `postrtg` and `forward`. IPv6 (`EnableIPv6`) gets the same set from
+ip6tables, or the table `ip6 flannel-ipv6`, built from the IPv6 network and lease.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ MASQ_COMMENT = "flanneld masq"
 FORWARD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MULTICAST = "224.0.0.0/4"
+MULTICAST_V6 = "ff00::/8"
+
+Net = IPv4Network | IPv6Network
 
 
 class RulesError(RuntimeError):
@@ -42,9 +46,11 @@ def _quote(arg: str) -> str:
     return f'"{arg}"' if " " in arg else arg
 
 
-def masquerade_rules(network: IPv4Network, subnet: IPv4Network, fully_random: bool) -> list[Rule]:
-    """The 7 rules of flanneld's IPv4 masquerade set, in order."""
+def masquerade_rules(network: Net, subnet: Net, fully_random: bool) -> list[Rule]:
+    """The 7 rules of flanneld's masquerade set, in order (MasqRules, or MasqIP6Rules for an
+    IPv6 network: the same with ff00::/8 as the multicast range)."""
     c, p = str(network), str(subnet)
+    multicast = MULTICAST_V6 if network.version == 6 else MULTICAST
     comment = ("-m", "comment", "--comment", MASQ_COMMENT)
     masq = ("-j", "MASQUERADE", *(("--random-fully",) if fully_random else ()))
     return [
@@ -57,12 +63,12 @@ def masquerade_rules(network: IPv4Network, subnet: IPv4Network, fully_random: bo
         Rule("nat", "FLANNEL-POSTRTG", ("-s", p, "-d", c, *comment, "-j", "RETURN")),
         Rule("nat", "FLANNEL-POSTRTG", ("-s", c, "-d", p, *comment, "-j", "RETURN")),
         Rule("nat", "FLANNEL-POSTRTG", ("!", "-s", c, "-d", p, *comment, "-j", "RETURN")),
-        Rule("nat", "FLANNEL-POSTRTG", ("-s", c, "!", "-d", MULTICAST, *comment, *masq)),
+        Rule("nat", "FLANNEL-POSTRTG", ("-s", c, "!", "-d", multicast, *comment, *masq)),
         Rule("nat", "FLANNEL-POSTRTG", ("!", "-s", c, "-d", c, *comment, *masq)),
     ]
 
 
-def forward_rules(network: IPv4Network) -> list[Rule]:
+def forward_rules(network: Net) -> list[Rule]:
     comment = ("-m", "comment", "--comment", FORWARD_COMMENT)
     return [
         Rule("filter", "FORWARD", (*comment, "-j", "FLANNEL-FWD")),
@@ -91,11 +97,13 @@ def restore_payload(rules: Sequence[Rule], action: str) -> str:
 
 
 class IptablesRules:
-    """One rule set kept in place: applied once, then checked every resync period."""
+    """One rule set kept in place: applied once, then checked every resync period. ipv6: the
+    set is ip6tables' (flanneld keeps one IPTables handle per family)."""
 
-    def __init__(self, rules: list[Rule], name: str) -> None:
+    def __init__(self, rules: list[Rule], name: str, ipv6: bool = False) -> None:
         self.rules = rules
         self.name = name
+        self.tool = "ip6tables" if ipv6 else "iptables"
 
     def _run(self, *args: str, payload: str | None = None, check: bool = True) -> str:
         proc = subprocess.run(list(args), input=payload, capture_output=True, text=True, timeout=30)
@@ -106,7 +114,7 @@ class IptablesRules:
     def present(self) -> bool:
         for rule in self.rules:
             proc = subprocess.run(
-                ["iptables", "-w", "-t", rule.table, "-C", rule.chain, *rule.spec],
+                [self.tool, "-w", "-t", rule.table, "-C", rule.chain, *rule.spec],
                 capture_output=True,
                 timeout=30,
             )
@@ -119,7 +127,7 @@ class IptablesRules:
         for rule in self.rules:
             for _ in range(16):
                 proc = subprocess.run(
-                    ["iptables", "-w", "-t", rule.table, "-D", rule.chain, *rule.spec],
+                    [self.tool, "-w", "-t", rule.table, "-D", rule.chain, *rule.spec],
                     capture_output=True,
                     timeout=30,
                 )
@@ -132,9 +140,10 @@ class IptablesRules:
             for chain in sorted(chains):
                 # Never flush: a second agent (another network on this host) shares the chain.
                 subprocess.run(
-                    ["iptables", "-w", "-t", table, "-N", chain], capture_output=True, timeout=30
+                    [self.tool, "-w", "-t", table, "-N", chain], capture_output=True, timeout=30
                 )
-        self._run("iptables-restore", "-w", "--noflush", payload=restore_payload(self.rules, "-A"))
+        restore = f"{self.tool}-restore"
+        self._run(restore, "-w", "--noflush", payload=restore_payload(self.rules, "-A"))
         log.info("installed %s rules (%d)", self.name, len(self.rules))
 
     async def keep(self, interval: float) -> None:
@@ -224,21 +233,25 @@ def supports_random_fully() -> bool:
 
 
 def nftables_ruleset(
-    network: IPv4Network,
-    subnet: IPv4Network,
+    network: Net,
+    subnet: Net,
     masquerade: bool,
     forward: bool,
     fully_random: bool,
 ) -> str:
-    """flanneld's `ip flannel-ipv4` table (its rule 4 differs from iptables' rule 5: kept)."""
+    """flanneld's `ip flannel-ipv4` table, or `ip6 flannel-ipv6` for an IPv6 network (its rule
+    4 differs from iptables' rule 5: kept)."""
     c, p = str(network), str(subnet)
     random = " fully-random" if fully_random else ""
+    v6 = network.version == 6
+    family, name, ip = ("ip6", "flannel-ipv6", "ip6") if v6 else ("ip", "flannel-ipv4", "ip")
+    multicast = MULTICAST_V6 if v6 else MULTICAST
     lines = [
         # Create-then-delete makes the replacement atomic whether or not the table exists.
-        "table ip flannel-ipv4",
-        "delete table ip flannel-ipv4",
-        "table ip flannel-ipv4 {",
-        '  comment "rules for flannel-ipv4"',
+        f"table {family} {name}",
+        f"delete table {family} {name}",
+        f"table {family} {name} {{",
+        f'  comment "rules for {name}"',
     ]
     if masquerade:
         lines += [
@@ -246,11 +259,11 @@ def nftables_ruleset(
             '    comment "chain to manage traffic masquerading by flannel"',
             "    type nat hook postrouting priority srcnat; policy accept;",
             "    meta mark 0x4000 return",
-            f"    ip saddr {p} ip daddr {c} return",
-            f"    ip saddr {c} ip daddr {p} return",
-            f"    ip saddr != {p} ip daddr {c} return",
-            f"    ip saddr {c} ip daddr != {MULTICAST} masquerade{random}",
-            f"    ip saddr != {c} ip daddr {c} masquerade{random}",
+            f"    {ip} saddr {p} {ip} daddr {c} return",
+            f"    {ip} saddr {c} {ip} daddr {p} return",
+            f"    {ip} saddr != {p} {ip} daddr {c} return",
+            f"    {ip} saddr {c} {ip} daddr != {multicast} masquerade{random}",
+            f"    {ip} saddr != {c} {ip} daddr {c} masquerade{random}",
             "  }",
         ]
     if forward:
@@ -258,8 +271,8 @@ def nftables_ruleset(
             "  chain forward {",
             '    comment "chain to accept flannel traffic"',
             "    type filter hook forward priority filter; policy accept;",
-            f"    ip saddr {c} accept",
-            f"    ip daddr {c} accept",
+            f"    {ip} saddr {c} accept",
+            f"    {ip} daddr {c} accept",
             "  }",
         ]
     lines.append("}")
@@ -275,6 +288,6 @@ def apply_nftables(ruleset: str) -> None:
 
 
 def remove_nftables() -> None:
-    subprocess.run(
-        ["nft", "delete", "table", "ip", "flannel-ipv4"], capture_output=True, timeout=30
-    )
+    """Both of flanneld's tables, as its iptables mode removes them at start."""
+    for family, name in (("ip", "flannel-ipv4"), ("ip6", "flannel-ipv6")):
+        subprocess.run(["nft", "delete", "table", family, name], capture_output=True, timeout=30)

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 from collections.abc import Sequence
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,43 @@ def delete(conflist: dict[str, Any], container_id: str, netns: str, node_ns: str
     dirs = plugin_dirs()
     for plugin in reversed(conflist["plugins"]):
         _run("DEL", _plugin_conf(conflist, plugin), container_id, netns, ifname, node_ns, dirs)
+
+
+def dual_stack_conflist(subnet_file: Path, data_dir: Path) -> dict[str, Any]:
+    """A dual-stack node's list: what the flannel plugin hands the bridge plugin when subnet.env
+    carries FLANNEL_IPV6_* (flannel-io/cni-plugin's delegate: one host-local range per family,
+    a route to each cluster network, ipMasq unless flanneld masquerades), then portmap.
+
+    The flannel plugin that can be built here (containernetworking/plugins v0.9.1; its newer
+    home flannel-io/cni-plugin is not served by the module proxy) predates IPv6, so the lab
+    writes that delegate itself from the node's subnet.env, the same file the plugin reads."""
+    try:
+        env = dict(
+            line.split("=", 1) for line in subnet_file.read_text().splitlines() if "=" in line
+        )
+        # The plugin parses each subnet with net.ParseCIDR: host-local gets the network.
+        subnets = (
+            ip_network(env[key], strict=False) for key in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")
+        )
+        ranges = [[{"subnet": str(subnet)}] for subnet in subnets]
+        routes = [{"dst": env["FLANNEL_NETWORK"]}, {"dst": env["FLANNEL_IPV6_NETWORK"]}]
+        mtu = int(env["FLANNEL_MTU"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise CniError(f"{subnet_file}: not a dual-stack subnet.env ({exc})") from None
+    bridge = {
+        "type": "bridge",
+        "bridge": "cni0",
+        "mtu": mtu,
+        "ipMasq": env.get("FLANNEL_IPMASQ") != "true",
+        "isGateway": True,
+        "hairpinMode": True,
+        "isDefaultGateway": True,
+        "ipam": {
+            "type": "host-local",
+            "dataDir": str(data_dir / "networks"),
+            "ranges": ranges,
+            "routes": routes,
+        },
+    }
+    portmap = {"type": "portmap", "capabilities": {"portMappings": True}}
+    return {"name": "cbr0", "cniVersion": "0.4.0", "plugins": [bridge, portmap]}

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ from flannel_bpf.lab.tls import make_pki
 
 STATE_ROOT = Path("/run/flannel-bpf/lab")
 UNDERLAY = IPv4Network("198.18.0.0/24")
+# The underlay's IPv6 half in a dual-stack lab (--ipv6-network): host I at ::(10+I), as in IPv4.
+UNDERLAY_V6 = IPv6Network("fd00:198:18::/64")
 ETCD_IP = "198.18.0.2"
 # Member i of a lab's etcd cluster listens on ETCD_IPS[i] (.3 is the monitor's).
 ETCD_IPS = (ETCD_IP, "198.18.0.4", "198.18.0.5", "198.18.0.6", "198.18.0.7")
@@ -68,6 +70,7 @@ class PodState:
     name: str  # also its namespace
     node: str
     ip: str = ""
+    ip6: str = ""  # dual-stack labs
 
 
 @dataclass
@@ -76,6 +79,8 @@ class NodeState:
     underlay_ip: str
     agent_pid: int = 0
     subnet: str = ""
+    subnet6: str = ""  # dual-stack labs
+    underlay_ip6: str = ""
     mtu: int = 0
     backend: str = ""
     datapath: str = ""
@@ -96,6 +101,7 @@ class LabState:
     nodes: list[NodeState] = field(default_factory=list)
     kube: bool = False  # agents use the Kubernetes subnet manager of the lab's control plane
     kube_pids: dict[str, int] = field(default_factory=dict)  # kube-apiserver, ...-manager
+    ipv6_network: str = ""  # dual stack: EnableIPv6 with this IPv6Network
 
     @property
     def dir(self) -> Path:
@@ -148,6 +154,9 @@ class LabSpec:
     # store flags plus flanneld_args; agent_args and datapaths are for the flannel-bpf hosts.
     flanneld_nodes: int = 0
     flanneld_args: tuple[str, ...] = ()
+    # Dual stack: EnableIPv6 with this IPv6Network, an IPv6 underlay beside the IPv4 one
+    # (UNDERLAY_V6), pods with an address of each family.
+    ipv6_network: str = ""
     # A Kubernetes control plane on the etcd (v1.36, built by scripts/build-peers.sh) and every
     # agent in Kubernetes mode: Nodes registered, deploy/kube-flannel-bpf.yml applied.
     kube: bool = False
@@ -166,12 +175,14 @@ def read_env(path: Path) -> dict[str, str]:
     return values
 
 
-def pod_address(pod: str) -> str | None:
-    """The IPv4 address CNI gave the pod's eth0, or None (no such pod, or not attached)."""
+def pod_address(pod: str, family: int = 4) -> str | None:
+    """The IPv4 (or global IPv6) address CNI gave the pod's eth0, or None (no such pod, or not
+    attached)."""
     if not netns_exists(pod):
         return None
+    scope = ["scope", "global"] if family == 6 else []
     proc = subprocess.run(
-        ["ip", "-n", pod, "-j", "-4", "addr", "show", "dev", "eth0"],
+        ["ip", "-n", pod, "-j", f"-{family}", "addr", "show", "dev", "eth0", *scope],
         capture_output=True,
         text=True,
         check=False,
@@ -187,13 +198,16 @@ def pod_address(pod: str) -> str | None:
 def attach_pod(node: str | None, pod: str, conflist: dict[str, Any]) -> str:
     """A pod the way a flannel node's runtime makes one: its own namespace, then the node's CNI
     configuration list (the flannel plugin: a veth on cni0, an address from host-local out of
-    the node's subnet). Returns the address; an attached pod is kept."""
+    the node's subnet). Returns the (IPv4) address; an attached pod is kept."""
     address = pod_address(pod)
     if address is not None:
         return address
     created = not netns_exists(pod)
     if created:
         add_netns(pod)
+        # No duplicate address detection: an IPv6 address is usable at once, as the IPv4 one.
+        run(["ip", "netns", "exec", pod, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+             "net.ipv6.conf.default.accept_dad=0"])  # fmt: skip
     try:
         result = cni.add(conflist, pod, f"/run/netns/{pod}", node)
         return str(result["ips"][0]["address"].split("/")[0])
@@ -212,6 +226,8 @@ def node_conflist(state: LabState, node: str) -> dict[str, Any]:
     node_dir = state.dir / node
     source = node_dir / "cni-conf.json" if state.kube else cni.NODE_CONFLIST
     try:
+        if state.ipv6_network and not state.kube:
+            return cni.dual_stack_conflist(node_dir / "subnet.env", node_dir / "cni")
         return cni.for_node(cni.load_conflist(source), node_dir / "subnet.env", node_dir / "cni")
     except cni.CniError as exc:
         raise LabError(str(exc)) from None
@@ -232,7 +248,8 @@ def up(spec: LabSpec) -> LabState:
     down(spec.name, quiet=True)
     scheme = "https" if spec.etcd_tls else "http"
     endpoints = ",".join(f"{scheme}://{ip}:2379" for ip in ETCD_IPS[: spec.etcd_members])
-    state = LabState(spec.name, spec.network, spec.backend, endpoints, kube=spec.kube)
+    state = LabState(spec.name, spec.network, spec.backend, endpoints, kube=spec.kube,
+                     ipv6_network=spec.ipv6_network)  # fmt: skip
     if spec.kube and (spec.etcd_tls or spec.etcd_members != 1):
         raise LabError("--kube runs its control plane on one plain etcd member")
     try:
@@ -253,11 +270,14 @@ def _build(spec: LabSpec, state: LabState) -> None:
     run(["ip", "-n", underlay, "link", "add", "br0", "type", "bridge"])
     link_up(underlay, "br0")
 
-    def plug(ns: str, port: str, address: str) -> None:
+    def plug(ns: str, port: str, address: str, address6: str = "") -> None:
         add_veth(ns, "eth1", underlay, port, mtu=spec.underlay_mtu)
         run(["ip", "-n", underlay, "link", "set", port, "master", "br0"])
         link_up(underlay, port)
         add_address(ns, "eth1", f"{address}/{UNDERLAY.prefixlen}")
+        if address6:
+            run(["ip", "-n", ns, "-6", "addr", "add", f"{address6}/{UNDERLAY_V6.prefixlen}",
+                 "dev", "eth1", "nodad"])  # fmt: skip
         link_up(ns, "eth1")
 
     etcd_ns = f"{lab}-etcd"
@@ -277,7 +297,9 @@ def _build(spec: LabSpec, state: LabState) -> None:
     state.save()
     for member in cluster.members:
         member.wait_ready()
-    net_conf = {"Network": spec.network, "Backend": {"Type": spec.backend}}
+    net_conf: dict[str, Any] = {"Network": spec.network, "Backend": {"Type": spec.backend}}
+    if spec.ipv6_network:
+        net_conf.update(EnableIPv6=True, IPv6Network=spec.ipv6_network)
     if spec.kube:
         control_plane = start_control_plane(state, net_conf)
     else:
@@ -286,8 +308,12 @@ def _build(spec: LabSpec, state: LabState) -> None:
     for i in range(1, spec.nodes + 1):
         ns = node_ns(lab, i)
         add_netns(ns)
-        plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i))
+        address6 = str(UNDERLAY_V6.network_address + 10 + i) if spec.ipv6_network else ""
+        plug(ns, f"n{i}", str(UNDERLAY.network_address + 10 + i), address6)
         run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if spec.ipv6_network:
+            run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1",
+                 "net.ipv6.conf.default.accept_dad=0"])  # fmt: skip
         if "userspace" in spec.datapaths or (spec.flanneld_nodes and spec.backend == "udp"):
             # A NIC finishes checksums and segments before the wire; a veth hands its peer the
             # skb as is (checksum pending, aggregates whole), which a receiving UDP socket cannot
@@ -308,6 +334,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
         node = NodeState(
             ns,
             str(UNDERLAY.network_address + 10 + i),
+            underlay_ip6=address6,
             backend=spec.backend,
             agent=program,
             agent_args=agent_args(state, ns, program, extra),
@@ -337,6 +364,8 @@ def _build(spec: LabSpec, state: LabState) -> None:
             time.sleep(0.1)
         env = read_env(subnet_file)
         node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
+        if "FLANNEL_IPV6_SUBNET" in env:
+            node.subnet6 = str(IPv6Network(env["FLANNEL_IPV6_SUBNET"], strict=False))
         node.mtu = int(env["FLANNEL_MTU"])
         node.datapath = node_datapath(state.dir / node.name, node.agent)["datapath"]
         conflist = node_conflist(state, node.name)
@@ -345,6 +374,7 @@ def _build(spec: LabSpec, state: LabState) -> None:
             node.pods.append(pod)
             state.save()
             pod.ip = attach_pod(node.name, pod.name, conflist)
+            pod.ip6 = (pod_address(pod.name, 6) or "") if spec.ipv6_network else ""
     state.save()
     if spec.prometheus:
         monitor = f"{lab}-mon"
