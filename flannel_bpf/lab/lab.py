@@ -602,6 +602,7 @@ def status(name: str) -> dict[str, Any]:
                 "namespace": n.name,
                 "underlay_ip": n.underlay_ip,
                 "subnet": n.subnet,
+                **({"subnet6": n.subnet6, "underlay_ip6": n.underlay_ip6} if n.subnet6 else {}),
                 "backend": n.backend,
                 "agent": n.agent,
                 **node_datapath(state.dir / n.name, n.agent),
@@ -611,7 +612,11 @@ def status(name: str) -> dict[str, Any]:
             }
             for n in state.nodes
         ],
-        "pods": [{"namespace": p.name, "node": p.node, "ip": p.ip} for p in state.pods()],
+        "pods": [
+            {"namespace": p.name, "node": p.node, "ip": p.ip, **({"ip6": p.ip6} if p.ip6 else {})}
+            for p in state.pods()
+        ],
+        **({"ipv6_network": state.ipv6_network} if state.ipv6_network else {}),
         "kube": {
             "server": control_plane_of(state).server,
             "kubeconfig": str(control_plane_of(state).admin_kubeconfig),

@@ -1,0 +1,123 @@
+"""Dual stack (EnableIPv6 beside IPv4) in the namespace lab, against the real flanneld v0.28.9:
+`lab up --ipv6-network` gives every host an IPv6 underlay address beside its IPv4 one and every
+pod an address of each family. What flanneld does in dual stack is the reference (leases,
+subnet.env, flannel-v6.<VNI>, ip6tables rules, host-gw's IPv6 routes), and every pod reaches
+every other over both families, counted by the device that carried it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable
+from ipaddress import IPv6Network
+from typing import Any
+
+import pytest
+
+from flannel_bpf.lab.lab import read_env
+
+from .conftest import pod_exec, requires_root
+from .test_interop_flanneld import leases, link_bytes
+from .test_lab_bpf import by_node, transfer, wait_for
+
+pytestmark = [pytest.mark.root, requires_root]
+
+IPV6_NETWORK = "fd10:244::/56"
+
+
+def as_v6(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod addressed by its IPv6 address (for the IPv4 helpers)."""
+    return {**pod, "ip": pod["ip6"]}
+
+
+def ping_all_both(lab_name: str, pods: list[dict[str, Any]]) -> None:
+    for src in pods:
+        for dst in pods:
+            if src is dst:
+                continue
+            for flag, ip in (("-4", dst["ip"]), ("-6", dst["ip6"])):
+                ping = pod_exec(lab_name, src["namespace"], "ping", flag, "-c2", "-i0.2", "-W2", ip)
+                assert ping.returncode == 0, f"{src['namespace']} -> {ip}: {ping.stdout}"
+
+
+def nat6(ns: str) -> list[str]:
+    """Our and flanneld's IPv6 masquerade chain, lease-specific subnets made generic."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ip6tables", "-w", "-t", "nat", "-S"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    lines = [line for line in out.splitlines() if "FLANNEL" in line]
+    return [re.sub(r"fd10:244:0:[0-9a-f]+::/64", "POD", line) for line in lines]
+
+
+def test_dual_stack_vxlan_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """n1 flanneld, n2 flannel-bpf on BPF (IPv4 in the programs, IPv6 on flannel-v6.1), n3 on
+    kernel vxlan, all with --ip-masq: leases, subnet.env and ip6tables rules as flanneld's, every
+    pod pings every other over both families, 200 MB over IPv6 each way between our BPF node
+    and flanneld's, carried by flannel-v6.1 on both sides."""
+    info = lab_up("--nodes", "3", "--flanneld-nodes", "1", "--datapath", "bpf,kernel",
+                  "--ipv6-network", IPV6_NETWORK, "--agent-arg=--ip-masq",
+                  "--flanneld-arg=--ip-masq", "--pods-per-node", "1")  # fmt: skip
+    n1, n2, n3 = (f"{lab_name}-n{i}" for i in (1, 2, 3))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+    assert [nodes[n]["datapath"] for n in (n1, n2, n3)] == ["flanneld", "bpf", "kernel"]
+    assert info["ipv6_network"] == IPV6_NETWORK
+
+    # Leases: one key per host with both subnets, our values shaped as flanneld's.
+    stored = leases(lab_name)
+    assert len(stored) == 3
+    for key, lease in stored.items():
+        assert "&fd10:244:0:" in key and key.endswith("::/64"), key  # leases() shows CIDRs
+        value = json.loads(lease["value"])
+        assert value["PublicIPv6"].startswith("fd00:198:18::")
+        assert set(value) == {"PublicIP", "PublicIPv6", "BackendType", "BackendData",
+                              "BackendV6Data"}  # fmt: skip
+        assert value["BackendV6Data"]["VtepMAC"] != value["BackendData"]["VtepMAC"]
+
+    # subnet.env: the same four network lines on every host, each with its own subnets.
+    for ns in (n1, n2, n3):
+        env = read_env(lab_state_dir(lab_name) / ns / "subnet.env")
+        assert env["FLANNEL_IPV6_NETWORK"] == IPV6_NETWORK
+        subnet6 = IPv6Network(env["FLANNEL_IPV6_SUBNET"], strict=False)
+        assert env["FLANNEL_IPV6_SUBNET"] == f"{subnet6.network_address + 1}/64"
+        assert str(subnet6) == nodes[ns]["subnet6"]
+    # ip6tables: our masquerade and forward rules are flanneld's, line for line.
+    assert nat6(n2) == nat6(n1) == nat6(n3)
+    assert any("! -d ff00::/8" in line and "MASQUERADE" in line for line in nat6(n2))
+
+    pods = by_node(info)
+    ping_all_both(lab_name, list(pods.values()))
+    for src, dst in ((n2, n1), (n1, n2)):
+        before = {ns: link_bytes(ns, "flannel-v6.1") for ns in (n1, n2)}
+        received = transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received
+        # The sender's flannel-v6.1 sent it, the receiver's took it in (rx, tx).
+        assert wait_for(lambda s=src, b=before, r=received: link_bytes(s, "flannel-v6.1")[1]
+                        - b[s][1] >= r)  # fmt: skip
+        assert wait_for(lambda d=dst, b=before, r=received: link_bytes(d, "flannel-v6.1")[0]
+                        - b[d][0] >= r)  # fmt: skip
+
+
+def test_dual_stack_host_gw_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """host-gw: each host routes the other's IPv6 subnet via its PublicIPv6 on eth1, as
+    flanneld does; pods ping over both families and 200 MB cross over IPv6 each way."""
+    info = lab_up("--nodes", "2", "--flanneld-nodes", "1", "--backend", "host-gw",
+                  "--ipv6-network", IPV6_NETWORK, "--pods-per-node", "1")  # fmt: skip
+    n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+    for ns, peer in ((n1, n2), (n2, n1)):
+        routes = subprocess.run(["ip", "-n", ns, "-6", "route", "show", nodes[peer]["subnet6"]],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert f"via {nodes[peer]['underlay_ip6']} dev eth1" in routes, (ns, routes)
+    pods = by_node(info)
+    ping_all_both(lab_name, list(pods.values()))
+    for src, dst in ((n2, n1), (n1, n2)):
+        assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0
+
+
+def lab_state_dir(lab_name: str) -> Any:
+    from flannel_bpf.lab.lab import STATE_ROOT
+
+    return STATE_ROOT / lab_name
