@@ -838,7 +838,9 @@ class VXLANBackend(Backend):
         await configure_vxlan_device(device, lease.subnet, network)
         if device6 is not None:
             ipv6_network = self.ctx.config.ipv6_network
-            assert lease.ipv6_subnet is not None and ipv6_network is not None
+            if lease.ipv6_subnet is None or ipv6_network is None:
+                raise BackendError(f"failed to configure interface {device6.name}: IPv6 is "
+                                   "enabled but the lease has no IPv6")  # fmt: skip
             await configure_vxlan_device(device6, lease.ipv6_subnet, ipv6_network)
         return VXLANNetwork(
             lease,
