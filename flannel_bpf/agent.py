@@ -191,11 +191,6 @@ class Agent:
             config = await manager.wait_for_network_config()
         except ManagerError as exc:
             raise AgentError(str(exc)) from None
-        if config.enable_ipv6 and self.options.kube_subnet_mgr:
-            raise AgentError(
-                "EnableIPv6 is set: dual stack is supported with etcd for now; in Kubernetes "
-                "mode (Node podCIDRs of both families, the v6 annotations) it is not yet"
-            )
         manager.prefetch_leases()
         try:
             return await self._run_with_config(manager, config, previous)

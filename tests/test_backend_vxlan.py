@@ -699,7 +699,7 @@ class Manager:
     async def acquire_lease(self, config: Any, attrs: LeaseAttrs, *_: Any) -> Lease:
         return Lease(IPv4Network("10.5.7.0/24"), attrs)
 
-    async def stored_vtep_mac(self) -> str:
+    async def stored_vtep_mac(self, v6: bool = False) -> str:
         return sys.argv[2]  # what kube mode reads back from the Node (etcd mode: "")
 
 class Config:

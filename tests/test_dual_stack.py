@@ -121,3 +121,28 @@ def lab_state_dir(lab_name: str) -> Any:
     from flannel_bpf.lab.lab import STATE_ROOT
 
     return STATE_ROOT / lab_name
+
+
+def test_dual_stack_in_kubernetes_mode_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """--kube: node IPAM gives each Node a podCIDR of each family; our Node's flannel
+    annotations are flanneld's (the same keys, values shaped alike: backend-v6-data with
+    flannel-v6's MAC, public-ipv6), and pods of a flanneld node and of ours (BPF and kernel)
+    reach each other over both families, 200 MB over IPv6 each way."""
+    info = lab_up("--kube", "--nodes", "3", "--flanneld-nodes", "1", "--datapath", "bpf,kernel",
+                  "--ipv6-network", IPV6_NETWORK, "--pods-per-node", "1")  # fmt: skip
+    n1, n2, n3 = (f"{lab_name}-n{i}" for i in (1, 2, 3))
+    notes = {node["name"]: node["annotations"] for node in info["kube"]["nodes"]}
+    assert set(notes[n2]) == set(notes[n1]) == set(notes[n3])
+    for ns in (n1, n2, n3):
+        assert notes[ns]["public-ipv6"].startswith("fd00:198:18::")
+        data6 = json.loads(notes[ns]["backend-v6-data"])
+        assert set(data6) == {"VNI", "VtepMAC"} and data6["VNI"] == 1
+        assert data6["VtepMAC"] != json.loads(notes[ns]["backend-data"])["VtepMAC"]
+        env = read_env(lab_state_dir(lab_name) / ns / "subnet.env")
+        assert env["FLANNEL_IPV6_NETWORK"] == IPV6_NETWORK and "FLANNEL_IPV6_SUBNET" in env
+    pods = by_node(info)
+    ping_all_both(lab_name, list(pods.values()))
+    for src, dst in ((n2, n1), (n1, n2)):
+        assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0

@@ -35,6 +35,7 @@ from flannel_bpf.subnet.kube.manager import (
     annotation_patch,
     network_available_patch,
     node_to_lease,
+    own_cidrs,
     wanted_annotations,
 )
 from flannel_bpf.subnet.lease import LeaseAttrs
@@ -175,6 +176,59 @@ def test_node_to_lease_never_crashes(
     except NodeLeaseError:
         return
     assert lease is not None and isinstance(lease.subnet, IPv4Network)
+
+
+DUAL = {
+    **FLANNEL,
+    KEYS.public_ipv6: "fd00:198:18::b",
+    KEYS.backend_v6_data: '{"VNI":1,"VtepMAC":"3e:2a:cb:e3:bd:e1"}',
+}
+
+
+def test_node_to_lease_dual_stack() -> None:
+    """EnableIPv6: the first IPv6 podCIDR, public-ipv6 and backend-v6-data join the lease; a
+    peer without them is dropped whole with flanneld's reasons; without EnableIPv6 they are
+    not read."""
+    dual = node(DUAL, pod_cidrs=["10.244.1.0/24", "fd10:244:0:1::/64", "fd10:244:0:9::/64"])
+    lease = node_to_lease(dual, KEYS, ipv6=True)
+    assert lease is not None
+    assert str(lease.ipv6_subnet) == "fd10:244:0:1::/64"
+    assert str(lease.attrs.public_ipv6) == "fd00:198:18::b"
+    assert lease.attrs.backend_v6_data == b'{"VNI":1,"VtepMAC":"3e:2a:cb:e3:bd:e1"}'
+    single = node_to_lease(dual, KEYS)
+    assert single is not None and single.ipv6_subnet is None and not single.attrs.backend_v6_data
+    with pytest.raises(NodeLeaseError, match=r"missing IPv6 address on n\.Spec\.PodCIDRs"):
+        node_to_lease(node(DUAL), KEYS, ipv6=True)
+    with pytest.raises(NodeLeaseError, match=r"invalid IP address format in .*public-ipv6"):
+        node_to_lease(node(FLANNEL, pod_cidrs=["10.244.1.0/24", "fd10::/64"]), KEYS, ipv6=True)
+    with pytest.raises(NodeLeaseError, match="backend-v6-data is not JSON"):
+        bad = {**DUAL, KEYS.backend_v6_data: "{bad"}
+        node_to_lease(node(bad, pod_cidrs=["10.244.1.0/24", "fd10::/64"]), KEYS, ipv6=True)
+
+
+def test_own_cidrs_and_v6_annotations_as_flanneld() -> None:
+    """Our lease: each family's last podCIDRs entry, three entries refused; annotations: the
+    v6 pair for vxlan with v6 data, for host-gw with a PublicIPv6, public-ipv6-overwrite
+    honoured; none without IPv6."""
+    assert own_cidrs(node(None, pod_cidrs=["10.0.1.0/24", "fd00::/64"])) == (
+        ip_network("10.0.1.0/24"), ip_network("fd00::/64")
+    )  # fmt: skip
+    with pytest.raises(NodeLeaseError, match="IPv4/IPv6 only or dualstack"):
+        own_cidrs(node(None, pod_cidrs=["10.0.1.0/24", "fd00::/64", "10.0.2.0/24"]))
+    attrs = LeaseAttrs.from_json(
+        b'{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::b","BackendType":"vxlan",'
+        b'"BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"},'
+        b'"BackendV6Data":{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}}'
+    )
+    wanted = wanted_annotations(attrs, KEYS, {KEYS.public_ipv6_overwrite: "2001:db8::1"})
+    assert wanted[KEYS.backend_v6_data] == '{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}'
+    assert wanted[KEYS.public_ipv6] == "2001:db8::1"
+    hostgw = LeaseAttrs.from_json(
+        b'{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::b","BackendType":"host-gw"}'
+    )
+    assert wanted_annotations(hostgw, KEYS, {})[KEYS.backend_v6_data] == "null"
+    v4 = LeaseAttrs.from_json(b'{"PublicIP":"198.18.0.11","PublicIPv6":null}')
+    assert KEYS.public_ipv6 not in wanted_annotations(v4, KEYS, {})
 
 
 def test_contains_cidr_as_flanneld() -> None:

@@ -266,11 +266,11 @@ async def _get_link(ipr: Any, name: str) -> Any | None:
     return links[0] if links else None
 
 
-async def stored_vtep_mac(manager: Manager, device_name: str) -> str | None:
+async def stored_vtep_mac(manager: Manager, device_name: str, v6: bool = False) -> str | None:
     """The VtepMAC the store remembers for this host (kube mode: our Node's backend-data
     annotation; etcd mode: none), for a VTEP made anew, so that peers' FDB and neighbour entries
     stay right across a reboot (flanneld's GetStoredMacAddresses). None: take a random one."""
-    text = await manager.stored_vtep_mac()
+    text = await manager.stored_vtep_mac(v6)
     if not text:
         return None
     try:
@@ -831,7 +831,8 @@ class VXLANBackend(Backend):
         device6 = None
         if self.ctx.config.enable_ipv6:
             # flanneld's v6 VTEP, always vxlan.ko's: the programs carry IPv4 inner packets.
-            device6 = await ensure_vxlan_device(cfg, iface, None, v6=True)
+            mac6 = await stored_vtep_mac(self.ctx.manager, cfg.device_name_v6, v6=True)
+            device6 = await ensure_vxlan_device(cfg, iface, mac6, v6=True)
             if bpf is not None:
                 fallbacks += (f"IPv6 inner packets: kernel vxlan ({cfg.device_name_v6})",)
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface, device, device6))

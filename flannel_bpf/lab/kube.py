@@ -42,6 +42,8 @@ class ControlPlane:
     etcd_endpoint: str
     cluster_cidr: str = "10.244.0.0/16"
     node_cidr_mask: int = 24
+    # Dual stack: node IPAM hands each Node a podCIDR of each family (/64 for IPv6).
+    cluster_cidr_v6: str = ""
     port: int = 6443
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
@@ -141,14 +143,21 @@ class ControlPlane:
             "--v=1",
         ])  # fmt: skip
 
+    def _cidr_flags(self) -> list[str]:
+        if not self.cluster_cidr_v6:
+            return [f"--cluster-cidr={self.cluster_cidr}",
+                    f"--node-cidr-mask-size={self.node_cidr_mask}"]  # fmt: skip
+        return [f"--cluster-cidr={self.cluster_cidr},{self.cluster_cidr_v6}",
+                f"--node-cidr-mask-size-ipv4={self.node_cidr_mask}",
+                "--node-cidr-mask-size-ipv6=64"]  # fmt: skip
+
     def controller_manager_command(self) -> list[str]:
         return in_netns(self.netns, [
             peer("kubernetes").binary("kube-controller-manager"),
             f"--kubeconfig={self._client_kubeconfig('controller-manager')}",
             "--controllers=nodeipam",
             "--allocate-node-cidrs=true",
-            f"--cluster-cidr={self.cluster_cidr}",
-            f"--node-cidr-mask-size={self.node_cidr_mask}",
+            *self._cidr_flags(),
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false",
             # Each controller with its own service account, bound by the bootstrap RBAC policy

@@ -226,7 +226,7 @@ def node_conflist(state: LabState, node: str) -> dict[str, Any]:
     node_dir = state.dir / node
     source = node_dir / "cni-conf.json" if state.kube else cni.NODE_CONFLIST
     try:
-        if state.ipv6_network and not state.kube:
+        if state.ipv6_network:
             return cni.dual_stack_conflist(node_dir / "subnet.env", node_dir / "cni")
         return cni.for_node(cni.load_conflist(source), node_dir / "subnet.env", node_dir / "cni")
     except cni.CniError as exc:
@@ -425,7 +425,8 @@ def agent_args(state: LabState, ns: str, program: str, extra: list[str]) -> list
 
 def control_plane_of(state: LabState) -> ControlPlane:
     return ControlPlane(state.dir / "kube", f"{state.name}-etcd", ETCD_IP, f"http://{ETCD_IP}:2379",
-                        cluster_cidr=state.network)  # fmt: skip
+                        cluster_cidr=state.network,
+                        cluster_cidr_v6=state.ipv6_network)  # fmt: skip
 
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kube-flannel-bpf.yml"

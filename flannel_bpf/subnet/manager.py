@@ -45,8 +45,9 @@ class Manager(Protocol):
     async def public_ip_override(self) -> str:
         """A public IP the store holds for this host (kube: node-public-ip), else ""."""
 
-    async def stored_vtep_mac(self) -> str:
-        """The VtepMAC the store remembers for this host (kube: our backend-data), else ""."""
+    async def stored_vtep_mac(self, v6: bool = False) -> str:
+        """The VtepMAC the store remembers for this host's flannel.<VNI> (v6: flannel-v6's;
+        kube: our backend-data / backend-v6-data), else ""."""
 
     async def acquire_lease(
         self,

@@ -361,7 +361,7 @@ class EtcdManager:
         """etcd keeps no per-host public IP besides the leases themselves."""
         return ""
 
-    async def stored_vtep_mac(self) -> str:
+    async def stored_vtep_mac(self, v6: bool = False) -> str:
         """Nothing: a lease that ends with its host's restart is not read back (flanneld's
         LocalManager returns "" too); peers follow the new lease's VtepMAC."""
         return ""

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,23 +79,47 @@ def pod_cidrs(node: Mapping[str, Any]) -> list[str]:
     return [str(single)] if single else []
 
 
-def own_ipv4_cidr(node: Mapping[str, Any]) -> IPv4Network | None:
-    """Our lease: flanneld takes the last IPv4 entry of podCIDRs (or podCIDR alone)."""
-    found = None
-    for text in pod_cidrs(node):
+def own_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """Our lease: flanneld classes each entry of podCIDRs (or podCIDR alone) by family, a later
+    entry of a family replacing an earlier one; more than two entries are an error."""
+    cidrs = pod_cidrs(node)
+    if len(cidrs) > 2:
+        raise NodeLeaseError("pod cidrs should be IPv4/IPv6 only or dualstack")
+    v4: IPv4Network | None = None
+    v6: IPv6Network | None = None
+    for text in cidrs:
         try:
             net = ip_network(text, strict=False)
         except ValueError:
             raise NodeLeaseError(f"invalid CIDR address: {text}") from None
         if isinstance(net, IPv4Network):
-            found = net
-    return found
+            v4 = net
+        else:
+            v6 = net
+    return v4, v6
 
 
-def node_to_lease(node: Mapping[str, Any], keys: Annotations) -> Lease | None:
-    """A peer's lease from its Node (flanneld's nodeToLease, IPv4): None when the Node is not
+def own_ipv4_cidr(node: Mapping[str, Any]) -> IPv4Network | None:
+    """Our IPv4 lease (see own_cidrs)."""
+    return own_cidrs(node)[0]
+
+
+def _raw_json(notes: Mapping[str, str], key: str) -> bytes:
+    raw = notes.get(key, "")
+    data = b"" if raw in ("", "null") else compact_json(raw.encode())
+    if data:
+        try:
+            json.loads(data)
+        except ValueError:
+            raise NodeLeaseError(f"{key} is not JSON: {raw[:64]!r}") from None
+    return data
+
+
+def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False) -> Lease | None:
+    """A peer's lease from its Node (flanneld's nodeToLease): None when the Node is not
     flannel's (no kube-subnet-manager=true), NodeLeaseError when flannel's annotations or its
-    podCIDR are unusable."""
+    podCIDR are unusable. ipv6 (EnableIPv6): the Node must also carry public-ipv6 and an IPv6
+    podCIDR (flanneld drops it whole otherwise), and backend-v6-data is read."""
     notes = _annotations(node)
     if notes.get(keys.subnet_kube_managed) != "true":
         return None
@@ -116,17 +140,41 @@ def node_to_lease(node: Mapping[str, Any], keys: Annotations) -> Lease | None:
             break
     if subnet is None:
         raise NodeLeaseError("missing IPv4 address on n.Spec.PodCIDRs")
-    raw = notes.get(keys.backend_data, "")
-    data = b"" if raw in ("", "null") else compact_json(raw.encode())
-    if data:
-        try:
-            json.loads(data)
-        except ValueError:
-            raise NodeLeaseError(f"{keys.backend_data} is not JSON: {raw[:64]!r}") from None
+    data = _raw_json(notes, keys.backend_data)
+    backend_type = notes.get(keys.backend_type, "")
+    if not ipv6:
+        attrs = LeaseAttrs(public_ip=public_ip, backend_type=backend_type, backend_data=data)
+        return Lease(subnet=subnet, attrs=attrs)
+    text6 = notes.get(keys.public_ipv6, "")
+    try:
+        public_ipv6 = IPv6Address(text6)
+    except ValueError:
+        raise NodeLeaseError(
+            f"invalid IP address format in {keys.public_ipv6}: {text6[:64]!r}"
+        ) from None
+    subnet6 = next(
+        (net for net in _networks(node) if isinstance(net, IPv6Network)), None
+    )  # the first IPv6 entry, as flanneld
+    if subnet6 is None:
+        raise NodeLeaseError("missing IPv6 address on n.Spec.PodCIDRs")
     attrs = LeaseAttrs(
-        public_ip=public_ip, backend_type=notes.get(keys.backend_type, ""), backend_data=data
+        public_ip=public_ip,
+        public_ipv6=public_ipv6,
+        backend_type=backend_type,
+        backend_data=data,
+        backend_v6_data=_raw_json(notes, keys.backend_v6_data),
     )
-    return Lease(subnet=subnet, attrs=attrs)
+    return Lease(subnet=subnet, attrs=attrs, ipv6_subnet=subnet6)
+
+
+def _networks(node: Mapping[str, Any]) -> list[IPv4Network | IPv6Network]:
+    nets = []
+    for text in pod_cidrs(node):
+        try:
+            nets.append(ip_network(text, strict=False))
+        except ValueError:
+            raise NodeLeaseError(f"invalid CIDR address: {text[:64]}") from None
+    return nets
 
 
 def wanted_annotations(
@@ -136,12 +184,21 @@ def wanted_annotations(
     data (``null`` for none), public IP (the public-ip-overwrite annotation's value verbatim when
     one is set) and kube-subnet-manager=true."""
     overwrite = current.get(keys.public_ip_overwrite, "")
-    return {
+    wanted = {
         keys.backend_type: attrs.backend_type,
         keys.backend_data: attrs.backend_data.decode() if attrs.backend_data else "null",
         keys.public_ip: overwrite or str(attrs.public_ip),
         keys.subnet_kube_managed: "true",
     }
+    # With IPv6: flanneld writes the v6 pair for vxlan when it has v6 backend data, and for
+    # the other backends when there is a PublicIPv6.
+    v6 = attrs.backend_v6_data if attrs.backend_type == "vxlan" else attrs.public_ipv6
+    if attrs.public_ipv6 is not None and v6:
+        overwrite6 = current.get(keys.public_ipv6_overwrite, "")
+        data6 = attrs.backend_v6_data.decode() if attrs.backend_v6_data else "null"
+        wanted[keys.backend_v6_data] = data6
+        wanted[keys.public_ipv6] = overwrite6 or attrs.public_ipv6.compressed
+    return wanted
 
 
 def annotation_patch(changes: Mapping[str, str]) -> bytes:
@@ -192,6 +249,7 @@ class KubeManager:
     # MAC), and the lease itself when the podCIDR is already there.
     _node_at_start: dict[str, Any] | None = field(default=None, init=False)
     prefix: str = field(default="", init=False)
+    ipv6: bool = field(default=False, init=False)  # EnableIPv6 in net-conf.json
 
     def __post_init__(self) -> None:
         self.prefix = self.keys.prefix  # where leases live, for logs and the status file
@@ -207,9 +265,11 @@ class KubeManager:
                 f"failed to read net conf: open {self.net_config_path}: {exc.strerror or exc}"
             ) from None
         try:
-            return parse_network_config(data)
+            config = parse_network_config(data)
         except ConfigError as exc:
             raise KubeManagerError(f"error parsing subnet config: {exc}") from None
+        self.ipv6 = config.enable_ipv6  # peers are read with their IPv6 half from now on
+        return config
 
     def prefetch_leases(self) -> None:
         """Peers come from the node list of watch_leases."""
@@ -232,14 +292,15 @@ class KubeManager:
         node = await self._own_node_at_start()
         return _annotations(node).get(self.keys.node_public_ip, "") if node else ""
 
-    async def stored_vtep_mac(self) -> str:
-        """flanneld's GetStoredMacAddresses: the VtepMAC our Node's backend-data annotation
-        holds, so that a VXLAN device made anew (after a reboot) keeps the MAC every peer has
-        programmed. Read under the configured prefix (flanneld reads PREFIX/backend-data, the
-        wrong key for prefixes with a slash); anything but a JSON object with a string VtepMAC
-        is ignored with a warning."""
+    async def stored_vtep_mac(self, v6: bool = False) -> str:
+        """flanneld's GetStoredMacAddresses: the VtepMAC our Node's backend-data (v6:
+        backend-v6-data) annotation holds, so that a VXLAN device made anew (after a reboot)
+        keeps the MAC every peer has programmed. Read under the configured prefix (flanneld
+        reads PREFIX/backend-data, the wrong key for prefixes with a slash); anything but a JSON
+        object with a string VtepMAC is ignored with a warning."""
         node = await self._own_node_at_start()
-        raw = _annotations(node).get(self.keys.backend_data, "") if node else ""
+        key = self.keys.backend_v6_data if v6 else self.keys.backend_data
+        raw = _annotations(node).get(key, "") if node else ""
         if raw in ("", "null"):
             return ""
         try:
@@ -247,8 +308,8 @@ class KubeManager:
         except (ValueError, AttributeError):
             mac = None
         if not isinstance(mac, str):
-            log.warning("ignoring %s of node %s: %.64r holds no VtepMAC", self.keys.backend_data,
-                        self.node_name, raw)  # fmt: skip
+            log.warning("ignoring %s of node %s: %.64r holds no VtepMAC", key, self.node_name,
+                        raw)  # fmt: skip
             return ""
         return mac
 
@@ -264,10 +325,25 @@ class KubeManager:
         """Our Node's podCIDR (waited for), with our attributes published as annotations."""
         node = await self._node_with_pod_cidr()
         try:
-            subnet = own_ipv4_cidr(node)
+            subnet, subnet6 = own_cidrs(node)
         except NodeLeaseError as exc:
             raise KubeManagerError(f"node {self.node_name!r}: {exc}") from None
         await self._annotate(node, attrs)
+        if config.enable_ipv6:
+            network6 = config.ipv6_network
+            if subnet6 is None:
+                raise KubeManagerError(
+                    f"node {self.node_name!r} has no IPv6 pod CIDR ({', '.join(pod_cidrs(node))})"
+                )
+            if network6 is None or not (
+                network6.prefixlen <= subnet6.prefixlen and subnet6.network_address in network6
+            ):
+                raise KubeManagerError(
+                    f'subnet "{network6}" specified in the flannel net config doesn\'t contain '
+                    f'"{subnet6}" IPv6 PodCIDR of the "{self.node_name}" node'
+                )
+        else:
+            subnet6 = None
         if subnet is None:
             raise KubeManagerError(
                 f"node {self.node_name!r} has no IPv4 pod CIDR ({', '.join(pod_cidrs(node))})"
@@ -284,11 +360,10 @@ class KubeManager:
             log.info(
                 "podCIDR %s replaces the subnet %s of the subnet file", subnet, previous_subnet
             )
-        log.info(
-            "Allocated lease (ip: %s) to current node (%s) from its podCIDR", subnet, self.node_name
-        )
+        log.info("Allocated lease (ip: %s ipv6: %s) to current node (%s) from its podCIDR",
+                 subnet, subnet6, self.node_name)  # fmt: skip
         # No TTL in kube mode: the lease lives as long as the Node object.
-        return Lease(subnet=subnet, attrs=attrs, expiration=None)
+        return Lease(subnet=subnet, attrs=attrs, ipv6_subnet=subnet6, expiration=None)
 
     async def _node_with_pod_cidr(self) -> Mapping[str, Any]:
         if self._node_at_start and pod_cidrs(self._node_at_start):
@@ -521,7 +596,7 @@ class KubeManager:
     def _lease_of(self, node: Mapping[str, Any]) -> Lease | None:
         name = node_name_of(node)
         try:
-            lease = node_to_lease(node, self.keys)
+            lease = node_to_lease(node, self.keys, self.ipv6)
         except NodeLeaseError as exc:
             if self._warned.get(name) != str(exc):
                 self._warned[name] = str(exc)
