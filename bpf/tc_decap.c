@@ -18,7 +18,6 @@
 #include "vxlan.h"
 #include "host_routing.h"
 
-#define FB_DECAP_FLAGS BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 
 static __always_inline int fb_tc_decap_pass(__u32 reason, __u64 bytes)
 {
@@ -101,9 +100,12 @@ int fb_tc_decap(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 
-	/* Headers outside the linear part: pull them in, but never on GSO packets (corrupts them). */
-	if (data + FB_DECAP_MIN_LEN > data_end && !skb->gso_size && skb->len >= FB_DECAP_MIN_LEN) {
-		if (bpf_skb_pull_data(skb, FB_DECAP_MIN_LEN))
+	/* Headers outside the linear part: pull them in, but never on GSO packets (corrupts them);
+	 * as far as an inner IPv6 header reaches when the frame is that long. */
+	__u32 want = skb->len >= FB_DECAP_MIN_LEN6 ? FB_DECAP_MIN_LEN6 : FB_DECAP_MIN_LEN;
+
+	if (data + want > data_end && !skb->gso_size && skb->len >= want) {
+		if (bpf_skb_pull_data(skb, want))
 			return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
@@ -118,7 +120,10 @@ int fb_tc_decap(struct __sk_buff *skb)
 	if (verdict != FB_DECAP_PASS)
 		return fb_tc_decap_pass(verdict, bytes);
 
-	if (fb_host_routing(cfg)) {
+	struct fb_encap_headers *hdr = data;
+	int inner_v6 = fb_eth_proto(&hdr->inner_eth) == bpf_htons(ETH_P_IPV6);
+
+	if (fb_host_routing(cfg) && !inner_v6) {
 		int action;
 
 		if (fb_decap_to_pod(skb, cfg, bytes, &action))
@@ -132,12 +137,17 @@ int fb_tc_decap(struct __sk_buff *skb)
 	if (skb->gso_size)
 		return fb_tc_decap_pass(FB_PASS_GSO, bytes);
 
-	/* Addressed to flannel.<VNI> from the peer's VTEP, as vxlan.ko would deliver it. */
-	struct fb_encap_headers *hdr = data;
+	/* Addressed to flannel.<VNI> from the peer's VTEP, as vxlan.ko would deliver it (an IPv6
+	 * packet too: a peer's flannel-v6 traffic over the IPv4 underlay). */
+	hdr = data;
+	if ((void *)(hdr + 1) > data_end)
+		return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
 	__u8 peer_vtep_mac[ETH_ALEN];
+	__be16 proto = inner_v6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
+	__u64 flags = inner_v6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
 
 	fb_mac_copy(peer_vtep_mac, hdr->inner_eth.h_source);
-	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FB_DECAP_FLAGS))
+	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
 		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
 
 	/* Written in place: no helper call. */
@@ -151,7 +161,7 @@ int fb_tc_decap(struct __sk_buff *skb)
 	}
 	fb_mac_copy(eth->h_dest, cfg->vtep_mac);
 	fb_mac_copy(eth->h_source, peer_vtep_mac);
-	fb_set_eth_proto(eth, bpf_htons(ETH_P_IP));
+	fb_set_eth_proto(eth, proto);
 	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
 	return bpf_redirect(cfg->vtep_ifindex, BPF_F_INGRESS);
 }

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * VXLAN encapsulation at tc egress of flannel.<VNI>.
+ * VXLAN encapsulation at tc egress of flannel.<VNI> (IPv4) and flannel-v6.<VNI> (IPv6, which goes
+ * over the IPv4 underlay to the peer's flannel.<VNI>: see fb_remotes6 in flannel_bpf.h).
  *
  * By the time a packet reaches this hook the kernel has routed it to the flannel device and the
  * neighbour layer has given it an Ethernet header, so netfilter and routing behave exactly as with
@@ -20,8 +21,46 @@ static __always_inline int fb_encap_pass(__u32 reason, __u64 bytes)
 	return TC_ACT_UNSPEC; /* next filter, or on to the kernel untouched */
 }
 
+/* At flannel-v6.<VNI>: an IPv6 pod packet for a remote IPv6 subnet, to the peer's IPv4 VTEP. */
+static __always_inline int fb_tc_encap6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u64 bytes = skb->len;
+	struct ipv6hdr *ip6 = NULL;
+	__u32 not_ipv6 = fb_frame_ipv6(skb, data, data_end, &ip6);
+
+	if (not_ipv6 || !ip6)
+		return fb_encap_pass(not_ipv6, bytes);
+
+	struct fb_config *cfg = fb_get_config();
+
+	if (!cfg)
+		return fb_encap_pass(FB_PASS_NO_CONFIG, bytes);
+
+	struct fb_remote6_key key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.subnet, &ip6->daddr, sizeof(key.subnet));
+	struct fb_remote *remote = fb_remotes6.lookup(&key);
+
+	if (!remote)
+		return fb_encap_pass(FB_PASS_NO_REMOTE, bytes);
+	if (remote->flags & FB_REMOTE_SKIP)
+		return fb_encap_pass(FB_PASS_SKIP, bytes);
+
+	struct fb_inner inner;
+
+	fb_inner_ipv6(skb, cfg, ip6, data_end, &inner);
+	return fb_vxlan_encap(skb, cfg, remote, &inner, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes,
+			      0);
+}
+
+/* Attached to flannel.<VNI> and, with IPv6, to flannel-v6.<VNI>: each packet by its family. */
 int fb_tc_encap(struct __sk_buff *skb)
 {
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return fb_tc_encap6(skb);
+
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u64 bytes = skb->len;
@@ -47,6 +86,10 @@ int fb_tc_encap(struct __sk_buff *skb)
 	 * and (not) translated this packet, and its mark says whether the flow may go short. */
 	if (fb_host_routing(cfg) && fb_flow_learn(skb, ip, data_end, FB_FLOW_EGRESS))
 		fb_count(FB_HOOK_TC_ENCAP, FB_FLOW_LEARNT, 0);
-	return fb_vxlan_encap(skb, cfg, remote, ip, data_end, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT,
-			      bytes, 0);
+
+	struct fb_inner inner;
+
+	fb_inner_ipv4(skb, cfg, ip, data_end, &inner);
+	return fb_vxlan_encap(skb, cfg, remote, &inner, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes,
+			      0);
 }

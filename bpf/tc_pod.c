@@ -63,7 +63,10 @@ int fb_tc_pod_egress(struct __sk_buff *skb)
 	if (why)
 		return fb_pod_pass(why, bytes);
 
-	return fb_vxlan_encap(skb, cfg, remote, ip, data_end, FB_HOOK_POD_EGRESS, FB_ENCAP_FROM_POD,
+	struct fb_inner inner;
+
+	fb_inner_ipv4(skb, cfg, ip, data_end, &inner);
+	return fb_vxlan_encap(skb, cfg, remote, &inner, FB_HOOK_POD_EGRESS, FB_ENCAP_FROM_POD,
 			      bytes, 1);
 }
 

@@ -127,3 +127,46 @@ def flow_source_port(inner_ip: bytes, local_underlay: str, port_range: tuple[int
     hash_ = (hash_ ^ (hash_ << 16)) & 0xFFFFFFFF
     low, high = port_range
     return ((hash_ * (high - low)) >> 32) + low
+
+
+ETH_P_IPV6 = 0x86DD
+
+
+def ipv6(
+    src: str,
+    dst: str,
+    payload: bytes,
+    *,
+    nexthdr: int = 17,
+    hlim: int = 64,
+    tclass: int = 0,
+    flow: int = 0,
+    payload_length: int | None = None,
+) -> bytes:
+    length = payload_length if payload_length is not None else len(payload)
+    first = (6 << 28) | (tclass << 20) | flow
+    return (
+        struct.pack("!IHBB", first, length, nexthdr, hlim)
+        + socket.inet_pton(socket.AF_INET6, src)
+        + socket.inet_pton(socket.AF_INET6, dst)
+        + payload
+    )
+
+
+def flow_source_port6(inner_ip6: bytes, local_underlay: str, port_range: tuple[int, int]) -> int:
+    """flow_source_port for an IPv6 packet (bpf/lib/common.h fb_flow_hash6): each address folded
+    to one word (the XOR of its four), the next header, ports for TCP/UDP/SCTP/UDP-Lite."""
+
+    def word(raw: bytes) -> int:
+        return int.from_bytes(raw, "little")
+
+    def fold(raw: bytes) -> int:
+        return word(raw[0:4]) ^ word(raw[4:8]) ^ word(raw[8:12]) ^ word(raw[12:16])
+
+    nexthdr = inner_ip6[6]
+    ports = word(inner_ip6[40:44]) if nexthdr in (6, 17, 132, 136) else 0
+    seed = word(socket.inet_aton(local_underlay)) ^ nexthdr
+    hash_ = jhash_3words(fold(inner_ip6[8:24]), fold(inner_ip6[24:40]), ports, seed) or 1
+    hash_ = (hash_ ^ (hash_ << 16)) & 0xFFFFFFFF
+    low, high = port_range
+    return ((hash_ * (high - low)) >> 32) + low

@@ -63,8 +63,9 @@ def test_struct_sizes() -> None:
     # Natural C alignment of the header's structs (checked against the kernel's maps in
     # test_bpf_programs.py::test_struct_sizes_match_the_kernel_maps).
     assert bpf_maps.REMOTE_KEY.size == 8
+    assert bpf_maps.REMOTE6_KEY.size == 20
     assert bpf_maps.REMOTE_VALUE.size == 12
-    assert bpf_maps.CONFIG.size == 36
+    assert bpf_maps.CONFIG.size == 40
     assert bpf_maps.COUNTER.size == 16
     assert bpf_maps.NEXTHOP.size == 32
     assert bpf_maps.FLOW_KEY.size == 16
@@ -76,8 +77,9 @@ def test_config_round_trip() -> None:
     from ipaddress import IPv4Address
 
     cfg = bpf_maps.DatapathConfig(
-        IPv4Address("198.18.0.1"), 7, 4789, 3, "02:00:00:00:00:01", 5, "0e:00:00:00:00:02"
-    )
+        IPv4Address("198.18.0.1"), 7, 4789, 3, "02:00:00:00:00:01", 5, "0e:00:00:00:00:02",
+        vtep6_ifindex=9,
+    )  # fmt: skip
     raw = cfg.pack()
     assert raw[8:10] == (4789).to_bytes(2, "big")  # network order, as the programs compare it
     assert bpf_maps.DatapathConfig.unpack(raw) == cfg

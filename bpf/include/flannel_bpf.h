@@ -10,7 +10,7 @@
 #ifndef FLANNEL_BPF_H
 #define FLANNEL_BPF_H
 
-#define FB_LAYOUT_VERSION 2
+#define FB_LAYOUT_VERSION 3
 
 /* Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): flanneld's MTU overhead. */
 #define FB_VXLAN_OVERHEAD 50
@@ -28,6 +28,20 @@ struct fb_remote_key {
 };
 
 #define FB_REMOTE_SKIP 0x0001 /* let the kernel handle this subnet (e.g. direct routing) */
+
+/*
+ * fb_remotes6 (EnableIPv6): one entry per remote lease's IPv6 subnet, longest-prefix matched on
+ * the inner IPv6 destination. Its value is the same struct fb_remote as the lease's IPv4 entry:
+ * the peer's IPv4 PublicIP and flannel.<VNI> VtepMAC. IPv6 pod packets go over the IPv4 underlay
+ * to the peer's flannel.<VNI>, which decapsulates any inner EtherType (vxlan.ko and our decap
+ * alike): 50 bytes of overhead instead of 70, the outer UDP checksum zero as IPv4 allows, so
+ * GSO aggregates are carried whole. What the programs leave to the kernel takes flanneld's way,
+ * flannel-v6.<VNI> over the IPv6 underlay.
+ */
+struct fb_remote6_key {
+	__u32 prefixlen;
+	__u8 subnet[16];
+};
 
 /*
  * fb_senders: the underlay addresses holding at least one lease, and how many. Read only with
@@ -80,6 +94,7 @@ struct fb_config {
 	__u32 vtep_ifindex; /* flannel.<VNI>, or flannel0 (TUN) for udp */
 	__u8 vtep_mac[6];   /* our VtepMAC: inner source MAC, and what decapsulation accepts */
 	__u8 uplink_mac[6];
+	__u32 vtep6_ifindex; /* flannel-v6.<VNI> (EnableIPv6), its egress encapsulated too; or 0 */
 };
 
 /*
@@ -154,7 +169,7 @@ enum fb_reason {
 	FB_ENCAP_FROM_POD = 4,       /* host routing: from the pod's veth encapsulated to the uplink */
 	FB_FLOW_LEARNT = 5,          /* host routing: a flow validated by the host stack, recorded */
 
-	FB_PASS_NOT_IPV4 = 8,        /* not IPv4 (ARP, IPv6, ...) */
+	FB_PASS_NOT_IPV4 = 8,        /* neither IPv4 nor IPv6 (ARP, ...); name kept for the labels */
 	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */
 	FB_PASS_NO_REMOTE = 10,      /* encap: destination in no known remote subnet */
 	FB_PASS_NO_CONFIG = 11,      /* the agent has not written fb_config */
@@ -168,7 +183,7 @@ enum fb_reason {
 	FB_PASS_BAD_FLAGS = 19,      /* decap: VXLAN flags other than I alone */
 	FB_PASS_OTHER_VNI = 20,      /* decap: another VNI */
 	FB_PASS_OTHER_MAC = 21,      /* decap: inner destination is not our VtepMAC */
-	FB_PASS_INNER_NOT_IPV4 = 22, /* decap: inner frame is not IPv4 */
+	FB_PASS_INNER_NOT_IPV4 = 22, /* decap: inner frame is neither IPv4 nor IPv6 */
 	FB_PASS_ADJUST_FAILED = 23,  /* the kernel refused to resize the packet; unchanged */
 	FB_PASS_SKIP = 24,           /* encap: remote marked FB_REMOTE_SKIP */
 	FB_PASS_GSO = 25,            /* a GSO packet this hook must not resize (see tc_decap.c) */
@@ -180,7 +195,7 @@ enum fb_reason {
 	                              * a pod's veth: the source, on that veth) */
 	FB_PASS_NO_PORTS = 31,       /* host routing: not TCP/UDP/ICMP, or a fragment */
 
-	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 header invalid or truncated */
+	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 or IPv6 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */
 	FB_DROP_UNKNOWN_SENDER = 42,  /* decap, anti-spoofing: the outer source holds no lease */
 	FB_DROP_SPOOFED_SOURCE = 43,  /* decap, anti-spoofing: inner source outside the sender's subnet */

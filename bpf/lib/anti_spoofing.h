@@ -4,11 +4,11 @@
  * program of both wire formats.
  *
  * A frame the program decapsulates itself must come from an underlay address holding a lease and
- * carry an inner source inside that lease's subnet. A frame it leaves to the kernel (IP options,
- * fragments, odd VXLAN headers, non-IPv4 inside) would still be decapsulated there, by vxlan.ko or
- * the udp backend's socket, so when it is addressed to our port it must at least come from a
- * lease holder. Only a first fragment shows the UDP port; dropping it leaves the rest to expire in
- * reassembly.
+ * carry an inner source inside that lease's subnet (its IPv6 subnet for an inner IPv6 packet). A
+ * frame it leaves to the kernel (IP options, fragments, odd VXLAN headers, neither IPv4 nor IPv6
+ * inside) would still be decapsulated there, by vxlan.ko or the udp backend's socket, so when it
+ * is addressed to our port it must at least come from a lease holder. Only a first fragment
+ * shows the UDP port; dropping it leaves the rest to expire in reassembly.
  *
  * The outer source is trusted as the underlay delivers it: this stops strangers and misconfigured
  * or compromised peers, not a host able to forge another's underlay address.
@@ -35,6 +35,25 @@ static __always_inline __u32 fb_check_sources(const struct fb_config *cfg, __be3
 	/* One longest-prefix lookup: the lease owning the inner source must be the sender's. */
 	struct fb_remote_key key = { .prefixlen = 32, .subnet = inner_src };
 	struct fb_remote *owner = fb_remotes.lookup(&key);
+
+	if (owner && owner->vtep_ip == outer_src)
+		return FB_DECAP_PASS;
+	if (!fb_senders.lookup(&outer_src))
+		return FB_DROP_UNKNOWN_SENDER;
+	return FB_DROP_SPOOFED_SOURCE;
+}
+
+/* The same for an inner IPv6 source: its lease's IPv6 subnet must be the sender's. */
+static __always_inline __u32 fb_check_sources6(const struct fb_config *cfg, __be32 outer_src,
+					       const struct in6_addr *inner_src)
+{
+	if (!fb_checking_sources(cfg))
+		return FB_DECAP_PASS;
+
+	struct fb_remote6_key key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
+	struct fb_remote *owner = fb_remotes6.lookup(&key);
 
 	if (owner && owner->vtep_ip == outer_src)
 		return FB_DECAP_PASS;

@@ -7,12 +7,16 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/udp.h>
 
 /* The build may use older uapi headers than the running kernel (Debian's 6.1 for 6.18). */
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#endif
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 #endif
 
 #define FB_IP_DF 0x4000
@@ -43,6 +47,7 @@ struct fb_macs {
 
 /* The minimum a VXLAN frame for us must hold: all of the above plus an inner IPv4 header. */
 #define FB_DECAP_MIN_LEN (sizeof(struct fb_encap_headers) + sizeof(struct iphdr))
+#define FB_DECAP_MIN_LEN6 (sizeof(struct fb_encap_headers) + sizeof(struct ipv6hdr))
 
 /* struct ethhdr is packed, so clang would move h_proto a byte at a time: one 16-bit access. */
 static __always_inline __be16 fb_eth_proto(const struct ethhdr *eth)
@@ -167,6 +172,44 @@ static __always_inline __u32 fb_flow_hash(struct __sk_buff *skb, const struct ip
 		hash = 1; /* 0 means "none" to the kernel */
 	bpf_set_hash(skb, hash);
 	return hash;
+}
+
+/*
+ * fb_flow_hash for an IPv6 packet: the skb's own hash, else one of its addresses (each folded to
+ * a word), next header and ports when the next header is TCP/UDP/SCTP/UDP-Lite itself.
+ */
+static __always_inline __u32 fb_flow_hash6(struct __sk_buff *skb, const struct ipv6hdr *ip6,
+					   void *data_end, __u32 seed)
+{
+	__u32 hash = skb->hash;
+
+	if (hash)
+		return hash;
+
+	const __u32 *s = (const __u32 *)&ip6->saddr;
+	const __u32 *d = (const __u32 *)&ip6->daddr;
+	__u8 next = ip6->nexthdr;
+	__u32 ports = 0;
+
+	if (next == IPPROTO_TCP || next == IPPROTO_UDP || next == IPPROTO_SCTP ||
+	    next == IPPROTO_UDPLITE) {
+		const __u32 *l4 = (const void *)(ip6 + 1);
+
+		if ((void *)(l4 + 1) <= data_end)
+			ports = *l4;
+	}
+	hash = fb_jhash_3words(s[0] ^ s[1] ^ s[2] ^ s[3], d[0] ^ d[1] ^ d[2] ^ d[3], ports,
+			       seed ^ next);
+	if (!hash)
+		hash = 1;
+	bpf_set_hash(skb, hash);
+	return hash;
+}
+
+/* An IPv6 header's traffic class (its TOS byte). */
+static __always_inline __u8 fb_ipv6_tclass(const struct ipv6hdr *ip6)
+{
+	return (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
 }
 
 /* The kernel's udp_flow_src_port(): a flow hash folded into [min, max). */

@@ -15,6 +15,8 @@
 
 BPF_TABLE_PINNED("lpm_trie", struct fb_remote_key, struct fb_remote, fb_remotes, FB_MAX_REMOTES,
 		 FB_PIN_DIR "/fb_remotes", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct fb_remote6_key, struct fb_remote, fb_remotes6, FB_MAX_REMOTES,
+		 FB_PIN_DIR "/fb_remotes6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct fb_config, fb_config, 1, FB_PIN_DIR "/fb_config");
 BPF_TABLE_PINNED("percpu_array", __u32, struct fb_counter, fb_stats, FB_STATS_ENTRIES,
 		 FB_PIN_DIR "/fb_stats");

@@ -28,8 +28,23 @@ static __always_inline int fb_fits(struct __sk_buff *skb, const struct fb_nextho
 	return skb->len + overhead <= (__u32)hop->mtu + ETH_HLEN;
 }
 
-/* The headers each segment of a GSO frame repeats: Ethernet, IPv4 (no options) and TCP (its
- * data offset) or UDP; 0 when they cannot be read here. */
+/* The headers each segment of a GSO frame repeats: Ethernet, IPv6 (no extension headers) and
+ * TCP (its data offset) or UDP; 0 when they cannot be read here. */
+static __always_inline __u32 fb_segment_headers6(const struct ipv6hdr *ip6, void *data_end)
+{
+	if (ip6->nexthdr == IPPROTO_UDP)
+		return ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct udphdr);
+	if (ip6->nexthdr != IPPROTO_TCP)
+		return 0;
+
+	const __u8 *doff = (const __u8 *)(ip6 + 1) + 12;
+
+	if ((void *)(doff + 1) > data_end)
+		return 0;
+	return ETH_HLEN + sizeof(struct ipv6hdr) + (*doff >> 4) * 4;
+}
+
+/* The same for IPv4 (no options). */
 static __always_inline __u32 fb_segment_headers(const struct iphdr *ip, void *data_end)
 {
 	if (ip->protocol == IPPROTO_UDP)

@@ -7,6 +7,21 @@
 #include "flannel_bpf.h"
 #include "anti_spoofing.h"
 
+/* An IPv6 packet inside (a peer's flannel-v6 traffic over the IPv4 underlay): what ipv6_rcv()
+ * would reject anyway is dropped, then the sources are checked as for IPv4. */
+static __always_inline __u32 fb_classify_inner_ipv6(void *data_end, __u64 frame_len,
+						    const struct fb_config *cfg, struct iphdr *ip,
+						    struct ipv6hdr *inner)
+{
+	if ((void *)(inner + 1) > data_end)
+		return FB_PASS_SHORT;
+	if (inner->version != 6 ||
+	    sizeof(*inner) + bpf_ntohs(inner->payload_len) >
+		    frame_len - sizeof(struct fb_encap_headers))
+		return FB_DROP_INNER_MALFORMED;
+	return fb_check_sources6(cfg, ip->saddr, &inner->saddr);
+}
+
 /* The frame is UDP to our address: is it VXLAN for our VTEP, and safe to strip here? */
 static __always_inline __u32 fb_classify_vxlan_ours(void *data, void *data_end, __u64 frame_len,
 						     const struct fb_config *cfg, struct iphdr *ip)
@@ -36,6 +51,9 @@ static __always_inline __u32 fb_classify_vxlan_ours(void *data, void *data_end, 
 		return FB_PASS_OTHER_VNI;
 	if (!fb_mac_equal(inner_eth->h_dest, cfg->vtep_mac))
 		return FB_PASS_OTHER_MAC;
+	if (fb_eth_proto(inner_eth) == bpf_htons(ETH_P_IPV6))
+		return fb_classify_inner_ipv6(data_end, frame_len, cfg, ip,
+					      (struct ipv6hdr *)(inner_eth + 1));
 	if (fb_eth_proto(inner_eth) != bpf_htons(ETH_P_IP))
 		return FB_PASS_INNER_NOT_IPV4;
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -55,6 +55,7 @@ def datapath_config(
     vtep: Device,
     anti_spoofing: bool = False,
     host_routing: bool = False,
+    vtep6: Device | None = None,
 ) -> DatapathConfig:
     low, high = local_port_range()
     return DatapathConfig(
@@ -70,6 +71,7 @@ def datapath_config(
         ttl=default_ttl(),
         flags=(FB_CFG_CHECK_SOURCES if anti_spoofing else 0)
         | (FB_CFG_HOST_ROUTING if host_routing else 0),
+        vtep6_ifindex=vtep6.index if vtep6 is not None else 0,
     )
 
 
@@ -85,6 +87,7 @@ async def load_bpf_datapath(
     vni: int = 0,
     anti_spoofing: bool = False,
     pod_bridge: str = "",
+    vtep6: Device | None = None,
 ) -> BPFDatapath:
     """Compile, load and attach (in a thread: compiling takes about a second).
 
@@ -96,13 +99,14 @@ async def load_bpf_datapath(
         vtep=vtep,
         uplink=Device(iface.name, iface.index, uplink_mac),
         config=datapath_config(
-            iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing, bool(pod_bridge)
+            iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing, bool(pod_bridge), vtep6
         ),
         pin_dir=pin_dir_for(vtep.name, bpffs),
         bpffs_root=bpffs,
         decap_mode=decap_mode,
         wire=wire,
         pod_bridge=pod_bridge,
+        vtep6=vtep6,
     )
     try:
         state = await asyncio.to_thread(datapath.load)
@@ -151,7 +155,7 @@ def reconcile_remotes(bpf: BPFDatapath, remotes: list[Remote]) -> None:
 
 
 def update_remote(
-    bpf: BPFDatapath, subnet: IPv4Network, remote: Remote | None, fallback: str
+    bpf: BPFDatapath, subnet: IPv4Network | IPv6Network, remote: Remote | None, fallback: str
 ) -> None:
     """Write a peer's fb_remotes entry, or delete it (None). A failure is logged, not raised: the
     backend's own entries for the peer are in place, and ``fallback`` carries it meanwhile."""

@@ -8,6 +8,7 @@ network namespace without etcd; :class:`VXLANBackend` only glues them to the lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -41,8 +42,10 @@ from flannel_bpf.datapath.rtnl_batch import (
     RtnlBatch,
     fdb_request,
     neigh_request,
+    neigh_use_request,
     one_route_without_gateway,
     route_get_request,
+    route_next_hop,
     route_request,
 )
 from flannel_bpf.datapath.vxlan_wire import (
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 
 BACKEND_TYPE = "vxlan"
 IPV6_CONF_DIR = Path("/proc/sys/net/ipv6/conf")
+# How often the underlay next hops of IPv4 VTEPs carrying IPv6 subnets are asked for again.
+UNDERLAY_NEIGH_PERIOD = 10.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,9 @@ class PeerVtep:
     subnet: IPv4Network | IPv6Network
     public_ip: IPv4Address | IPv6Address
     mac: str
+    # IPv6 only: the peer's IPv4 VTEP (PublicIP, flannel.<VNI>'s VtepMAC), where the BPF
+    # programs send its IPv6 subnet's packets (fb_remotes6); None when it has no IPv4 half.
+    carrier: tuple[IPv4Address, str] | None = None
 
 
 def peer_vtep(lease: Lease) -> PeerVtep:
@@ -158,7 +166,12 @@ def peer_vtep_v6(lease: Lease) -> PeerVtep | None:
         mac = _vtep_mac(lease.attrs.backend_v6_data)
     except ValueError as exc:
         raise ValueError(f"BackendV6Data: {exc}") from None
-    return PeerVtep(lease.ipv6_subnet, lease.attrs.public_ipv6, mac)
+    carrier = None
+    if lease.subnet.prefixlen and not lease.attrs.public_ip.is_unspecified:
+        # A bad IPv4 half is reported where it is programmed.
+        with contextlib.suppress(ValueError):
+            carrier = (lease.attrs.public_ip, _vtep_mac(lease.attrs.backend_data))
+    return PeerVtep(lease.ipv6_subnet, lease.attrs.public_ipv6, mac, carrier)
 
 
 def _vtep_mac(backend_data: bytes) -> str:
@@ -180,10 +193,16 @@ def _vtep_mac(backend_data: bytes) -> str:
     return parse_mac(mac)
 
 
-def remote_entry(peer: PeerVtep, direct: bool) -> Remote:
-    """A peer as fb_remotes holds it; direct-routing peers are left to the kernel's route."""
-    assert isinstance(peer.subnet, IPv4Network) and isinstance(peer.public_ip, IPv4Address)
-    return Remote(peer.subnet, peer.public_ip, peer.mac, FB_REMOTE_SKIP if direct else 0)
+def remote_entry(peer: PeerVtep, direct: bool) -> Remote | None:
+    """A peer as fb_remotes (or, for its IPv6 subnet, fb_remotes6) holds it: its IPv4 VTEP;
+    direct-routing peers are left to the kernel's route. None: the programs cannot carry it (an
+    IPv6 subnet of a peer without IPv4), vxlan.ko does."""
+    flags = FB_REMOTE_SKIP if direct else 0
+    if isinstance(peer.public_ip, IPv4Address):
+        return Remote(peer.subnet, peer.public_ip, peer.mac, flags)
+    if peer.carrier is None:
+        return None
+    return Remote(peer.subnet, peer.carrier[0], peer.carrier[1], flags)
 
 
 def _go_get(obj: dict[str, Any], key: str) -> Any:
@@ -454,10 +473,25 @@ class VXLANNetwork(Network):
         self._programmed: set[IPv4Network | IPv6Network] = set()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
+        jobs: list[Coroutine[Any, Any, None]] = []
         if self.bpf is not None and self.bpf.pod_bridge:
             # The mark rules are resynced like flanneld's (the same period, 5 s by default).
-            return [keep_pod_ports(self.bpf), host_routing_keeper(self.bpf).keep(5.0)]
-        return []
+            jobs += [keep_pod_ports(self.bpf), host_routing_keeper(self.bpf).keep(5.0)]
+        if self.bpf is not None and self.device6 is not None:
+            jobs.append(self._keep_underlay_neighbours())
+        return jobs
+
+    async def _keep_underlay_neighbours(self, period: float = UNDERLAY_NEIGH_PERIOD) -> None:
+        """Every period, have the kernel resolve the underlay next hop to each IPv4 VTEP that
+        carries IPv6 subnets (a peer's neighbour entry may have failed and gone since)."""
+        while True:
+            await asyncio.sleep(period)
+            assert self.bpf is not None
+            try:
+                async with RtnlBatch() as nl:
+                    await resolve_underlay(nl, self.bpf.ipv6_carriers())
+            except OSError as exc:
+                log.warning("resolving underlay neighbours failed: %s", exc)
 
     def datapath_status(self) -> dict[str, Any]:
         bpf = self.bpf.status() if self.bpf is not None else {"host_routing": "kernel"}
@@ -536,12 +570,17 @@ class VXLANNetwork(Network):
             (added if event.type is LeaseEventType.ADDED else removed).append((peer, is_direct))
         if self.bpf is not None:
             for peer, _ in removed:
-                if isinstance(peer.subnet, IPv4Network):
-                    update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
+                update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
         await self._remove_peers(nl, removed)
         await self._add_peers(nl, added)
-        # The programs carry IPv4 inner packets: IPv6 peers are vxlan.ko's (flannel-v6.<VNI>).
-        remotes = [remote_entry(peer, direct) for peer, direct in added if peer.subnet.version == 4]
+        entries = (remote_entry(peer, direct) for peer, direct in added)
+        remotes = [remote for remote in entries if remote is not None]
+        if self.bpf is not None:
+            # IPv6 packets go over the IPv4 underlay, where nothing else may have resolved the
+            # peer yet (vxlan.ko's flannel-v6 uses the IPv6 one); a program finding no
+            # neighbour hands packets to the kernel, which would never resolve it for us.
+            carriers = {r.vtep_ip for r in remotes if r.subnet.version == 6 and not r.flags}
+            await resolve_underlay(nl, carriers)
         if self.bpf is not None and not snapshot:
             for remote in remotes:
                 update_remote(self.bpf, remote.subnet, remote, "vxlan.ko")
@@ -685,6 +724,24 @@ class VXLANNetwork(Network):
         return errors
 
 
+async def resolve_underlay(nl: RtnlBatch, addresses: set[IPv4Address]) -> None:
+    """Have the kernel resolve the underlay next hop (the address itself, or its route's
+    gateway) of each address: `ip neigh replace <hop> dev <oif> nud none use`, best effort."""
+    if not addresses:
+        return
+    targets = sorted(addresses)
+    replies = await nl.run([route_get_request(address) for address in targets], LOOKUP_BUFFER)
+    uses = []
+    for address, reply in zip(targets, replies, strict=True):
+        hop = route_next_hop(reply) if not reply.error else None
+        if hop is not None:
+            oif, gateway = hop
+            uses.append(neigh_use_request(oif, gateway or address))
+    for reply in await nl.run(uses):
+        if reply.error:
+            log.debug("underlay neighbour resolution: %s", _error(reply.error))
+
+
 def _rounds(
     peers: list[tuple[LeaseEvent, PeerVtep]],
 ) -> list[list[tuple[LeaseEvent, PeerVtep]]]:
@@ -798,6 +855,11 @@ class VXLANBackend(Backend):
             log.warning("%s; falling back to the userspace data path", reason)
             return await self._userspace(cfg, network, (reason,))
 
+        device6 = None
+        if self.ctx.config.enable_ipv6:
+            # flanneld's v6 VTEP; with BPF, what the programs leave to the kernel goes there.
+            mac6 = await stored_vtep_mac(self.ctx.manager, cfg.device_name_v6, v6=True)
+            device6 = await ensure_vxlan_device(cfg, iface, mac6, v6=True)
         bpf: BPFDatapath | None = None
         fallbacks: tuple[str, ...] = ()
         if wanted in ("auto", "bpf"):
@@ -817,6 +879,7 @@ class VXLANBackend(Backend):
                     decap_mode=opts.bpf_decap,
                     anti_spoofing=opts.anti_spoofing,
                     pod_bridge=opts.pod_bridge if opts.host_routing == "bpf" else "",
+                    vtep6=Device(device6.name, device6.index, device6.mac) if device6 else None,
                 )
             except (LoaderError, BackendError) as exc:
                 if wanted == "bpf":
@@ -828,13 +891,6 @@ class VXLANBackend(Backend):
         if opts.host_routing == "bpf" and bpf is None:
             log.warning("--host-routing=bpf needs the BPF data path; pod traffic goes through "
                         "the host stack (host routing kernel)")  # fmt: skip
-        device6 = None
-        if self.ctx.config.enable_ipv6:
-            # flanneld's v6 VTEP, always vxlan.ko's: the programs carry IPv4 inner packets.
-            mac6 = await stored_vtep_mac(self.ctx.manager, cfg.device_name_v6, v6=True)
-            device6 = await ensure_vxlan_device(cfg, iface, mac6, v6=True)
-            if bpf is not None:
-                fallbacks += (f"IPv6 inner packets: kernel vxlan ({cfg.device_name_v6})",)
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface, device, device6))
         await configure_vxlan_device(device, lease.subnet, network)
         if device6 is not None:

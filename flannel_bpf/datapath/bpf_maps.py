@@ -11,7 +11,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final
 
@@ -23,7 +23,7 @@ from flannel_bpf.datapath.vxlan_wire import format_mac, mac_to_bytes
 
 UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
 
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
 MAX_SENDERS: Final = MAX_REMOTES
@@ -125,8 +125,9 @@ class MapSpec:
 
 
 REMOTE_KEY = struct.Struct("<I4s")  # prefixlen (host order), subnet (network order)
+REMOTE6_KEY = struct.Struct("<I16s")  # fb_remotes6: prefixlen, IPv6 subnet
 REMOTE_VALUE = struct.Struct("<4s6sH")  # vtep_ip, vtep_mac, flags
-CONFIG = struct.Struct("<4sI2sHHBBII6s6s")
+CONFIG = struct.Struct("<4sI2sHHBBII6s6sI")
 COUNTER = struct.Struct("<QQ")
 INDEX = struct.Struct("<I")
 SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
@@ -143,6 +144,14 @@ REMOTES = MapSpec(
     "fb_remotes",
     bpf_sys.BPF_MAP_TYPE_LPM_TRIE,
     REMOTE_KEY.size,
+    REMOTE_VALUE.size,
+    MAX_REMOTES,
+    bpf_sys.BPF_F_NO_PREALLOC,
+)
+REMOTES6 = MapSpec(
+    "fb_remotes6",
+    bpf_sys.BPF_MAP_TYPE_LPM_TRIE,
+    REMOTE6_KEY.size,
     REMOTE_VALUE.size,
     MAX_REMOTES,
     bpf_sys.BPF_F_NO_PREALLOC,
@@ -170,7 +179,7 @@ ENDPOINTS = MapSpec(
     ENDPOINT_VALUE.size,
     MAX_ENDPOINTS,
 )
-ALL_MAPS: Final = (REMOTES, CONFIG_MAP, STATS, SENDERS, NEXTHOPS, FLOWS, ENDPOINTS)
+ALL_MAPS: Final = (REMOTES, REMOTES6, CONFIG_MAP, STATS, SENDERS, NEXTHOPS, FLOWS, ENDPOINTS)
 
 
 @dataclass(frozen=True)
@@ -202,9 +211,10 @@ class NextHop:
 
 @dataclass(frozen=True)
 class Remote:
-    """One fb_remotes entry: a remote subnet and the VTEP that serves it."""
+    """One fb_remotes (IPv4 subnet) or fb_remotes6 (IPv6 subnet) entry: a remote subnet and the
+    IPv4 VTEP that serves it."""
 
-    subnet: IPv4Network
+    subnet: IPv4Network | IPv6Network
     vtep_ip: IPv4Address
     vtep_mac: str
     flags: int = 0
@@ -216,16 +226,25 @@ class Remote:
         return REMOTE_VALUE.pack(self.vtep_ip.packed, mac_to_bytes(self.vtep_mac), self.flags)
 
 
-def remote_key(subnet: IPv4Network) -> bytes:
-    return REMOTE_KEY.pack(subnet.prefixlen, subnet.network_address.packed)
+def remotes_map(subnet: IPv4Network | IPv6Network) -> MapSpec:
+    return REMOTES6 if subnet.version == 6 else REMOTES
+
+
+def remote_key(subnet: IPv4Network | IPv6Network) -> bytes:
+    layout = REMOTE6_KEY if subnet.version == 6 else REMOTE_KEY
+    return layout.pack(subnet.prefixlen, subnet.network_address.packed)
 
 
 def decode_remote(key: bytes, value: bytes) -> Remote:
-    prefixlen, addr = REMOTE_KEY.unpack(key)
     ip, mac, flags = REMOTE_VALUE.unpack(value)
-    return Remote(
-        IPv4Network((IPv4Address(addr), prefixlen)), IPv4Address(ip), format_mac(mac), flags
-    )
+    subnet: IPv4Network | IPv6Network
+    if len(key) == REMOTE6_KEY.size:
+        prefixlen, addr6 = REMOTE6_KEY.unpack(key)
+        subnet = IPv6Network((IPv6Address(addr6), prefixlen))
+    else:
+        prefixlen, addr = REMOTE_KEY.unpack(key)
+        subnet = IPv4Network((IPv4Address(addr), prefixlen))
+    return Remote(subnet, IPv4Address(ip), format_mac(mac), flags)
 
 
 @dataclass(frozen=True)
@@ -243,6 +262,7 @@ class DatapathConfig:
     sport_max: int = 60999
     ttl: int = 64
     flags: int = 0
+    vtep6_ifindex: int = 0  # flannel-v6.<VNI>, 0 without IPv6
 
     def pack(self) -> bytes:
         return CONFIG.pack(
@@ -257,12 +277,13 @@ class DatapathConfig:
             self.vtep_ifindex,
             mac_to_bytes(self.vtep_mac),
             mac_to_bytes(self.uplink_mac),
+            self.vtep6_ifindex,
         )
 
     @classmethod
     def unpack(cls, raw: bytes) -> DatapathConfig:
-        ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac = CONFIG.unpack(
-            raw
+        ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac, vtep6_idx = (
+            CONFIG.unpack(raw)
         )
         return cls(
             local_ip=IPv4Address(ip),
@@ -276,6 +297,7 @@ class DatapathConfig:
             sport_max=smax,
             ttl=ttl,
             flags=flags,
+            vtep6_ifindex=vtep6_idx,
         )
 
 
@@ -356,19 +378,21 @@ class PinnedMaps:
             return None
         return DatapathConfig.unpack(raw)
 
-    # fb_remotes
+    # fb_remotes and fb_remotes6, by the subnet's family
     def set_remote(self, remote: Remote) -> None:
-        bpf_sys.map_update(self.fd(REMOTES), remote.key(), remote.value())
+        bpf_sys.map_update(self.fd(remotes_map(remote.subnet)), remote.key(), remote.value())
 
-    def delete_remote(self, subnet: IPv4Network) -> bool:
-        return bpf_sys.map_delete(self.fd(REMOTES), remote_key(subnet))
+    def delete_remote(self, subnet: IPv4Network | IPv6Network) -> bool:
+        return bpf_sys.map_delete(self.fd(remotes_map(subnet)), remote_key(subnet))
 
     def remotes(self) -> Iterator[Remote]:
-        fd = self.fd(REMOTES)
-        for key in list(bpf_sys.map_keys(fd, REMOTE_KEY.size)):
-            value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
-            if value is not None:
-                yield decode_remote(key, value)
+        """Every entry of both maps, IPv4 first."""
+        for spec in (REMOTES, REMOTES6):
+            fd = self.fd(spec)
+            for key in list(bpf_sys.map_keys(fd, spec.key_size)):
+                value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
+                if value is not None:
+                    yield decode_remote(key, value)
 
     # fb_nexthops
     def nexthops(self) -> dict[IPv4Address, list[NextHop]]:

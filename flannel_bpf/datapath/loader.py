@@ -30,7 +30,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +41,7 @@ from flannel_bpf.datapath import bpf_sys
 from flannel_bpf.datapath.bpf_maps import (
     ALL_MAPS,
     FB_CFG_CHECK_SOURCES,
+    FB_REMOTE_SKIP,
     LAYOUT_VERSION,
     DatapathConfig,
     LayoutMismatch,
@@ -518,6 +519,7 @@ class BPFDatapath:
         decap_mode: str = "auto",
         wire: WireFormat = VXLAN,
         pod_bridge: str = "",
+        vtep6: Device | None = None,
     ) -> None:
         if decap_mode not in DECAP_MODES:
             raise LoaderError(f"unknown decapsulation mode {decap_mode!r}")
@@ -526,6 +528,7 @@ class BPFDatapath:
             raise LoaderError("host routing needs the vxlan format and tc decapsulation "
                               f"(--bpf-decap auto or tc, not {decap_mode})")  # fmt: skip
         self.vtep = vtep
+        self.vtep6 = vtep6  # flannel-v6.<VNI>: IPv6 pod packets, encapsulated by the same program
         self.uplink = uplink
         self.config = config
         self.pin_dir = pin_dir
@@ -541,7 +544,7 @@ class BPFDatapath:
         self.pod_ports: dict[int, str] = {}
         # What fb_remotes and fb_senders hold, as we wrote them: fb_senders counts, per underlay
         # address, the remotes naming it, so a peer's last lease going takes its address along.
-        self._remotes: dict[IPv4Network, Remote] = {}
+        self._remotes: dict[IPv4Network | IPv6Network, Remote] = {}
         self._senders: Counter[IPv4Address] = Counter()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -577,10 +580,13 @@ class BPFDatapath:
         return self.state
 
     def _attach_encap(self, ipr: Any, programs: Programs) -> None:
-        current = tc_filter(ipr, self.vtep.index, TC_EGRESS)
-        attach_tc(ipr, self.vtep.index, TC_EGRESS, programs.encap, self.wire.encap)
-        if current is not None:
-            self.state.replaced.append(f"tc egress {self.vtep.name}")
+        for vtep in (self.vtep, self.vtep6):
+            if vtep is None:
+                continue
+            current = tc_filter(ipr, vtep.index, TC_EGRESS)
+            attach_tc(ipr, vtep.index, TC_EGRESS, programs.encap, self.wire.encap)
+            if current is not None:
+                self.state.replaced.append(f"tc egress {vtep.name}")
 
     def _attach_decap(self, ipr: Any, programs: Programs) -> None:
         uplink = self.uplink
@@ -763,7 +769,7 @@ class BPFDatapath:
             if previous is not None:
                 self._count_sender(maps, previous.vtep_ip, -1)
 
-    def delete_remote(self, subnet: IPv4Network) -> bool:
+    def delete_remote(self, subnet: IPv4Network | IPv6Network) -> bool:
         maps = self._require_maps()
         deleted = maps.delete_remote(subnet)
         previous = self._remotes.pop(subnet, None)
@@ -778,6 +784,14 @@ class BPFDatapath:
         else:
             del self._senders[address]
             maps.delete_sender(address)
+
+    def ipv6_carriers(self) -> set[IPv4Address]:
+        """The IPv4 VTEPs fb_remotes6 sends IPv6 subnets to (not skipped ones)."""
+        return {
+            remote.vtep_ip
+            for remote in self._remotes.values()
+            if remote.subnet.version == 6 and not remote.flags & FB_REMOTE_SKIP
+        }
 
     def sync_remotes(self, wanted: Iterable[Remote]) -> tuple[int, int]:
         """Mark and sweep: fb_remotes becomes exactly ``wanted`` (and fb_senders their
@@ -827,7 +841,9 @@ def _devices_of(pin_dir: Path) -> list[int]:
             cfg = maps.read_config()
     except (OSError, LayoutMismatch):
         return []
-    return [cfg.uplink_ifindex, cfg.vtep_ifindex] if cfg else []
+    return (
+        [i for i in (cfg.uplink_ifindex, cfg.vtep_ifindex, cfg.vtep6_ifindex) if i] if cfg else []
+    )
 
 
 def detach_ours(ifindexes: Iterable[int]) -> list[str]:

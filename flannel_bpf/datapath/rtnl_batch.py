@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import NamedTuple
 
+NUD_NONE = 0x00
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
+NTF_USE = 0x01
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 RT_TABLE_MAIN = 254
@@ -195,6 +197,34 @@ def route_get_request(dst: IPv4Address | IPv6Address) -> NlRequest:
     """ip route get <dst>."""
     header = _RTMSG.pack(_family(dst), dst.max_prefixlen, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
     return NlRequest(RTM_GETROUTE, NLM_REQUEST, header + _nlattr(RTA_DST, dst.packed))
+
+
+def neigh_use_request(ifindex: int, dst: IPv4Address) -> NlRequest:
+    """ip neigh replace <dst> dev <ifindex> nud none use: have the kernel resolve dst now (the
+    entry is made when missing, as an ordinary one the garbage collector may take)."""
+    body = _NDMSG.pack(socket.AF_INET, ifindex, NUD_NONE, NTF_USE, 0) + _nlattr(NDA_DST, dst.packed)
+    return NlRequest(RTM_NEWNEIGH, NLM_REPLACE, body)
+
+
+def route_next_hop(reply: NlReply) -> tuple[int, IPv4Address | None] | None:
+    """For a route_get_request's reply: (output ifindex, gateway or None), or None."""
+    for kind, payload in reply.messages:
+        if kind != RTM_NEWROUTE:
+            continue
+        oif, gateway = 0, None
+        offset = _RTMSG.size
+        while offset + _NLATTR.size <= len(payload):
+            size, found = _NLATTR.unpack_from(payload, offset)
+            if size < _NLATTR.size:
+                break
+            value = payload[offset + _NLATTR.size : offset + size]
+            if found & NLA_TYPE_MASK == RTA_OIF and len(value) == 4:
+                oif = _U32.unpack(value)[0]
+            elif found & NLA_TYPE_MASK == RTA_GATEWAY and len(value) == 4:
+                gateway = IPv4Address(value)
+            offset += (size + 3) & ~3
+        return (oif, gateway) if oif else None
+    return None
 
 
 def one_route_without_gateway(reply: NlReply) -> bool:
