@@ -17,9 +17,9 @@ import pytest
 
 from flannel_bpf.lab.lab import read_env
 
-from .conftest import pod_exec, requires_root
+from .conftest import metric, pod_exec, requires_root
 from .test_interop_flanneld import leases, link_bytes
-from .test_lab_bpf import by_node, transfer, wait_for
+from .test_lab_bpf import Counters, by_node, counters, delta, node_status, transfer, wait_for
 
 pytestmark = [pytest.mark.root, requires_root]
 
@@ -88,14 +88,64 @@ def test_dual_stack_vxlan_with_flanneld(
 
     pods = by_node(info)
     ping_all_both(lab_name, list(pods.values()))
-    for src, dst in ((n2, n1), (n1, n2)):
-        before = {ns: link_bytes(ns, "flannel-v6.1") for ns in (n1, n2)}
+    # Our BPF node sends IPv6 over the IPv4 underlay into flanneld's flannel.1 (its programs'
+    # counter, flanneld's flannel.1 receiving); flanneld sends it over the IPv6 underlay, from its
+    # flannel-v6.1 into ours (device counters on both sides).
+    for src, dst, sent, got in (
+        (n2, n1, bpf_encap(lab_name, n2), device(n1, "flannel.1", 0)),
+        (n1, n2, device(n1, "flannel-v6.1", 1), device(n2, "flannel-v6.1", 0)),
+    ):
+        start = (sent(), got())
         received = transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received
-        # The sender's flannel-v6.1 sent it, the receiver's took it in (rx, tx).
-        assert wait_for(lambda s=src, b=before, r=received: link_bytes(s, "flannel-v6.1")[1]
-                        - b[s][1] >= r)  # fmt: skip
-        assert wait_for(lambda d=dst, b=before, r=received: link_bytes(d, "flannel-v6.1")[0]
-                        - b[d][0] >= r)  # fmt: skip
+        assert wait_for(lambda s=sent, b=start[0], r=received: s() - b >= r), (src, "sent")
+        assert wait_for(lambda g=got, b=start[1], r=received: g() - b >= r), (dst, "received")
+
+
+def bpf_encap(lab_name: str, ns: str) -> Callable[[], int]:
+    return lambda: counters(lab_name, ns).get(("tc_encap", "encap_redirect"), (0, 0))[1]
+
+
+def device(ns: str, dev: str, index: int) -> Callable[[], int]:
+    """A device's received (index 0) or sent (1) bytes."""
+    return lambda: link_bytes(ns, dev)[index]
+
+
+def test_dual_stack_between_bpf_nodes_with_xdp(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """Two BPF nodes (XDP decapsulation) and a kernel one: IPv6 pod traffic between the BPF
+    nodes is encapsulated and decapsulated by the programs alone (flannel-v6.1 carries none of
+    it), counted on both; to and from the kernel node it crosses by its flannel.1 / flannel-v6.1."""
+    info = lab_up("--nodes", "3", "--datapath", "bpf,bpf,kernel", "--ipv6-network", IPV6_NETWORK,
+                  "--agent-arg=--bpf-decap=xdp", "--pods-per-node", "1")  # fmt: skip
+    n1, n2, n3 = (f"{lab_name}-n{i}" for i in (1, 2, 3))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+    assert [nodes[n]["datapath"] for n in (n1, n2, n3)] == ["bpf", "bpf", "kernel"]
+    pods = by_node(info)
+    ping_all_both(lab_name, list(pods.values()))
+    for src, dst in ((n1, n2), (n2, n1)):
+        before = counters(lab_name, src), counters(lab_name, dst)
+        kernel_before = link_bytes(src, "flannel-v6.1")[1]
+        received = transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received
+
+        def moved(ns: str, old: Counters, hook: str, reason: str) -> int:
+            return delta(counters(lab_name, ns), old, hook, reason)[1]
+
+        assert wait_for(lambda s=src, b=before[0], r=received:
+                        moved(s, b, "tc_encap", "encap_redirect") >= r)  # fmt: skip
+        assert wait_for(lambda d=dst, b=before[1], r=received:
+                        moved(d, b, "xdp_decap", "decap_pass") >= r)  # fmt: skip
+        assert link_bytes(src, "flannel-v6.1")[1] - kernel_before < 0.01 * received
+    for src, dst in ((n3, n1), (n1, n3)):
+        assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0
+    # Status shows both families' remotes (IPv6 ones served by the peers' IPv4 VTEPs) and the
+    # encapsulation attached at flannel-v6.1; metrics count fb_remotes6.
+    status = node_status(lab_name, n1)
+    remotes = {r["subnet"]: r["vtep_ip"] for r in status["bpf"]["remotes"]}
+    assert remotes[nodes[n2]["subnet6"]] == nodes[n2]["underlay_ip"]
+    assert len([s for s in remotes if ":" in s]) == 2
+    assert status["bpf"]["attached"]["tc_encap6"] == "fb_tc_encap"
+    assert metric(n1, 'flannel_bpf_map_entries{map="fb_remotes6"}') == 2
 
 
 def test_dual_stack_host_gw_with_flanneld(

@@ -558,6 +558,7 @@ class BPFDatapath:
                 self.maps = PinnedMaps(self.pin_dir)
             except (OSError, LayoutMismatch) as exc:
                 raise LoaderError(f"cannot open the pinned maps in {self.pin_dir}: {exc}") from None
+            previous = self.maps.read_config()
             # Config first: programs attached from here on must never run unconfigured.
             self.maps.write_config(self.config)
             if self.pod_bridge:
@@ -565,6 +566,10 @@ class BPFDatapath:
             with IPRoute() as ipr:
                 self._attach_decap(ipr, programs)
                 self._attach_encap(ipr, programs)
+                old6 = previous.vtep6_ifindex if previous is not None else 0
+                if old6 and old6 != self.config.vtep6_ifindex:
+                    # IPv6 turned off (or flannel-v6 made anew): our program leaves the old one.
+                    detach_ours([old6])
                 if self.pod_programs is not None:
                     self._attach_pod_ports(ipr)
                 else:
@@ -817,13 +822,17 @@ class BPFDatapath:
         return written, removed
 
 
-def attached(vtep_index: int, uplink_index: int) -> dict[str, str]:
-    """What runs where now, for status: hook -> program name (and XDP mode)."""
+def attached(vtep_index: int, uplink_index: int, vtep6_index: int = 0) -> dict[str, str]:
+    """What runs where now, for status: hook -> program name (and XDP mode); tc_encap6 is the
+    encapsulation at flannel-v6.<VNI>."""
     found: dict[str, str] = {}
     with IPRoute() as ipr:
         encap = tc_filter(ipr, vtep_index, TC_EGRESS)
         if encap:
             found["tc_encap"] = encap
+        encap6 = tc_filter(ipr, vtep6_index, TC_EGRESS) if vtep6_index else None
+        if encap6:
+            found["tc_encap6"] = encap6
         decap = tc_filter(ipr, uplink_index, TC_INGRESS)
         if decap:
             found["tc_decap"] = decap

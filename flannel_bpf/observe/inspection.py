@@ -164,7 +164,7 @@ def peers_document(instances: list[Instance]) -> dict[str, Any]:
     out = []
     for instance in instances:
         with _open(instance) as maps:
-            remotes = sorted(maps.remotes(), key=lambda r: r.subnet)
+            remotes = sorted(maps.remotes(), key=lambda r: (r.subnet.version, r.subnet))
             nexthops = maps.nexthops()
         out.append(
             {

@@ -32,6 +32,7 @@ from flannel_bpf.datapath.bpf_maps import (
     ENDPOINTS,
     FLOWS,
     REMOTES,
+    REMOTES6,
     LayoutMismatch,
     PinnedMaps,
 )
@@ -356,6 +357,7 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
     with PinnedMaps(pin_dir) as maps:
         counters = maps.counters()
         remotes = maps.count(REMOTES)
+        remotes6 = maps.count(REMOTES6)
         cfg = maps.read_config()
         filled = {spec: maps.count(spec) for spec in (FLOWS, ENDPOINTS)} if host_routing else {}
     packets = CounterMetricFamily(
@@ -382,7 +384,7 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
                                 labels=["map"])  # fmt: skip
     capacity = GaugeMetricFamily("flannel_bpf_map_max_entries", "Capacity of a pinned map.",
                                  labels=["map"])  # fmt: skip
-    for spec, count in {REMOTES: remotes, **filled}.items():
+    for spec, count in {REMOTES: remotes, REMOTES6: remotes6, **filled}.items():
         entries.add_metric([spec.name], count)
         capacity.add_metric([spec.name], spec.max_entries)
     yield entries
@@ -393,8 +395,9 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
         labels=["hook"],
     )
     decap = details.get("decap", "")
-    wanted = {"tc_encap": True, "xdp_decap": decap == "xdp", "tc_decap": decap == "tc"}
-    found = attached(cfg.vtep_ifindex, cfg.uplink_ifindex) if cfg is not None else {}
+    wanted = {"tc_encap": True, "xdp_decap": decap == "xdp", "tc_decap": decap == "tc",
+              "tc_encap6": cfg is not None and cfg.vtep6_ifindex != 0}  # fmt: skip
+    found = attached(cfg.vtep_ifindex, cfg.uplink_ifindex, cfg.vtep6_ifindex) if cfg else {}
     for hook, needed in wanted.items():
         if not needed:
             continue

@@ -275,7 +275,7 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
         "pin_dir": str(pin_dir),
         "remotes": [
             {"subnet": str(r.subnet), "vtep_ip": str(r.vtep_ip), "vtep_mac": r.vtep_mac}
-            for r in sorted(remotes, key=lambda r: r.subnet)
+            for r in sorted(remotes, key=lambda r: (r.subnet.version, r.subnet))
         ],
         "counters": [
             {"hook": key.hook.label, "reason": key.reason.label, "packets": p, "bytes": b}
@@ -290,7 +290,7 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
         }
     if cfg is not None and devices_here:
         try:
-            live["attached"] = attached(cfg.vtep_ifindex, cfg.uplink_ifindex)
+            live["attached"] = attached(cfg.vtep_ifindex, cfg.uplink_ifindex, cfg.vtep6_ifindex)
         except NetlinkError as exc:
             # The namespace is right but a device went (deleted by hand, or mid-shutdown).
             live["attached"] = {
