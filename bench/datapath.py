@@ -53,6 +53,9 @@ class Config:
     peer_tso_off: bool = False
     # Both nodes run the real flanneld instead of flannel-bpf (datapath and agent_args unused).
     flanneld: bool = False
+    # Dual stack (lab --ipv6-network), measured between the pods' IPv6 addresses; compared with
+    # the -v6 rows of the same backends.
+    ipv6: bool = False
     note: str = ""
 
 
@@ -90,7 +93,26 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("udp-userspace", "udp, userspace (flannel-bpf)", "udp", "userspace"),
     Config("udp-bpf", "udp format in BPF", "udp", "bpf"),
+    # Dual stack, IPv6 pod traffic: flanneld carries it on flannel-v6 over the IPv6 underlay,
+    # our BPF data path over the IPv4 one to the peer's flannel.1 (docs/decisions.md section 8).
+    Config("flanneld-vxlan-v6", "flanneld vxlan, IPv6 pods", "vxlan", flanneld=True, ipv6=True),
+    Config(
+        "flanneld-host-gw-v6", "flanneld host-gw, IPv6 pods", "host-gw", flanneld=True, ipv6=True
+    ),
+    Config("host-gw-v6", "host-gw, IPv6 pods", "host-gw", ipv6=True),
+    Config("vxlan-kernel-v6", "kernel vxlan, IPv6 pods (flannel-v6)", "vxlan", "kernel", ipv6=True),
+    Config("bpf-auto-v6", "BPF vxlan, IPv6 pods, decap auto", "vxlan", "bpf", ipv6=True),
+    Config(
+        "bpf-xdp-v6",
+        "BPF vxlan, IPv6 pods, XDP decap",
+        "vxlan",
+        "bpf",
+        ("--bpf-decap=xdp",),
+        ipv6=True,
+        note="native XDP on a veth forces TSO off on its peer",
+    ),
 )
+IPV6_NETWORK = "fd10:244::/56"
 
 
 @dataclass
@@ -191,12 +213,19 @@ def trafgen_udp64(client: str, server_ns: str, server_ip: str, seconds: int) -> 
             raise RuntimeError(f"trafgen set-up: nothing from ip {' '.join(cmd)} in {client}")
         return found[0]
 
-    ns_run(client, "ping", "-c", "1", "-W", "2", server_ip)  # resolves the gateway's MAC
+    v6 = ":" in server_ip
+    family = "-6" if v6 else "-4"
+    ns_run(client, "ping", family, "-c", "1", "-W", "2", server_ip)  # resolves the gateway's MAC
     own_mac = first("link", "show", "eth0")["address"]
-    own_ip = first("-4", "addr", "show", "eth0")["addr_info"][0]["local"]
-    gateway = first("route", "show", "default")["gateway"]
-    gateway_mac = first("neigh", "show", gateway, "dev", "eth0")["lladdr"]
-    frame = pk.eth(gateway_mac, own_mac) + pk.ipv4(own_ip, server_ip, pk.udp(9, 9, bytes(64)))
+    own_ip = first(family, "addr", "show", "eth0", "scope", "global")["addr_info"][0]["local"]
+    gateway = first(family, "route", "show", "default")["gateway"]
+    gateway_mac = first(family, "neigh", "show", gateway, "dev", "eth0")["lladdr"]
+    datagram = pk.udp(9, 9, bytes(64))
+    frame = (
+        pk.eth(gateway_mac, own_mac, pk.ETH_P_IPV6) + pk.ipv6(own_ip, server_ip, datagram)
+        if v6
+        else pk.eth(gateway_mac, own_mac) + pk.ipv4(own_ip, server_ip, datagram)
+    )
     with tempfile.NamedTemporaryFile("w", prefix="fb-trafgen-", suffix=".cfg") as cfg:
         cfg.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
         cfg.flush()
@@ -260,6 +289,7 @@ def build(config: Config, mtu: int, run_id: str) -> LiveLab:
         flanneld_args=("--ip-masq",),
         datapaths=(config.datapath,) if config.datapath else (),
         flanneld_nodes=2 if config.flanneld else 0,
+        ipv6_network=IPV6_NETWORK if config.ipv6 else "",
     )
     lab.up(spec)
     info = lab.status(name)
@@ -267,7 +297,7 @@ def build(config: Config, mtu: int, run_id: str) -> LiveLab:
     nodes = [n["namespace"] for n in info["nodes"]]
     live.client_pod = pods[nodes[0]]["namespace"]
     live.server_pod = pods[nodes[1]]["namespace"]
-    live.server_ip = pods[nodes[1]]["ip"]
+    live.server_ip = pods[nodes[1]]["ip6" if config.ipv6 else "ip"]
     live.server_node = nodes[1]
     result.decap = str(info["nodes"][1].get("decap") or "")
     if config.peer_tso_off:
@@ -369,7 +399,10 @@ def summarize(results: list[Result], rounds: int, seconds: int) -> dict[str, Any
     by_key = {(row["config"], row["mtu"]): row for row in rows}
     for row, r in zip(rows, results, strict=True):
         # the real flanneld of the same backend: what an operator would switch from
-        bases = ("host-gw", "vxlan-kernel", f"flanneld-{r.config.backend}")
+        suffix = "-v6" if r.config.ipv6 else ""
+        bases = tuple(
+            base + suffix for base in ("host-gw", "vxlan-kernel", f"flanneld-{r.config.backend}")
+        )
         for base, name in zip(bases, ("host-gw", "vxlan-kernel", "flanneld"), strict=True):
             ref = by_key.get((base, row["mtu"]))
             for metric in ("tcp1_gbps", "tcp4_gbps", "udp64_pps", "gen64_pps"):
