@@ -14,11 +14,12 @@ def _datapath_results() -> dict[str, object]:
         "flanneld-vxlan": 12.0, "flanneld-udp": 0.4, "flanneld-host-gw": 17.0, "host-gw": 17.0,
         "vxlan-kernel": 14.0, "bpf-auto": 15.5, "bpf-xdp": 5.0, "bpf-tc": 15.0,
         "vxlan-kernel-tso-off": 7.0, "udp-userspace": 0.6, "udp-bpf": 8.0,
-        "bpf-host-routing": 18.0,
+        "bpf-host-routing": 18.0, "flanneld-vxlan-v6": 11.0, "flanneld-host-gw-v6": 16.0,
+        "host-gw-v6": 16.0, "vxlan-kernel-v6": 12.0, "bpf-auto-v6": 13.2, "bpf-xdp-v6": 4.0,
     }  # fmt: skip
     assert set(tcp_by_key) == {c.key for c in CONFIGS}
     results = []
-    for config, pps in zip(CONFIGS, range(100_000, 1_300_000, 100_000), strict=True):
+    for config, pps in zip(CONFIGS, range(100_000, 1_900_000, 100_000), strict=True):
         tcp = tcp_by_key[config.key]
         r = Result(config, 1500, decap="tc" if config.datapath == "bpf" else "")
         r.samples = [
@@ -65,6 +66,10 @@ def test_report_lists_every_target_with_its_verdict(tmp_path: Path) -> None:
     assert "error: lab failed: boom" in text
     assert "| fb_tc_udp_encap | L3 TUN | n/a | n/a | n/a | not_measurable |" in text
     targets = [t["name"] for t in data["targets"]]  # type: ignore[index]
+    # IPv6 rows are compared with the IPv6 rows of the same backends: 13.2 / 11.0, 13.2 / 16.0
+    rows = {r["config"]: r for r in data["rows"] if r["mtu"] == 1500}  # type: ignore[attr-defined]
+    assert round(rows["bpf-auto-v6"]["tcp1_gbps_vs_flanneld"], 3) == 1.2
+    assert round(rows["bpf-auto-v6"]["tcp1_gbps_vs_host-gw"], 3) == 0.825
     # against the real flanneld of the same backend: 15.5 / 12.0 = 1.29; udp 0.6 / 0.4 = 1.5
     assert "| BPF TCP throughput vs flanneld vxlan (MTU 1500) | 1.29 x | >= 1.1 | **met** |" in text
     # host routing: 18.0 / 12.0 = 1.5 >= 1.15; 18.0 / 17.0 = 1.06 >= 0.95
