@@ -85,11 +85,49 @@ static __always_inline int fb_decap_to_pod(struct __sk_buff *skb, const struct f
 	return 1;
 }
 
+/* flannel-v6's frame (IPv6 underlay), classified ours: stripped and redirected into
+ * flannel-v6.<VNI>'s ingress, as vxlan.ko would deliver it there. */
+static __always_inline int fb_tc_decap6(struct __sk_buff *skb, const struct fb_config *cfg,
+					__u64 bytes)
+{
+	if (skb->gso_size)
+		return fb_tc_decap_pass(FB_PASS_GSO, bytes);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *inner_eth = data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr) +
+				   sizeof(struct udphdr) + sizeof(struct fb_vxlanhdr);
+
+	if ((void *)(inner_eth + 1) > data_end)
+		return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
+	__u8 peer_vtep_mac[ETH_ALEN];
+
+	fb_mac_copy(peer_vtep_mac, inner_eth->h_source);
+	if (bpf_skb_adjust_room(skb, -FB_VXLAN6_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_DECAP_L3_IPV6))
+		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end) {
+		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
+		return TC_ACT_SHOT;
+	}
+	fb_mac_copy(eth->h_dest, cfg->vtep6_mac);
+	fb_mac_copy(eth->h_source, peer_vtep_mac);
+	fb_set_eth_proto(eth, bpf_htons(ETH_P_IPV6));
+	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
+	return bpf_redirect(cfg->vtep6_ifindex, BPF_F_INGRESS);
+}
+
 int fb_tc_decap(struct __sk_buff *skb)
 {
 	__u64 bytes = skb->len;
+	int outer_v6 = skb->protocol == bpf_htons(ETH_P_IPV6);
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (skb->protocol != bpf_htons(ETH_P_IP) && !outer_v6)
 		return fb_tc_decap_pass(FB_PASS_NOT_IPV4, bytes);
 
 	struct fb_config *cfg = fb_get_config();
@@ -102,7 +140,8 @@ int fb_tc_decap(struct __sk_buff *skb)
 
 	/* Headers outside the linear part: pull them in, but never on GSO packets (corrupts them);
 	 * as far as an inner IPv6 header reaches when the frame is that long. */
-	__u32 want = skb->len >= FB_DECAP_MIN_LEN6 ? FB_DECAP_MIN_LEN6 : FB_DECAP_MIN_LEN;
+	__u32 want = outer_v6 ? FB_DECAP_MIN_LEN6 + FB_VXLAN6_OVERHEAD - FB_VXLAN_OVERHEAD
+		     : skb->len >= FB_DECAP_MIN_LEN6 ? FB_DECAP_MIN_LEN6 : FB_DECAP_MIN_LEN;
 
 	if (data + want > data_end && !skb->gso_size && skb->len >= want) {
 		if (bpf_skb_pull_data(skb, want))
@@ -119,6 +158,8 @@ int fb_tc_decap(struct __sk_buff *skb)
 	}
 	if (verdict != FB_DECAP_PASS)
 		return fb_tc_decap_pass(verdict, bytes);
+	if (outer_v6)
+		return fb_tc_decap6(skb, cfg, bytes);
 
 	struct fb_encap_headers *hdr = data;
 	int inner_v6 = fb_eth_proto(&hdr->inner_eth) == bpf_htons(ETH_P_IPV6);

@@ -41,17 +41,17 @@ static __always_inline int fb_tc_encap6(struct __sk_buff *skb)
 	struct fb_remote6_key key = {.prefixlen = 128};
 
 	__builtin_memcpy(key.subnet, &ip6->daddr, sizeof(key.subnet));
-	struct fb_remote *remote = fb_remotes6.lookup(&key);
+	struct fb_remote6 *remote = fb_remotes6.lookup(&key);
 
 	if (!remote)
 		return fb_encap_pass(FB_PASS_NO_REMOTE, bytes);
-	if (remote->flags & FB_REMOTE_SKIP)
+	if (remote->v4.flags & FB_REMOTE_SKIP)
 		return fb_encap_pass(FB_PASS_SKIP, bytes);
 
 	struct fb_inner inner;
 
 	fb_inner_ipv6(skb, cfg, ip6, data_end, &inner);
-	return fb_vxlan_encap(skb, cfg, remote, &inner, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes,
+	return fb_vxlan_encap(skb, cfg, &remote->v4, &inner, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes,
 			      0);
 }
 

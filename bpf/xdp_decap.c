@@ -28,9 +28,13 @@ static __always_inline __u64 fb_xdp_frame_len(struct xdp_md *ctx, void *data, vo
 	__u64 linear = data_end - data;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
 
 	if ((void *)(ip + 1) <= data_end && fb_eth_proto(eth) == bpf_htons(ETH_P_IP) &&
 	    ETH_HLEN + bpf_ntohs(ip->tot_len) <= linear)
+		return linear;
+	if ((void *)(ip6 + 1) <= data_end && fb_eth_proto(eth) == bpf_htons(ETH_P_IPV6) &&
+	    ETH_HLEN + sizeof(*ip6) + bpf_ntohs(ip6->payload_len) <= linear)
 		return linear;
 	return bpf_xdp_get_buff_len(ctx);
 }
@@ -56,8 +60,10 @@ int fb_xdp_decap(struct xdp_md *ctx)
 
 	/* The outer MACs become the inner ones: addressed to this host, so PACKET_HOST. */
 	struct fb_macs macs = *(struct fb_macs *)data;
+	int overhead = fb_eth_proto(data) == bpf_htons(ETH_P_IPV6) ? FB_VXLAN6_OVERHEAD
+								    : FB_VXLAN_OVERHEAD;
 
-	if (bpf_xdp_adjust_head(ctx, FB_VXLAN_OVERHEAD))
+	if (bpf_xdp_adjust_head(ctx, overhead))
 		return fb_xdp_pass(FB_PASS_ADJUST_FAILED, bytes);
 
 	data = (void *)(long)ctx->data;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv6Network
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -256,3 +256,171 @@ def test_fuzz_inner_ipv6_never_crashes_the_hooks(
     body = (b"\x60" + inner[:cut]).ljust(40, b"\0")  # the kernel runs no shorter IPv6 frame
     _, _, delta = topo6["a"].run(Hook.TC_ENCAP, inner6()[:14] + body)
     assert len(delta) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# flannel-v6's frames (the IPv6 underlay): what flanneld and vxlan.ko send IPv6 pod packets in
+
+A_UL6, B_UL6 = "fd00:198:18::1", "fd00:198:18::2"
+A_V6MAC, B_V6MAC = "0e:fb:00:00:61:01", "0e:fb:00:00:62:01"
+C6_SUBNET = "fd10:5:0:3::/64"  # routed by A's flannel-v6.1 to B (B's second IPv6 subnet here)
+
+
+@pytest.fixture(scope="module")
+def topo66(topo6: dict[str, Node]) -> Iterator[dict[str, Node]]:
+    """Both hosts get an IPv6 underlay address and flanneld's flannel-v6.1; A routes C6_SUBNET
+    into its flannel-v6.1 towards B (neighbour, FDB to B's IPv6 underlay address), so vxlan.ko
+    shows what flanneld sends; B's config names its flannel-v6.1 and PublicIPv6, and its
+    fb_remotes6 knows A's IPv6 subnet with A's PublicIPv6."""
+    import dataclasses
+
+    a, b = topo6["a"], topo6["b"]
+    for node, address, mac in ((a, A_UL6, A_V6MAC), (b, B_UL6, B_V6MAC)):
+        _ip(node.ns, "-6", "addr", "add", f"{address}/64", "dev", "u0", "nodad")
+        _ip(node.ns, "link", "add", "flannel-v6.1", "address", mac, "type", "vxlan", "id", "1",
+            "dev", "u0", "local", address, "dstport", "8472", "nolearning")  # fmt: skip
+        _ip(node.ns, "link", "set", "flannel-v6.1", "mtu", "1430", "up")
+    _ip(a.ns, "-6", "neigh", "add", B_UL6, "lladdr", TOPO["remote_underlay_mac"], "dev", "u0",
+        "nud", "permanent")  # fmt: skip
+    _ip(a.ns, "-6", "neigh", "add", "fd10:5:0:3::", "lladdr", B_V6MAC, "dev", "flannel-v6.1",
+        "nud", "permanent")  # fmt: skip
+    _ip(a.ns, "-6", "route", "add", C6_SUBNET, "via", "fd10:5:0:3::", "dev", "flannel-v6.1",
+        "onlink")  # fmt: skip
+    run_bridge = ["bridge", "-n", a.ns, "fdb", "add", B_V6MAC, "dev", "flannel-v6.1", "dst", B_UL6]
+    from flannel_bpf.lab.netns import run
+
+    run(run_bridge)
+    with entered(b.ns):
+        index = socket.if_nametoindex("flannel-v6.1")
+    b.config = dataclasses.replace(
+        b.config, vtep6_ifindex=index, local_ip6=IPv6Address(B_UL6), vtep6_mac=B_V6MAC
+    )
+    b.maps.write_config(b.config)
+    b.maps.set_remote(Remote(IPv6Network(f"{A6}/64"), IPv4Address(TOPO["local_underlay"]),
+                             TOPO["local_vtep_mac"], 0, IPv6Address(A_UL6)))  # fmt: skip
+    yield topo6
+
+
+def _kernel_encapsulate66(nodes: dict[str, Node], inner_ip6: bytes) -> bytes:
+    """inner_ip6 through vxlan.ko's flannel-v6.1 on A: the IPv6 frame B's underlay receives."""
+    with entered(nodes["b"].ns):
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        capture.bind(("u0", 0))
+        capture.settimeout(5)
+        with entered(nodes["a"].ns):
+            sender = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with sender:
+            sender.sendto(inner_ip6, (socket.inet_ntop(socket.AF_INET6, inner_ip6[24:40]), 0))
+        while True:
+            frame = capture.recv(65535)
+            # IPv6, UDP right after the fixed header, to port 8472
+            if frame[12:14] == b"\x86\xdd" and frame[20] == 17 and frame[56:58] == b"\x21\x18":
+                return frame
+    finally:
+        capture.close()
+
+
+def test_decap_of_flannel_v6_frames_on_both_hooks(topo66: dict[str, Node]) -> None:
+    """vxlan.ko's flannel-v6 frame (as flanneld sends): XDP strips 70 bytes and hands the inner
+    packet up under the outer MACs; tc redirects it into flannel-v6.1, to its MAC from the
+    peer's, as vxlan.ko would deliver it."""
+    inner = pk.ipv6("fd10:5:0:1::5", "fd10:5:0:3::7", pk.udp(40000, 7777, b"v6 over v6"))
+    kernel = _kernel_encapsulate66(topo66, inner)
+    assert kernel[84:] == inner and kernel[70:76] == pk.mac(B_V6MAC)
+    retval, out, delta = topo66["b"].run(Hook.XDP_DECAP, kernel)
+    assert (retval, delta) == (XDP_PASS, {Reason.DECAP_PASS: (1, len(kernel))})
+    assert out == kernel[:14] + inner
+    retval, out, delta = topo66["b"].run(Hook.TC_DECAP, kernel)
+    assert (retval, delta) == (TC_ACT_REDIRECT, {Reason.DECAP_REDIRECT: (1, len(kernel))})
+    assert out == pk.eth(B_V6MAC, A_V6MAC, pk.ETH_P_IPV6) + inner
+
+
+def _wire66(
+    inner: bytes | None = None,
+    *,
+    dst: str = B_UL6,
+    src: str = A_UL6,
+    nexthdr: int = 17,
+    mac: str = B_V6MAC,
+    inner_proto: int = pk.ETH_P_IPV6,
+    vni: int = 1,
+) -> bytes:
+    if inner is None:
+        inner = pk.ipv6("fd10:5:0:1::5", "fd10:5:0:3::7", pk.udp(1, 2, b"hello"))
+    payload = pk.vxlan(vni) + pk.eth(mac, A_V6MAC, inner_proto) + inner
+    outer = pk.ipv6(src, dst, pk.udp(50000, 8472, payload), nexthdr=nexthdr)
+    return pk.eth(TOPO["remote_underlay_mac"], TOPO["local_underlay_mac"], pk.ETH_P_IPV6) + outer
+
+
+INNER_V4 = _wire66(pk.ipv4("10.5.1.5", "10.5.2.7", b"x"), inner_proto=pk.ETH_P_IP)
+DECAP66_PASSES = [
+    (_wire66(dst="fd00:198:18::9"), Reason.PASS_NOT_OURS),
+    (_wire66(nexthdr=44), Reason.PASS_FRAGMENT),
+    (_wire66(nexthdr=0), Reason.PASS_IP_OPTIONS),  # hop-by-hop options: the kernel parses them
+    (_wire66(vni=2), Reason.PASS_OTHER_VNI),
+    (_wire66(mac="0e:fb:00:00:09:09"), Reason.PASS_OTHER_MAC),
+    (INNER_V4, Reason.PASS_INNER_NOT_IPV4),
+    (_wire66()[:100], Reason.PASS_SHORT),
+]
+
+
+@pytest.mark.parametrize("hook", [Hook.XDP_DECAP, Hook.TC_DECAP], ids=lambda h: h.label)
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    DECAP66_PASSES,
+    ids=[f"{r.label}-{i}" for i, (_, r) in enumerate(DECAP66_PASSES)],
+)
+def test_decap_leaves_other_ipv6_frames_to_the_kernel(
+    topo66: dict[str, Node], hook: Hook, frame: bytes, reason: Reason
+) -> None:
+    retval, out, delta = topo66["b"].run(hook, frame)
+    assert retval == (XDP_PASS if hook is Hook.XDP_DECAP else TC_ACT_UNSPEC)
+    assert (out, delta) == (frame, {reason: (1, len(frame))})
+
+
+@pytest.mark.parametrize("hook", [Hook.XDP_DECAP, Hook.TC_DECAP], ids=lambda h: h.label)
+def test_decap_drops_malformed_inner_of_flannel_v6_frames(
+    topo66: dict[str, Node], hook: Hook
+) -> None:
+    frame = _wire66(pk.ipv6("fd10:5:0:1::5", "fd10:5:0:3::7", b"abc", payload_length=400))
+    retval, _, delta = topo66["b"].run(hook, frame)
+    assert retval == (XDP_DROP if hook is Hook.XDP_DECAP else TC_ACT_SHOT)
+    assert delta == {Reason.DROP_INNER_MALFORMED: (1, len(frame))}
+
+
+@pytest.mark.parametrize("hook", [Hook.XDP_DECAP, Hook.TC_DECAP], ids=lambda h: h.label)
+def test_anti_spoofing_on_flannel_v6_frames(topo66: dict[str, Node], hook: Hook) -> None:
+    """The inner source's IPv6 subnet must name the outer source as its PublicIPv6; a frame to
+    our port from an IPv6 address holding no lease is dropped even when left to the kernel."""
+    import dataclasses
+
+    node = topo66["b"]
+    node.maps.write_config(dataclasses.replace(node.config, flags=FB_CFG_CHECK_SOURCES))
+    node.maps.set_sender(IPv6Address(A_UL6), 1)
+    try:
+        handled = Reason.DECAP_PASS if hook is Hook.XDP_DECAP else Reason.DECAP_REDIRECT
+        own = _wire66()
+        assert node.run(hook, own)[2] == {handled: (1, len(own))}
+        spoofed = _wire66(pk.ipv6("fd10:5:0:3::66", "fd10:5:0:3::7", pk.udp(1, 2, b"no")))
+        assert node.run(hook, spoofed)[2] == {Reason.DROP_SPOOFED_SOURCE: (1, len(spoofed))}
+        stranger = _wire66(src="fd00:198:18::99")
+        assert node.run(hook, stranger)[2] == {Reason.DROP_UNKNOWN_SENDER: (1, len(stranger))}
+        odd = _wire66(src="fd00:198:18::99", vni=2)  # left to the kernel: still a stranger
+        assert node.run(hook, odd)[2] == {Reason.DROP_UNKNOWN_SENDER: (1, len(odd))}
+    finally:
+        node.maps.write_config(node.config)
+        node.maps.delete_sender(IPv6Address(A_UL6))
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(inner=st.binary(max_size=120), cut=st.integers(min_value=0, max_value=200))
+def test_fuzz_flannel_v6_frames_never_crash_the_hooks(
+    topo66: dict[str, Node], inner: bytes, cut: int
+) -> None:
+    frame = _wire66(b"\x60" + inner)[: 54 + cut]  # never shorter than the outer IPv6 header
+    for hook in (Hook.XDP_DECAP, Hook.TC_DECAP):
+        _, _, delta = topo66["b"].run(hook, frame)
+        assert len(delta) == 1 and sum(p for p, _ in delta.values()) == 1

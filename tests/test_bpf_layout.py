@@ -39,6 +39,7 @@ def test_hooks_match_the_header() -> None:
 def test_constants_match_the_header() -> None:
     assert _define("FB_LAYOUT_VERSION") == bpf_maps.LAYOUT_VERSION
     assert _define("FB_VXLAN_OVERHEAD") == bpf_maps.VXLAN_OVERHEAD
+    assert _define("FB_VXLAN6_OVERHEAD") == bpf_maps.VXLAN6_OVERHEAD
     assert _define("FB_UDP_OVERHEAD") == bpf_maps.UDP_OVERHEAD
     assert _define("FB_MAX_REMOTES") == bpf_maps.MAX_REMOTES
     assert _define("FB_REMOTE_SKIP") == bpf_maps.FB_REMOTE_SKIP
@@ -65,7 +66,8 @@ def test_struct_sizes() -> None:
     assert bpf_maps.REMOTE_KEY.size == 8
     assert bpf_maps.REMOTE6_KEY.size == 20
     assert bpf_maps.REMOTE_VALUE.size == 12
-    assert bpf_maps.CONFIG.size == 40
+    assert bpf_maps.REMOTE6_VALUE.size == 28
+    assert bpf_maps.CONFIG.size == 64
     assert bpf_maps.COUNTER.size == 16
     assert bpf_maps.NEXTHOP.size == 32
     assert bpf_maps.FLOW_KEY.size == 16
@@ -74,11 +76,11 @@ def test_struct_sizes() -> None:
 
 
 def test_config_round_trip() -> None:
-    from ipaddress import IPv4Address
+    from ipaddress import IPv4Address, IPv6Address
 
     cfg = bpf_maps.DatapathConfig(
         IPv4Address("198.18.0.1"), 7, 4789, 3, "02:00:00:00:00:01", 5, "0e:00:00:00:00:02",
-        vtep6_ifindex=9,
+        vtep6_ifindex=9, local_ip6=IPv6Address("fd00::1"), vtep6_mac="0e:00:00:00:00:06",
     )  # fmt: skip
     raw = cfg.pack()
     assert raw[8:10] == (4789).to_bytes(2, "big")  # network order, as the programs compare it

@@ -14,6 +14,8 @@
 
 /* Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): flanneld's MTU overhead. */
 #define FB_VXLAN_OVERHEAD 50
+/* The same over the IPv6 underlay (outer IPv6, 40): flannel-v6.<VNI>'s frames. */
+#define FB_VXLAN6_OVERHEAD 70
 #define FB_VXLAN_FLAGS_VNI 0x08000000 /* the I flag, alone: what vxlan.ko accepts without GBP */
 
 /* Outer IPv4 (20) + UDP (8): flannel's udp backend, raw inner IPv4 as the UDP payload. */
@@ -31,12 +33,11 @@ struct fb_remote_key {
 
 /*
  * fb_remotes6 (EnableIPv6): one entry per remote lease's IPv6 subnet, longest-prefix matched on
- * the inner IPv6 destination. Its value is the same struct fb_remote as the lease's IPv4 entry:
- * the peer's IPv4 PublicIP and flannel.<VNI> VtepMAC. IPv6 pod packets go over the IPv4 underlay
- * to the peer's flannel.<VNI>, which decapsulates any inner EtherType (vxlan.ko and our decap
- * alike): 50 bytes of overhead instead of 70, the outer UDP checksum zero as IPv4 allows, so
- * GSO aggregates are carried whole. What the programs leave to the kernel takes flanneld's way,
- * flannel-v6.<VNI> over the IPv6 underlay.
+ * the inner IPv6 destination (value: struct fb_remote6 below). The programs send IPv6 pod
+ * packets over the IPv4 underlay to the peer's flannel.<VNI>, which decapsulates any inner
+ * EtherType (vxlan.ko and our decap alike): 50 bytes of overhead instead of 70, the outer UDP
+ * checksum zero as IPv4 allows, so GSO aggregates are carried whole. What the programs leave to
+ * the kernel takes flanneld's way, flannel-v6.<VNI> over the IPv6 underlay.
  */
 struct fb_remote6_key {
 	__u32 prefixlen;
@@ -54,6 +55,16 @@ struct fb_remote {
 	__be32 vtep_ip;   /* the peer's PublicIP: outer destination */
 	__u8 vtep_mac[6]; /* the peer's VtepMAC: inner destination MAC */
 	__u16 flags;      /* FB_REMOTE_* */
+};
+
+/*
+ * fb_remotes6's value: the IPv4 VTEP the programs send to (FB_REMOTE_SKIP when the peer has no
+ * IPv4 one), then the peer's PublicIPv6, the outer source its flannel-v6 frames come from, for
+ * anti-spoofing. fb_senders6 holds those addresses as fb_senders holds the IPv4 ones.
+ */
+struct fb_remote6 {
+	struct fb_remote v4;
+	__u8 vtep_ip6[16];
 };
 
 /*
@@ -95,6 +106,9 @@ struct fb_config {
 	__u8 vtep_mac[6];   /* our VtepMAC: inner source MAC, and what decapsulation accepts */
 	__u8 uplink_mac[6];
 	__u32 vtep6_ifindex; /* flannel-v6.<VNI> (EnableIPv6), its egress encapsulated too; or 0 */
+	__u8 local_ip6[16];  /* our PublicIPv6: flannel-v6 frames decapsulated only to it */
+	__u8 vtep6_mac[6];   /* flannel-v6.<VNI>'s MAC, what those frames' inner destination is */
+	__u16 pad;
 };
 
 /*

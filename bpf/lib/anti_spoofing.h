@@ -53,11 +53,40 @@ static __always_inline __u32 fb_check_sources6(const struct fb_config *cfg, __be
 	struct fb_remote6_key key = {.prefixlen = 128};
 
 	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
-	struct fb_remote *owner = fb_remotes6.lookup(&key);
+	struct fb_remote6 *owner = fb_remotes6.lookup(&key);
 
-	if (owner && owner->vtep_ip == outer_src)
+	if (owner && owner->v4.vtep_ip == outer_src)
 		return FB_DECAP_PASS;
 	if (!fb_senders.lookup(&outer_src))
+		return FB_DROP_UNKNOWN_SENDER;
+	return FB_DROP_SPOOFED_SOURCE;
+}
+
+static __always_inline int fb_addr6_equal(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+}
+
+/* A flannel-v6 frame (IPv6 underlay): the inner source's lease must name the outer source as
+ * its PublicIPv6. */
+static __always_inline __u32 fb_check_sources6_outer6(const struct fb_config *cfg,
+						      const struct in6_addr *outer_src,
+						      const struct in6_addr *inner_src)
+{
+	if (!fb_checking_sources(cfg))
+		return FB_DECAP_PASS;
+
+	struct fb_remote6_key key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
+	struct fb_remote6 *owner = fb_remotes6.lookup(&key);
+	struct in6_addr src = *outer_src;
+
+	if (owner && fb_addr6_equal(owner->vtep_ip6, (const __u8 *)&src))
+		return FB_DECAP_PASS;
+	if (!fb_senders6.lookup(&src))
 		return FB_DROP_UNKNOWN_SENDER;
 	return FB_DROP_SPOOFED_SOURCE;
 }

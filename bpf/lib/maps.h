@@ -15,7 +15,7 @@
 
 BPF_TABLE_PINNED("lpm_trie", struct fb_remote_key, struct fb_remote, fb_remotes, FB_MAX_REMOTES,
 		 FB_PIN_DIR "/fb_remotes", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct fb_remote6_key, struct fb_remote, fb_remotes6, FB_MAX_REMOTES,
+BPF_TABLE_PINNED("lpm_trie", struct fb_remote6_key, struct fb_remote6, fb_remotes6, FB_MAX_REMOTES,
 		 FB_PIN_DIR "/fb_remotes6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct fb_config, fb_config, 1, FB_PIN_DIR "/fb_config");
 BPF_TABLE_PINNED("percpu_array", __u32, struct fb_counter, fb_stats, FB_STATS_ENTRIES,
@@ -24,6 +24,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fb_nexthop, fb_nexthops, FB_NEXTH
 		 FB_PIN_DIR "/fb_nexthops");
 BPF_TABLE_PINNED("hash", __be32, __u32, fb_senders, FB_MAX_SENDERS, FB_PIN_DIR "/fb_senders",
 		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct in6_addr, __u32, fb_senders6, FB_MAX_SENDERS,
+		 FB_PIN_DIR "/fb_senders6", BPF_F_NO_PREALLOC);
 /* Host routing: LRU, so a flow nobody uses any more makes room by itself. */
 BPF_TABLE_PINNED("lru_hash", struct fb_flow_key, struct fb_flow, fb_flows, FB_MAX_FLOWS,
 		 FB_PIN_DIR "/fb_flows");

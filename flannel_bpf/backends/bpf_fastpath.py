@@ -72,6 +72,8 @@ def datapath_config(
         flags=(FB_CFG_CHECK_SOURCES if anti_spoofing else 0)
         | (FB_CFG_HOST_ROUTING if host_routing else 0),
         vtep6_ifindex=vtep6.index if vtep6 is not None else 0,
+        local_ip6=iface.ext_v6_addr if vtep6 is not None else None,
+        vtep6_mac=vtep6.mac if vtep6 is not None else "00:00:00:00:00:00",
     )
 
 

@@ -193,16 +193,16 @@ def _vtep_mac(backend_data: bytes) -> str:
     return parse_mac(mac)
 
 
-def remote_entry(peer: PeerVtep, direct: bool) -> Remote | None:
-    """A peer as fb_remotes (or, for its IPv6 subnet, fb_remotes6) holds it: its IPv4 VTEP;
-    direct-routing peers are left to the kernel's route. None: the programs cannot carry it (an
-    IPv6 subnet of a peer without IPv4), vxlan.ko does."""
+def remote_entry(peer: PeerVtep, direct: bool) -> Remote:
+    """A peer as fb_remotes (or, for its IPv6 subnet, fb_remotes6) holds it: its IPv4 VTEP,
+    and for an IPv6 subnet its PublicIPv6 (whose flannel-v6 frames decapsulation checks);
+    direct-routing peers, and IPv6 subnets of peers without IPv4, are left to the kernel."""
     flags = FB_REMOTE_SKIP if direct else 0
     if isinstance(peer.public_ip, IPv4Address):
         return Remote(peer.subnet, peer.public_ip, peer.mac, flags)
     if peer.carrier is None:
-        return None
-    return Remote(peer.subnet, peer.carrier[0], peer.carrier[1], flags)
+        return Remote(peer.subnet, IPv4Address(0), peer.mac, FB_REMOTE_SKIP, peer.public_ip)
+    return Remote(peer.subnet, peer.carrier[0], peer.carrier[1], flags, peer.public_ip)
 
 
 def _go_get(obj: dict[str, Any], key: str) -> Any:
@@ -573,8 +573,7 @@ class VXLANNetwork(Network):
                 update_remote(self.bpf, peer.subnet, None, "vxlan.ko")
         await self._remove_peers(nl, removed)
         await self._add_peers(nl, added)
-        entries = (remote_entry(peer, direct) for peer, direct in added)
-        remotes = [remote for remote in entries if remote is not None]
+        remotes = [remote_entry(peer, direct) for peer, direct in added]
         if self.bpf is not None:
             # IPv6 packets go over the IPv4 underlay, where nothing else may have resolved the
             # peer yet (vxlan.ko's flannel-v6 uses the IPv6 one); a program finding no

@@ -22,6 +22,7 @@ from flannel_bpf.datapath.vxlan_wire import (
 from flannel_bpf.datapath.vxlan_wire import format_mac, mac_to_bytes
 
 UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
+VXLAN6_OVERHEAD: Final = 70  # flannel-v6's frames: outer IPv6 + UDP + VXLAN + inner Ethernet
 
 LAYOUT_VERSION: Final = 3
 MAX_REMOTES: Final = 65536
@@ -126,12 +127,14 @@ class MapSpec:
 
 REMOTE_KEY = struct.Struct("<I4s")  # prefixlen (host order), subnet (network order)
 REMOTE6_KEY = struct.Struct("<I16s")  # fb_remotes6: prefixlen, IPv6 subnet
+REMOTE6_VALUE = struct.Struct("<4s6sH16s")  # fb_remote6: the IPv4 VTEP's fields, PublicIPv6
 REMOTE_VALUE = struct.Struct("<4s6sH")  # vtep_ip, vtep_mac, flags
-CONFIG = struct.Struct("<4sI2sHHBBII6s6sI")
+CONFIG = struct.Struct("<4sI2sHHBBII6s6sI16s6sH")
 COUNTER = struct.Struct("<QQ")
 INDEX = struct.Struct("<I")
 SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
 SENDER_VALUE = struct.Struct("<I")  # how many leases name it
+SENDER6_KEY = struct.Struct("16s")  # an underlay IPv6 address (fb_senders6)
 # expires (jiffies), peer (network order), ifindex, mtu, ip_id, smac, dmac
 NEXTHOP = struct.Struct("<Q4sIHH6s6s")
 # saddr, daddr, sport, dport (network order), proto, dir, pad
@@ -152,7 +155,7 @@ REMOTES6 = MapSpec(
     "fb_remotes6",
     bpf_sys.BPF_MAP_TYPE_LPM_TRIE,
     REMOTE6_KEY.size,
-    REMOTE_VALUE.size,
+    REMOTE6_VALUE.size,
     MAX_REMOTES,
     bpf_sys.BPF_F_NO_PREALLOC,
 )
@@ -162,6 +165,14 @@ SENDERS = MapSpec(
     "fb_senders",
     bpf_sys.BPF_MAP_TYPE_HASH,
     SENDER_KEY.size,
+    SENDER_VALUE.size,
+    MAX_SENDERS,
+    bpf_sys.BPF_F_NO_PREALLOC,
+)
+SENDERS6 = MapSpec(
+    "fb_senders6",
+    bpf_sys.BPF_MAP_TYPE_HASH,
+    SENDER6_KEY.size,
     SENDER_VALUE.size,
     MAX_SENDERS,
     bpf_sys.BPF_F_NO_PREALLOC,
@@ -179,7 +190,17 @@ ENDPOINTS = MapSpec(
     ENDPOINT_VALUE.size,
     MAX_ENDPOINTS,
 )
-ALL_MAPS: Final = (REMOTES, REMOTES6, CONFIG_MAP, STATS, SENDERS, NEXTHOPS, FLOWS, ENDPOINTS)
+ALL_MAPS: Final = (
+    REMOTES,
+    REMOTES6,
+    CONFIG_MAP,
+    STATS,
+    SENDERS,
+    SENDERS6,
+    NEXTHOPS,
+    FLOWS,
+    ENDPOINTS,
+)
 
 
 @dataclass(frozen=True)
@@ -212,18 +233,23 @@ class NextHop:
 @dataclass(frozen=True)
 class Remote:
     """One fb_remotes (IPv4 subnet) or fb_remotes6 (IPv6 subnet) entry: a remote subnet and the
-    IPv4 VTEP that serves it."""
+    IPv4 VTEP that serves it; for an IPv6 subnet also the peer's PublicIPv6 (the source of its
+    flannel-v6 frames)."""
 
     subnet: IPv4Network | IPv6Network
     vtep_ip: IPv4Address
     vtep_mac: str
     flags: int = 0
+    vtep_ip6: IPv6Address | None = None
 
     def key(self) -> bytes:
         return remote_key(self.subnet)
 
     def value(self) -> bytes:
-        return REMOTE_VALUE.pack(self.vtep_ip.packed, mac_to_bytes(self.vtep_mac), self.flags)
+        v4 = (self.vtep_ip.packed, mac_to_bytes(self.vtep_mac), self.flags)
+        if self.subnet.version == 6:
+            return REMOTE6_VALUE.pack(*v4, (self.vtep_ip6 or IPv6Address(0)).packed)
+        return REMOTE_VALUE.pack(*v4)
 
 
 def remotes_map(subnet: IPv4Network | IPv6Network) -> MapSpec:
@@ -236,15 +262,17 @@ def remote_key(subnet: IPv4Network | IPv6Network) -> bytes:
 
 
 def decode_remote(key: bytes, value: bytes) -> Remote:
-    ip, mac, flags = REMOTE_VALUE.unpack(value)
-    subnet: IPv4Network | IPv6Network
     if len(key) == REMOTE6_KEY.size:
         prefixlen, addr6 = REMOTE6_KEY.unpack(key)
-        subnet = IPv6Network((IPv6Address(addr6), prefixlen))
-    else:
-        prefixlen, addr = REMOTE_KEY.unpack(key)
-        subnet = IPv4Network((IPv4Address(addr), prefixlen))
-    return Remote(subnet, IPv4Address(ip), format_mac(mac), flags)
+        ip, mac, flags, vtep6 = REMOTE6_VALUE.unpack(value)
+        ip6 = IPv6Address(vtep6)
+        subnet6 = IPv6Network((IPv6Address(addr6), prefixlen))
+        return Remote(subnet6, IPv4Address(ip), format_mac(mac), flags, ip6 if int(ip6) else None)
+    prefixlen, addr = REMOTE_KEY.unpack(key)
+    ip, mac, flags = REMOTE_VALUE.unpack(value)
+    return Remote(
+        IPv4Network((IPv4Address(addr), prefixlen)), IPv4Address(ip), format_mac(mac), flags
+    )
 
 
 @dataclass(frozen=True)
@@ -263,6 +291,8 @@ class DatapathConfig:
     ttl: int = 64
     flags: int = 0
     vtep6_ifindex: int = 0  # flannel-v6.<VNI>, 0 without IPv6
+    local_ip6: IPv6Address | None = None  # our PublicIPv6: flannel-v6 frames decapsulated to it
+    vtep6_mac: str = "00:00:00:00:00:00"  # flannel-v6.<VNI>'s MAC
 
     def pack(self) -> bytes:
         return CONFIG.pack(
@@ -278,13 +308,15 @@ class DatapathConfig:
             mac_to_bytes(self.vtep_mac),
             mac_to_bytes(self.uplink_mac),
             self.vtep6_ifindex,
+            (self.local_ip6 or IPv6Address(0)).packed,
+            mac_to_bytes(self.vtep6_mac),
+            0,
         )
 
     @classmethod
     def unpack(cls, raw: bytes) -> DatapathConfig:
-        ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac, vtep6_idx = (
-            CONFIG.unpack(raw)
-        )
+        (ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac, vtep6_idx,
+         local6, vtep6_mac, _pad) = CONFIG.unpack(raw)  # fmt: skip
         return cls(
             local_ip=IPv4Address(ip),
             vni=vni,
@@ -298,6 +330,8 @@ class DatapathConfig:
             ttl=ttl,
             flags=flags,
             vtep6_ifindex=vtep6_idx,
+            local_ip6=IPv6Address(local6) if int.from_bytes(local6, "big") else None,
+            vtep6_mac=format_mac(vtep6_mac),
         )
 
 
@@ -390,7 +424,7 @@ class PinnedMaps:
         for spec in (REMOTES, REMOTES6):
             fd = self.fd(spec)
             for key in list(bpf_sys.map_keys(fd, spec.key_size)):
-                value = bpf_sys.map_lookup(fd, key, REMOTE_VALUE.size)
+                value = bpf_sys.map_lookup(fd, key, spec.value_size)
                 if value is not None:
                     yield decode_remote(key, value)
 
@@ -414,19 +448,24 @@ class PinnedMaps:
             bpf_sys.map_update(fd, INDEX.pack(slot), empty)
 
     # fb_senders
-    def set_sender(self, address: IPv4Address, leases: int) -> None:
-        bpf_sys.map_update(self.fd(SENDERS), address.packed, SENDER_VALUE.pack(leases))
+    # fb_senders and fb_senders6, by the address's family
+    def set_sender(self, address: IPv4Address | IPv6Address, leases: int) -> None:
+        spec = SENDERS6 if address.version == 6 else SENDERS
+        bpf_sys.map_update(self.fd(spec), address.packed, SENDER_VALUE.pack(leases))
 
-    def delete_sender(self, address: IPv4Address) -> bool:
-        return bpf_sys.map_delete(self.fd(SENDERS), address.packed)
+    def delete_sender(self, address: IPv4Address | IPv6Address) -> bool:
+        spec = SENDERS6 if address.version == 6 else SENDERS
+        return bpf_sys.map_delete(self.fd(spec), address.packed)
 
-    def senders(self) -> dict[IPv4Address, int]:
-        fd = self.fd(SENDERS)
-        found = {}
-        for key in list(bpf_sys.map_keys(fd, SENDER_KEY.size)):
-            value = bpf_sys.map_lookup(fd, key, SENDER_VALUE.size)
-            if value is not None:
-                found[IPv4Address(key)] = SENDER_VALUE.unpack(value)[0]
+    def senders(self) -> dict[IPv4Address | IPv6Address, int]:
+        found: dict[IPv4Address | IPv6Address, int] = {}
+        for spec in (SENDERS, SENDERS6):
+            fd = self.fd(spec)
+            for key in list(bpf_sys.map_keys(fd, spec.key_size)):
+                value = bpf_sys.map_lookup(fd, key, SENDER_VALUE.size)
+                if value is not None:
+                    address = IPv6Address(key) if spec is SENDERS6 else IPv4Address(key)
+                    found[address] = SENDER_VALUE.unpack(value)[0]
         return found
 
     # host routing

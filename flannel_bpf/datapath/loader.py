@@ -30,7 +30,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, Final
 
@@ -545,7 +545,7 @@ class BPFDatapath:
         # What fb_remotes and fb_senders hold, as we wrote them: fb_senders counts, per underlay
         # address, the remotes naming it, so a peer's last lease going takes its address along.
         self._remotes: dict[IPv4Network | IPv6Network, Remote] = {}
-        self._senders: Counter[IPv4Address] = Counter()
+        self._senders: Counter[IPv4Address | IPv6Address] = Counter()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -769,20 +769,26 @@ class BPFDatapath:
         maps.set_remote(remote)
         previous = self._remotes.get(remote.subnet)
         self._remotes[remote.subnet] = remote
-        if previous is None or previous.vtep_ip != remote.vtep_ip:
-            self._count_sender(maps, remote.vtep_ip, +1)
-            if previous is not None:
-                self._count_sender(maps, previous.vtep_ip, -1)
+        old = _senders_of(previous) if previous is not None else []
+        new = _senders_of(remote)
+        for address in new:
+            if address not in old:
+                self._count_sender(maps, address, +1)
+        for address in old:
+            if address not in new:
+                self._count_sender(maps, address, -1)
 
     def delete_remote(self, subnet: IPv4Network | IPv6Network) -> bool:
         maps = self._require_maps()
         deleted = maps.delete_remote(subnet)
         previous = self._remotes.pop(subnet, None)
-        if previous is not None:
-            self._count_sender(maps, previous.vtep_ip, -1)
+        for address in _senders_of(previous) if previous is not None else []:
+            self._count_sender(maps, address, -1)
         return deleted
 
-    def _count_sender(self, maps: PinnedMaps, address: IPv4Address, change: int) -> None:
+    def _count_sender(
+        self, maps: PinnedMaps, address: IPv4Address | IPv6Address, change: int
+    ) -> None:
         self._senders[address] += change
         if self._senders[address] > 0:
             maps.set_sender(address, self._senders[address])
@@ -813,13 +819,24 @@ class BPFDatapath:
             if present.get(subnet) != remote:
                 maps.set_remote(remote)
                 written += 1
-        senders = Counter(r.vtep_ip for r in desired.values())
+        senders = Counter(a for r in desired.values() for a in _senders_of(r))
         for address in maps.senders().keys() - senders.keys():
             maps.delete_sender(address)
         for address, leases in senders.items():
             maps.set_sender(address, leases)
         self._remotes, self._senders = desired, senders
         return written, removed
+
+
+def _senders_of(remote: Remote) -> list[IPv4Address | IPv6Address]:
+    """The underlay addresses a remote's frames come from: its IPv4 VTEP (none for an IPv6
+    subnet of a peer without IPv4) and, for an IPv6 subnet, its PublicIPv6."""
+    found: list[IPv4Address | IPv6Address] = []
+    if not remote.vtep_ip.is_unspecified:
+        found.append(remote.vtep_ip)
+    if remote.vtep_ip6 is not None:
+        found.append(remote.vtep_ip6)
+    return found
 
 
 def attached(vtep_index: int, uplink_index: int, vtep6_index: int = 0) -> dict[str, str]:
