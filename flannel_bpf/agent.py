@@ -205,6 +205,14 @@ class Agent:
         if override:
             log.info("public IP %s from the node's annotation replaces --public-ip", override)
             opts = dataclasses.replace(opts, public_ip=override)
+        if config.enable_ipv6:
+            override6 = await _retry_unavailable(
+                "public IPv6 of the node", lambda: manager.public_ip_override(True)
+            )
+            if override6:
+                log.info("public IPv6 %s from the node's annotation replaces --public-ipv6",
+                         override6)  # fmt: skip
+                opts = dataclasses.replace(opts, public_ipv6=override6)
         try:
             iface = await find_external_interface(
                 opts, ipv4=config.enable_ipv4, ipv6=config.enable_ipv6

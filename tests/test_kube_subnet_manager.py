@@ -36,6 +36,7 @@ from flannel_bpf.subnet.kube.manager import (
     network_available_patch,
     node_to_lease,
     own_cidrs,
+    stored_public_ip,
     wanted_annotations,
 )
 from flannel_bpf.subnet.lease import LeaseAttrs
@@ -229,6 +230,16 @@ def test_own_cidrs_and_v6_annotations_as_flanneld() -> None:
     assert wanted_annotations(hostgw, KEYS, {})[KEYS.backend_v6_data] == "null"
     v4 = LeaseAttrs.from_json(b'{"PublicIP":"198.18.0.11","PublicIPv6":null}')
     assert KEYS.public_ipv6 not in wanted_annotations(v4, KEYS, {})
+
+
+def test_stored_public_addresses_as_flanneld() -> None:
+    """GetStoredPublicIP: node-public-ip replaces --public-ip, node-public-ipv6 --public-ipv6
+    (read only with IPv6 enabled, by the agent); nothing stored is ""."""
+    notes = {KEYS.node_public_ip: "203.0.113.7", KEYS.node_public_ipv6: "2001:db8::7"}
+    assert stored_public_ip(node(notes), KEYS) == "203.0.113.7"
+    assert stored_public_ip(node(notes), KEYS, v6=True) == "2001:db8::7"
+    assert stored_public_ip(node(FLANNEL), KEYS, v6=True) == ""
+    assert stored_public_ip(node(None), KEYS) == ""
 
 
 def test_contains_cidr_as_flanneld() -> None:

@@ -42,8 +42,9 @@ class Manager(Protocol):
     def drop_startup_listing(self) -> None:
         """Forget a prefetched listing nobody took."""
 
-    async def public_ip_override(self) -> str:
-        """A public IP the store holds for this host (kube: node-public-ip), else ""."""
+    async def public_ip_override(self, v6: bool = False) -> str:
+        """A public IP (v6: IPv6) the store holds for this host (kube: node-public-ip,
+        node-public-ipv6), else ""."""
 
     async def stored_vtep_mac(self, v6: bool = False) -> str:
         """The VtepMAC the store remembers for this host's flannel.<VNI> (v6: flannel-v6's;

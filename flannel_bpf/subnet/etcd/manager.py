@@ -357,7 +357,7 @@ class EtcdManager:
             # The lease has no key and expires by itself; nothing is lost.
             log.debug("could not revoke unused etcd lease %x: %s", lease_id, exc)
 
-    async def public_ip_override(self) -> str:
+    async def public_ip_override(self, v6: bool = False) -> str:
         """etcd keeps no per-host public IP besides the leases themselves."""
         return ""
 

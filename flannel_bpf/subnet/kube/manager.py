@@ -115,6 +115,11 @@ def _raw_json(notes: Mapping[str, str], key: str) -> bytes:
     return data
 
 
+def stored_public_ip(node: Mapping[str, Any], keys: Annotations, v6: bool = False) -> str:
+    """Our Node's node-public-ip (v6: node-public-ipv6) annotation, "" when it has none."""
+    return _annotations(node).get(keys.node_public_ipv6 if v6 else keys.node_public_ip, "")
+
+
 def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False) -> Lease | None:
     """A peer's lease from its Node (flanneld's nodeToLease): None when the Node is not
     flannel's (no kube-subnet-manager=true), NodeLeaseError when flannel's annotations or its
@@ -287,10 +292,11 @@ class KubeManager:
                 return None
         return self._node_at_start
 
-    async def public_ip_override(self) -> str:
-        """flanneld's GetStoredPublicIP: a node-public-ip annotation replaces --public-ip."""
+    async def public_ip_override(self, v6: bool = False) -> str:
+        """flanneld's GetStoredPublicIP: a node-public-ip annotation replaces --public-ip, and
+        node-public-ipv6 replaces --public-ipv6."""
         node = await self._own_node_at_start()
-        return _annotations(node).get(self.keys.node_public_ip, "") if node else ""
+        return stored_public_ip(node, self.keys, v6) if node else ""
 
     async def stored_vtep_mac(self, v6: bool = False) -> str:
         """flanneld's GetStoredMacAddresses: the VtepMAC our Node's backend-data (v6:
