@@ -183,36 +183,6 @@ def test_dual_stack_host_gw_with_flanneld(
     for src, dst in ((n2, n1), (n1, n2)):
         assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0
 
-    # GetStoredPublicIP for IPv6: a node-public-ipv6 annotation (a second address of n2's)
-    # replaces the interface's at the next start; our kernel node n3 follows the new PublicIPv6.
-    # (flanneld's n1 does not: it takes a Node update only when both families' annotations
-    # changed, and n2's IPv4 ones did not; docs/decisions.md section 6.)
-    moved = "fd00:198:18::7c"
-    subprocess.run(["ip", "-n", n2, "-6", "addr", "add", f"{moved}/64", "dev", "eth1", "nodad"],
-                   check=True)  # fmt: skip
-    control_plane_of(LabState.load(lab_name)).kubectl(
-        "annotate", "node", n2, "--overwrite", f"{KEYS.node_public_ipv6}={moved}"
-    )
-    lab.restart_agent(lab_name, n2, ready_timeout=60)
-
-    def published() -> str:
-        nodes = {n["name"]: n for n in lab.status(lab_name)["kube"]["nodes"]}
-        return str(nodes[n2]["annotations"].get("public-ipv6"))
-
-    assert wait_for(lambda: published() == moved, 15), published()
-    fdb = lambda: subprocess.run(  # noqa: E731
-        ["bridge", "-n", n3, "fdb", "show", "dev", "flannel-v6.1"], capture_output=True,
-        text=True, check=True,
-    ).stdout  # fmt: skip
-    assert wait_for(lambda: f"dst {moved} " in fdb(), 15), fdb()
-    ping_all_both(lab_name, list(pods.values()))
-
-
-def lab_state_dir(lab_name: str) -> Any:
-    from flannel_bpf.lab.lab import STATE_ROOT
-
-    return STATE_ROOT / lab_name
-
 
 def test_dual_stack_in_kubernetes_mode_with_flanneld(
     lab_name: str, lab_up: Callable[..., dict[str, Any]]
@@ -261,3 +231,9 @@ def test_dual_stack_in_kubernetes_mode_with_flanneld(
     ).stdout  # fmt: skip
     assert wait_for(lambda: f"dst {moved} " in fdb(), 15), fdb()
     ping_all_both(lab_name, list(pods.values()))
+
+
+def lab_state_dir(lab_name: str) -> Any:
+    from flannel_bpf.lab.lab import STATE_ROOT
+
+    return STATE_ROOT / lab_name
