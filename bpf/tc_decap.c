@@ -85,8 +85,38 @@ static __always_inline int fb_decap_to_pod(struct __sk_buff *skb, const struct f
 	return 1;
 }
 
-/* flannel-v6's frame (IPv6 underlay), classified ours: stripped and redirected into
- * flannel-v6.<VNI>'s ingress, as vxlan.ko would deliver it there. */
+/*
+ * Strip a classified frame's outer headers (overhead bytes, the inner family in flags) and
+ * redirect the inner packet into a vtep's ingress, to its MAC from the peer's VTEP, as vxlan.ko
+ * delivers it there.
+ */
+static __always_inline int fb_deliver_to_vtep(struct __sk_buff *skb, int overhead, __u64 flags,
+					      const __u8 *peer_mac, const __u8 *vtep_mac,
+					      __be16 proto, __u32 ifindex, __u64 bytes)
+{
+	__u8 peer_vtep_mac[ETH_ALEN];
+
+	fb_mac_copy(peer_vtep_mac, peer_mac);
+	if (bpf_skb_adjust_room(skb, -overhead, BPF_ADJ_ROOM_MAC, flags))
+		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
+
+	/* Written in place: no helper call. */
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end) {
+		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
+		return TC_ACT_SHOT;
+	}
+	fb_mac_copy(eth->h_dest, vtep_mac);
+	fb_mac_copy(eth->h_source, peer_vtep_mac);
+	fb_set_eth_proto(eth, proto);
+	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
+	return bpf_redirect(ifindex, BPF_F_INGRESS);
+}
+
+/* flannel-v6's frame (IPv6 underlay), classified ours: into flannel-v6.<VNI>. */
 static __always_inline int fb_tc_decap6(struct __sk_buff *skb, const struct fb_config *cfg,
 					__u64 bytes)
 {
@@ -100,26 +130,9 @@ static __always_inline int fb_tc_decap6(struct __sk_buff *skb, const struct fb_c
 
 	if ((void *)(inner_eth + 1) > data_end)
 		return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
-	__u8 peer_vtep_mac[ETH_ALEN];
-
-	fb_mac_copy(peer_vtep_mac, inner_eth->h_source);
-	if (bpf_skb_adjust_room(skb, -FB_VXLAN6_OVERHEAD, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_DECAP_L3_IPV6))
-		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
-
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end) {
-		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
-		return TC_ACT_SHOT;
-	}
-	fb_mac_copy(eth->h_dest, cfg->vtep6_mac);
-	fb_mac_copy(eth->h_source, peer_vtep_mac);
-	fb_set_eth_proto(eth, bpf_htons(ETH_P_IPV6));
-	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
-	return bpf_redirect(cfg->vtep6_ifindex, BPF_F_INGRESS);
+	return fb_deliver_to_vtep(skb, FB_VXLAN6_OVERHEAD, BPF_F_ADJ_ROOM_DECAP_L3_IPV6,
+				  inner_eth->h_source, cfg->vtep6_mac, bpf_htons(ETH_P_IPV6),
+				  cfg->vtep6_ifindex, bytes);
 }
 
 int fb_tc_decap(struct __sk_buff *skb)
@@ -183,26 +196,9 @@ int fb_tc_decap(struct __sk_buff *skb)
 	hdr = data;
 	if ((void *)(hdr + 1) > data_end)
 		return fb_tc_decap_pass(FB_PASS_SHORT, bytes);
-	__u8 peer_vtep_mac[ETH_ALEN];
 	__be16 proto = inner_v6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
 	__u64 flags = inner_v6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
 
-	fb_mac_copy(peer_vtep_mac, hdr->inner_eth.h_source);
-	if (bpf_skb_adjust_room(skb, -FB_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
-		return fb_tc_decap_pass(FB_PASS_ADJUST_FAILED, bytes);
-
-	/* Written in place: no helper call. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end) {
-		fb_count(FB_HOOK_TC_DECAP, FB_DROP_WRITE_FAILED, bytes);
-		return TC_ACT_SHOT;
-	}
-	fb_mac_copy(eth->h_dest, cfg->vtep_mac);
-	fb_mac_copy(eth->h_source, peer_vtep_mac);
-	fb_set_eth_proto(eth, proto);
-	fb_count(FB_HOOK_TC_DECAP, FB_DECAP_REDIRECT, bytes);
-	return bpf_redirect(cfg->vtep_ifindex, BPF_F_INGRESS);
+	return fb_deliver_to_vtep(skb, FB_VXLAN_OVERHEAD, flags, hdr->inner_eth.h_source,
+				  cfg->vtep_mac, proto, cfg->vtep_ifindex, bytes);
 }

@@ -32,6 +32,7 @@ from .test_bpf_programs import (
     Node,
     _ip,
     _next_vxlan_frame,
+    _vxlan_frame,
     skb_ctx,
     topo,  # noqa: F401 - the module's fixture, used by name
 )
@@ -76,8 +77,11 @@ def inner6(dst: str = "fd10:5:0:2::7", *, payload: bytes = b"x" * 32, **ip: Any)
     )
 
 
-def _kernel_encapsulate6(nodes: dict[str, Node], inner_ip6: bytes) -> bytes:
-    """Send inner_ip6 through vxlan.ko's flannel.1 on A; capture what arrives on B's underlay."""
+def _kernel_encapsulate6(
+    nodes: dict[str, Node], inner_ip6: bytes, *, underlay6: bool = False
+) -> bytes:
+    """Send inner_ip6 from A through vxlan.ko (its route picks flannel.1, or flannel-v6.1 for
+    the IPv6 underlay) and capture the VXLAN frame that arrives on B's underlay."""
     with entered(nodes["b"].ns):
         capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     try:
@@ -87,7 +91,13 @@ def _kernel_encapsulate6(nodes: dict[str, Node], inner_ip6: bytes) -> bytes:
             sender = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
         with sender:
             sender.sendto(inner_ip6, (socket.inet_ntop(socket.AF_INET6, inner_ip6[24:40]), 0))
-        return _next_vxlan_frame(capture)
+        if not underlay6:
+            return _next_vxlan_frame(capture)
+        while True:
+            frame = capture.recv(65535)
+            # IPv6, UDP right after the fixed header, to port 8472
+            if frame[12:14] == b"\x86\xdd" and frame[20] == 17 and frame[56:58] == b"\x21\x18":
+                return frame
     finally:
         capture.close()
 
@@ -177,11 +187,8 @@ def test_encap6_then_decap_round_trip(topo6: dict[str, Node]) -> None:
 
 
 def _wire6(inner: bytes) -> bytes:
-    """inner (an IPv6 packet) as A's vxlan.ko would send it to B, built by hand."""
-    payload = pk.vxlan(1) + pk.eth(TOPO["remote_vtep_mac"], TOPO["local_vtep_mac"],
-                                   pk.ETH_P_IPV6) + inner  # fmt: skip
-    outer = pk.ipv4(TOPO["local_underlay"], TOPO["remote_underlay"], pk.udp(50000, 8472, payload))
-    return pk.eth(TOPO["remote_underlay_mac"], TOPO["local_underlay_mac"]) + outer
+    """inner (an IPv6 packet) as A's vxlan.ko sends it to B over the IPv4 underlay."""
+    return _vxlan_frame(inner_proto=pk.ETH_P_IPV6, inner=inner)
 
 
 MALFORMED6 = [
@@ -301,32 +308,12 @@ def topo66(topo6: dict[str, Node]) -> Iterator[dict[str, Node]]:
     yield topo6
 
 
-def _kernel_encapsulate66(nodes: dict[str, Node], inner_ip6: bytes) -> bytes:
-    """inner_ip6 through vxlan.ko's flannel-v6.1 on A: the IPv6 frame B's underlay receives."""
-    with entered(nodes["b"].ns):
-        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    try:
-        capture.bind(("u0", 0))
-        capture.settimeout(5)
-        with entered(nodes["a"].ns):
-            sender = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        with sender:
-            sender.sendto(inner_ip6, (socket.inet_ntop(socket.AF_INET6, inner_ip6[24:40]), 0))
-        while True:
-            frame = capture.recv(65535)
-            # IPv6, UDP right after the fixed header, to port 8472
-            if frame[12:14] == b"\x86\xdd" and frame[20] == 17 and frame[56:58] == b"\x21\x18":
-                return frame
-    finally:
-        capture.close()
-
-
 def test_decap_of_flannel_v6_frames_on_both_hooks(topo66: dict[str, Node]) -> None:
     """vxlan.ko's flannel-v6 frame (as flanneld sends): XDP strips 70 bytes and hands the inner
     packet up under the outer MACs; tc redirects it into flannel-v6.1, to its MAC from the
     peer's, as vxlan.ko would deliver it."""
     inner = pk.ipv6("fd10:5:0:1::5", "fd10:5:0:3::7", pk.udp(40000, 7777, b"v6 over v6"))
-    kernel = _kernel_encapsulate66(topo66, inner)
+    kernel = _kernel_encapsulate6(topo66, inner, underlay6=True)
     assert kernel[84:] == inner and kernel[70:76] == pk.mac(B_V6MAC)
     retval, out, delta = topo66["b"].run(Hook.XDP_DECAP, kernel)
     assert (retval, delta) == (XDP_PASS, {Reason.DECAP_PASS: (1, len(kernel))})

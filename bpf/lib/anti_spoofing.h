@@ -43,6 +43,15 @@ static __always_inline __u32 fb_check_sources(const struct fb_config *cfg, __be3
 	return FB_DROP_SPOOFED_SOURCE;
 }
 
+/* The lease (fb_remotes6 entry) whose IPv6 subnet holds an inner IPv6 source, or NULL. */
+static __always_inline struct fb_remote6 *fb_owner6(const struct in6_addr *inner_src)
+{
+	struct fb_remote6_key key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
+	return fb_remotes6.lookup(&key);
+}
+
 /* The same for an inner IPv6 source: its lease's IPv6 subnet must be the sender's. */
 static __always_inline __u32 fb_check_sources6(const struct fb_config *cfg, __be32 outer_src,
 					       const struct in6_addr *inner_src)
@@ -50,10 +59,7 @@ static __always_inline __u32 fb_check_sources6(const struct fb_config *cfg, __be
 	if (!fb_checking_sources(cfg))
 		return FB_DECAP_PASS;
 
-	struct fb_remote6_key key = {.prefixlen = 128};
-
-	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
-	struct fb_remote6 *owner = fb_remotes6.lookup(&key);
+	struct fb_remote6 *owner = fb_owner6(inner_src);
 
 	if (owner && owner->v4.vtep_ip == outer_src)
 		return FB_DECAP_PASS;
@@ -78,10 +84,7 @@ static __always_inline __u32 fb_check_sources6_outer6(const struct fb_config *cf
 	if (!fb_checking_sources(cfg))
 		return FB_DECAP_PASS;
 
-	struct fb_remote6_key key = {.prefixlen = 128};
-
-	__builtin_memcpy(key.subnet, inner_src, sizeof(key.subnet));
-	struct fb_remote6 *owner = fb_remotes6.lookup(&key);
+	struct fb_remote6 *owner = fb_owner6(inner_src);
 	struct in6_addr src = *outer_src;
 
 	if (owner && fb_addr6_equal(owner->vtep_ip6, (const __u8 *)&src))

@@ -114,12 +114,10 @@ class HostGWNetwork(Network):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def route_for(self, lease: Lease) -> Route:
-        return Route(lease.subnet, lease.attrs.public_ip, self.link_index)
-
     def routes_for(self, lease: Lease) -> list[Route]:
         """The peer's IPv4 route, and with IPv6 on both sides its IPv6 route (GetV6Route)."""
-        routes = [self.route_for(lease)] if lease.subnet.prefixlen else []
+        v4 = Route(lease.subnet, lease.attrs.public_ip, self.link_index)
+        routes = [v4] if lease.subnet.prefixlen else []
         v6, gw6 = lease.ipv6_subnet, lease.attrs.public_ipv6
         if self.ipv6 and v6 is not None and v6.prefixlen and gw6 is not None:
             routes.append(Route(v6, gw6, self.link_index))

@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
@@ -87,21 +87,12 @@ def own_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network 
         raise NodeLeaseError("pod cidrs should be IPv4/IPv6 only or dualstack")
     v4: IPv4Network | None = None
     v6: IPv6Network | None = None
-    for text in cidrs:
-        try:
-            net = ip_network(text, strict=False)
-        except ValueError:
-            raise NodeLeaseError(f"invalid CIDR address: {text}") from None
+    for net in _networks(node):
         if isinstance(net, IPv4Network):
             v4 = net
         else:
             v6 = net
     return v4, v6
-
-
-def own_ipv4_cidr(node: Mapping[str, Any]) -> IPv4Network | None:
-    """Our IPv4 lease (see own_cidrs)."""
-    return own_cidrs(node)[0]
 
 
 def _raw_json(notes: Mapping[str, str], key: str) -> bytes:
@@ -134,15 +125,8 @@ def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False
         raise NodeLeaseError(
             f"invalid IP address format in {keys.public_ip}: {notes.get(keys.public_ip, '')[:64]!r}"
         ) from None
-    subnet = None
-    for text in pod_cidrs(node):  # the first IPv4 entry, as flanneld
-        try:
-            net = ip_network(text, strict=False)
-        except ValueError:
-            raise NodeLeaseError(f"invalid CIDR address: {text[:64]}") from None
-        if isinstance(net, IPv4Network):
-            subnet = net
-            break
+    # The first IPv4 entry, as flanneld: entries after it are not parsed.
+    subnet = next((net for net in _networks(node) if isinstance(net, IPv4Network)), None)
     if subnet is None:
         raise NodeLeaseError("missing IPv4 address on n.Spec.PodCIDRs")
     data = _raw_json(notes, keys.backend_data)
@@ -172,14 +156,13 @@ def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False
     return Lease(subnet=subnet, attrs=attrs, ipv6_subnet=subnet6)
 
 
-def _networks(node: Mapping[str, Any]) -> list[IPv4Network | IPv6Network]:
-    nets = []
+def _networks(node: Mapping[str, Any]) -> Iterator[IPv4Network | IPv6Network]:
+    """The Node's podCIDRs (or podCIDR) parsed one by one, as far as the caller reads."""
     for text in pod_cidrs(node):
         try:
-            nets.append(ip_network(text, strict=False))
+            yield ip_network(text, strict=False)
         except ValueError:
             raise NodeLeaseError(f"invalid CIDR address: {text[:64]}") from None
-    return nets
 
 
 def wanted_annotations(
