@@ -9,13 +9,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
 from flannel_bpf.backends import BackendError, ExternalContext, Network, make_backend
 from flannel_bpf.cli.flags import DEFAULT_METRICS_ADDR, AgentOptions
-from flannel_bpf.datapath.iface import InterfaceError, find_external_interface
+from flannel_bpf.datapath.iface import ExternalInterface, InterfaceError, find_external_interface
 from flannel_bpf.datapath.traffic_rules import (
     IptablesRules,
     Net,
@@ -219,14 +219,6 @@ class Agent:
             )
         except InterfaceError as exc:
             raise AgentError(str(exc)) from None
-        log.info(
-            "using interface %s (index %d, mtu %d), address %s, public ip %s",
-            iface.name,
-            iface.index,
-            iface.mtu,
-            iface.iface_addr,
-            iface.ext_addr,
-        )
 
         ctx = ExternalContext(iface, opts, manager, config, previous)
         try:
@@ -263,7 +255,7 @@ class Agent:
             ip_masq=opts.ip_masq,
         )
         state = self.metrics.state
-        state.backend, state.iface, state.public_ip = backend.type, iface.name, str(iface.ext_addr)
+        state.backend, state.iface, state.public_ip = backend.type, iface.name, _public(iface)
         state.network = network
         try:
             write_subnet_file(opts.subnet_file, contents)
@@ -288,7 +280,7 @@ class Agent:
             path=Path(opts.status_file),
             backend=backend.type,
             iface=iface.name,
-            public_ip=str(iface.ext_addr),
+            public_ip=_public(iface),
             etcd={
                 "endpoints": [] if opts.kube_subnet_mgr else list(opts.etcd_endpoints),
                 "prefix": manager.prefix,
@@ -301,7 +293,7 @@ class Agent:
             store=_store_description(manager, opts),
         )
         self._status.write(network)
-        log.info("flannel is ready: lease %s, mtu %d", network.lease.subnet, network.mtu)
+        log.info("flannel is ready: lease %s, mtu %d", network.lease.key_name, network.mtu)
         self.notifier.ready(self._status_line(network))
         await manager.complete_lease(network.lease)
 
@@ -321,7 +313,7 @@ class Agent:
         """What `systemctl status` shows."""
         peers = self.metrics.state.peers
         return (
-            f"lease {network.lease.subnet}, datapath {network.datapath}, "
+            f"lease {network.lease.identity}, datapath {network.datapath}, "
             f"{peers} peer{'' if peers == 1 else 's'}"
         )
 
@@ -402,8 +394,8 @@ class Agent:
 
     async def _follow_peers(self, manager: Manager, network: Network) -> None:
         first = True
-        peers: set[IPv4Network] = set()
-        async for events in manager.watch_leases(network.lease.subnet, network.accepts):
+        peers: set[IPv4Network | IPv6Network] = set()
+        async for events in manager.watch_leases(network.lease.identity, network.accepts):
             started = time.monotonic()
             if first:
                 await network.apply_snapshot(events)
@@ -415,15 +407,20 @@ class Agent:
             self.metrics.programming.observe(time.monotonic() - started)
             for event in events:
                 if event.type is LeaseEventType.ADDED:
-                    peers.add(event.lease.subnet)
+                    peers.add(event.lease.identity)
                 else:
-                    peers.discard(event.lease.subnet)
+                    peers.discard(event.lease.identity)
             if self.metrics.state.peers != len(peers):
                 self.metrics.state.peers = len(peers)
                 self.notifier.status(self._status_line(network))
             if self._status is not None:
                 self._status.peers = len(peers)
                 self._status.write(network)
+
+
+def _public(iface: ExternalInterface) -> str:
+    """The node's public address for status and metrics: PublicIP, else (IPv6-only) PublicIPv6."""
+    return str(iface.ext_addr or iface.ext_v6_addr or "")
 
 
 async def _retry_unavailable(what: str, operation: Callable[[], Awaitable[T]]) -> T:

@@ -233,6 +233,87 @@ def test_dual_stack_in_kubernetes_mode_with_flanneld(
     ping_all_both(lab_name, list(pods.values()))
 
 
+def test_ipv6_only_in_kubernetes_mode_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """EnableIPv4 false (IPv6-only, Kubernetes mode as flanneld runs it): n1 flanneld, n2 and
+    n3 ours on BPF, n4 ours on kernel vxlan, all with --ip-masq. No node has an IPv4 lease,
+    flannel.1 or IPv4 masquerade rule; our annotations are flanneld's (no backend-data, no
+    public-ip); every pod pings every other, and 200 MB cross each way between our BPF node and
+    flanneld's and between our two BPF nodes, over the IPv6 underlay, counted by what carried
+    them: the programs (single packets encapsulated with their outer checksum, flanneld's
+    frames and ours decapsulated) or flannel-v6.1 (aggregates vxlan.ko encapsulates)."""
+    info = lab_up("--kube", "--nodes", "4", "--flanneld-nodes", "1", "--datapath",
+                  "bpf,bpf,kernel", "--ipv6-network", IPV6_NETWORK, "--ipv6-only",
+                  "--agent-arg=--ip-masq", "--flanneld-arg=--ip-masq",
+                  "--pods-per-node", "1")  # fmt: skip
+    n1, n2, n3, n4 = (f"{lab_name}-n{i}" for i in (1, 2, 3, 4))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+    assert [nodes[n]["datapath"] for n in (n1, n2, n3, n4)] == ["flanneld", "bpf", "bpf", "kernel"]
+    notes = {node["name"]: node["annotations"] for node in info["kube"]["nodes"]}
+    assert set(notes[n1]) == set(notes[n2]) == set(notes[n4])
+    assert {"public-ip", "backend-data"}.isdisjoint(notes[n2]) and "public-ipv6" in notes[n2]
+    for ns in (n1, n2, n3, n4):
+        env = read_env(lab_state_dir(lab_name) / ns / "subnet.env")
+        assert "FLANNEL_NETWORK" not in env and "FLANNEL_SUBNET" not in env
+        assert env["FLANNEL_IPV6_NETWORK"] == IPV6_NETWORK
+        # flanneld writes the IPv4 device's MTU even without one (1450); ours is flannel-v6's.
+        assert env["FLANNEL_MTU"] == ("1450" if ns == n1 else "1430")
+        links = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+        assert "flannel-v6.1" in links and "flannel.1:" not in links
+        nat4 = subprocess.run(["ip", "netns", "exec", ns, "iptables", "-w", "-t", "nat", "-S"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "FLANNEL" not in nat4
+    assert nat6(n2) == nat6(n1) == nat6(n4) and nat6(n2)
+
+    pods = [as_v6(pod) for pod in by_node(info).values()]
+    for src in pods:
+        for dst in pods:
+            if src is not dst:
+                ping = pod_exec(lab_name, src["namespace"], "ping", "-6", "-c2", "-i0.2", "-W2",
+                                dst["ip"])  # fmt: skip
+                assert ping.returncode == 0, f"{src['namespace']} -> {dst['ip']}: {ping.stdout}"
+    by_ns = {pod["node"]: pod for pod in pods}
+    encap = bpf_encap(lab_name, n2)
+    before = encap()
+    assert pod_exec(lab_name, by_ns[n2]["namespace"], "ping", "-6", "-c3", "-i0.2",
+                    by_ns[n1]["ip"]).returncode == 0  # fmt: skip
+    assert wait_for(lambda: encap() - before >= 3 * 118), "pings not encapsulated by the programs"
+
+    def sent(ns: str) -> Callable[[], int]:
+        return lambda: bpf_encap(lab_name, ns)() + link_bytes(ns, "flannel-v6.1")[1]
+
+    for src, dst, got in (
+        (n2, n1, device(n1, "flannel-v6.1", 0)),
+        (n1, n2, bpf_decap_or_device(lab_name, n2)),
+        (n2, n3, bpf_decap(lab_name, n3)),
+    ):
+        out = sent(src)
+        start = (out(), got())
+        received = transfer(lab_name, by_ns[src], by_ns[dst], "200M").received
+        assert wait_for(lambda s=out, b=start[0], r=received: s() - b >= r), (src, "sent")
+        assert wait_for(lambda g=got, b=start[1], r=received: g() - b >= r), (dst, "received")
+    seen = counters(lab_name, n2)
+    assert seen.get(("tc_encap", "pass_gso"), (0, 0))[0] > 0  # aggregates: vxlan.ko's
+    assert ("tc_encap", "encap_redirect") in seen
+    status = node_status(lab_name, n2)
+    remotes = status["bpf"]["remotes"]
+    assert remotes and all(":" in r["subnet"] for r in remotes)
+    assert status["bpf"]["attached"]["tc_encap6"] == "fb_tc_encap"
+
+
+def bpf_decap(lab_name: str, ns: str) -> Callable[[], int]:
+    """Bytes a BPF node's programs decapsulated (XDP or tc)."""
+
+    def total() -> int:
+        seen = counters(lab_name, ns)
+        keys = (("xdp_decap", "decap_pass"), ("tc_decap", "decap_redirect"))
+        return sum(seen.get(key, (0, 0))[1] for key in keys)
+
+    return total
+
+
 def lab_state_dir(lab_name: str) -> Any:
     from flannel_bpf.lab.lab import STATE_ROOT
 

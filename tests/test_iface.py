@@ -263,9 +263,38 @@ def test_dual_stack_link_local_only_is_taken_and_no_ipv6_is_an_error(ns: NetNS) 
     assert "failed to find IPv6 address for interface b0" in message
 
 
-def test_ipv6_only_is_refused_with_the_reason(ns: NetNS) -> None:
-    """(A malformed --public-ipv6 is a flag error before any lookup: test_flags.)"""
+def test_ipv6_only_takes_the_ipv6_default_route_and_no_ipv4(ns: NetNS) -> None:
+    """EnableIPv4 false (ipv6Stack): the IPv6 default route's interface, its IPv6 address as
+    PublicIPv6, no IPv4 address at all even where the interface has one (the lease's PublicIP
+    stays 0.0.0.0); an IPv4 default elsewhere does not matter."""
+    ns.veth("a0", "10.20.0.5/24")
+    ns.veth("b0", "10.30.0.5/24")
+    _v6(ns, "b0", "fd00:30::5/64")
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+    ns.ip("-6", "route", "add", "default", "via", "fd00:30::1", "dev", "b0")
+
+    found = _ok(ns.find(stack="v6"))
+    assert (found["name"], found["iface_v6_addr"], found["ext_v6_addr"]) == (
+        "b0", "fd00:30::5", "fd00:30::5"
+    )  # fmt: skip
+    assert (found["iface_addr"], found["ext_addr"]) == ("None", "None")
+
+
+def test_ipv6_only_selectors(ns: NetNS) -> None:
+    """--iface by name or IPv6 address (an IPv4 one is refused with the reason), --iface-regex
+    against IPv6 addresses, --iface-can-reach an IPv6 target, --public-ipv6."""
     ns.veth("a0", "10.20.0.5/24")
     _v6(ns, "a0", "fd00:20::5/64")
+    ns.veth("b0")
+    _v6(ns, "b0", "fd00:30::5/64")
 
-    assert "IPv6-only networks are not supported" in _err(ns.find("--iface=a0", stack="v6"))
+    assert _ok(ns.find("--iface=b0", stack="v6"))["iface_v6_addr"] == "fd00:30::5"
+    assert _ok(ns.find("--iface=fd00:20::5", stack="v6"))["name"] == "a0"
+    assert "EnableIPv4 is false" in _err(ns.find("--iface=10.20.0.5", stack="v6"))
+    assert _ok(ns.find("--iface-regex=^fd00:30:", stack="v6"))["name"] == "b0"
+    assert _ok(ns.find("--iface-can-reach=fd00:30::99", stack="v6"))["name"] == "b0"
+    found = _ok(ns.find("--iface=a0", "--public-ipv6=fd00:99::1", stack="v6"))
+    assert (found["iface_v6_addr"], found["ext_v6_addr"]) == ("fd00:20::5", "fd00:99::1")
+    # No IPv6 default route here (the IPv4 stack's default does not count).
+    ns.ip("route", "add", "default", "via", "10.20.0.1", "dev", "a0")
+    assert "unable to find default route" in _err(ns.find(stack="v6"))

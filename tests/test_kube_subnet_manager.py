@@ -232,6 +232,34 @@ def test_own_cidrs_and_v6_annotations_as_flanneld() -> None:
     assert KEYS.public_ipv6 not in wanted_annotations(v4, KEYS, {})
 
 
+def test_ipv6_only_leases_and_annotations_as_flanneld() -> None:
+    """EnableIPv4 false: nodeToLease reads no IPv4 half (a Node without public-ip or an IPv4
+    podCIDR is a peer; subnet 0.0.0.0/0, PublicIP 0.0.0.0, told apart by its IPv6 subnet), and
+    AcquireLease's annotations for vxlan have no backend-data and no public-ip (flanneld writes
+    them only with BackendData), host-gw's still do (0.0.0.0)."""
+    v6_only = {k: v for k, v in DUAL.items() if k not in (KEYS.public_ip, KEYS.backend_data)}
+    lease = node_to_lease(node(v6_only, pod_cidrs=["fd10:244:0:1::/64"]), KEYS, True, False)
+    assert lease is not None
+    assert (str(lease.subnet), str(lease.attrs.public_ip)) == ("0.0.0.0/0", "0.0.0.0")
+    assert (str(lease.ipv6_subnet), str(lease.identity)) == ("fd10:244:0:1::/64",) * 2
+    assert lease.key_name == "0.0.0.0-0&fd10:244:0:1::-64"
+    assert lease.attrs.backend_type == "vxlan" and not lease.attrs.backend_data
+    with pytest.raises(NodeLeaseError, match="missing IPv6 address"):
+        node_to_lease(node(v6_only, pod_cidrs=["10.244.1.0/24"]), KEYS, True, False)
+    vxlan = LeaseAttrs.from_json(
+        b'{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::b","BackendType":"vxlan",'
+        b'"BackendV6Data":{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}}'
+    )
+    assert set(wanted_annotations(vxlan, KEYS, {})) == {
+        KEYS.backend_type, KEYS.subnet_kube_managed, KEYS.backend_v6_data, KEYS.public_ipv6
+    }  # fmt: skip
+    hostgw = LeaseAttrs.from_json(
+        b'{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::b","BackendType":"host-gw"}'
+    )
+    wanted = wanted_annotations(hostgw, KEYS, {})
+    assert (wanted[KEYS.public_ip], wanted[KEYS.backend_data]) == ("0.0.0.0", "null")
+
+
 def test_stored_public_addresses_as_flanneld() -> None:
     """GetStoredPublicIP: node-public-ip replaces --public-ip, node-public-ipv6 --public-ipv6
     (read only with IPv6 enabled, by the agent); nothing stored is ""."""

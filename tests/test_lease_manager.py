@@ -50,6 +50,22 @@ async def test_config_round_trip_and_missing_config(mgr: EtcdManager, store: Etc
     assert config.network == IPv4Network("10.3.0.0/16") and config.subnet_len == 24
 
 
+async def test_an_ipv6_only_config_waits_for_a_valid_one_with_the_reason(
+    mgr: EtcdManager, store: EtcdStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EnableIPv4 false is not a config etcd mode can run (leases keyed by IPv4 subnet, as
+    flanneld's): the agent keeps waiting, saying why, and goes on once the config is fixed."""
+    v6_only = b'{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/56"}'
+    await store.put(mgr.config_key, v6_only)
+    waiting = asyncio.ensure_future(mgr.wait_for_network_config(poll_interval=0.05))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    assert "IPv6-only networks need --kube-subnet-mgr" in caplog.text
+    await store.put(mgr.config_key, CONFIG_10_3)
+    config = await asyncio.wait_for(waiting, 5)
+    assert config.network == IPv4Network("10.3.0.0/16")
+
+
 async def test_created_lease_is_flanneld_byte_exact_with_a_24h_ttl(
     mgr: EtcdManager, store: EtcdStore
 ) -> None:

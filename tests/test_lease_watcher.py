@@ -31,3 +31,22 @@ def test_a_renewal_reprograms_nothing_but_is_remembered() -> None:
     moved = lease("198.18.0.3")
     assert [e.lease for e in watcher.added(moved)] == [moved]
     assert [e.lease for e in watcher.removed(PEER)] == [moved]
+
+
+def test_ipv6_only_leases_are_told_apart_by_their_ipv6_subnet() -> None:
+    """IPv6-only leases all have 0.0.0.0/0 as IPv4 part (flanneld's empty IP4Net): each is
+    its own peer, ours is never reported, and one going takes only itself along."""
+    from ipaddress import IPv6Network
+
+    def v6_only(subnet6: str) -> Lease:
+        return Lease(
+            subnet=IPv4Network("0.0.0.0/0"),
+            ipv6_subnet=IPv6Network(subnet6),
+            attrs=LeaseAttrs(public_ip=IPv4Address(0), backend_type="vxlan"),
+        )
+
+    own, a, b = (v6_only(f"fd10:244:0:{i}::/64") for i in (1, 2, 3))
+    watcher = LeaseWatcher(own.identity)
+    assert [e.lease for e in watcher.reset([own, a, b])] == [a, b]
+    assert [e.lease for e in watcher.removed(b.identity)] == [b]
+    assert list(watcher.known) == [a.identity]

@@ -24,5 +24,5 @@ class AllocBackend(Backend):
 
     async def register_network(self) -> Network:
         # flanneld's alloc writes PublicIP only: no BackendType, no BackendData.
-        lease = await self.acquire(LeaseAttrs(public_ip=self.ctx.iface.ext_addr))
+        lease = await self.acquire(LeaseAttrs(public_ip=self.ctx.iface.public_ip))
         return AllocNetwork(lease, self.ctx.iface.mtu)

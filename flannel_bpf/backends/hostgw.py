@@ -220,7 +220,7 @@ class HostGWBackend(Backend):
         iface = self.ctx.iface
         ipv6 = self.ctx.config.enable_ipv6
         attrs = LeaseAttrs(
-            public_ip=iface.ext_addr,
+            public_ip=iface.public_ip,
             public_ipv6=iface.ext_v6_addr if ipv6 else None,
             backend_type=BACKEND_TYPE,
         )

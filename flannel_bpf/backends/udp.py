@@ -618,10 +618,13 @@ class UDPBackend(Backend):
 
     async def register_network(self) -> Network:
         ctx = self.ctx
-        if ctx.config.network is None:
-            raise BackendError("the UDP backend needs an IPv4 Network")
-        port = parse_port(ctx.config.backend)
         opts, iface = ctx.options, ctx.iface
+        if ctx.config.network is None or iface.iface_addr is None or iface.ext_addr is None:
+            raise BackendError(
+                "the udp backend carries IPv4 only (as flanneld's), and this network is "
+                "IPv6-only (EnableIPv4 false): use vxlan or host-gw"
+            )
+        port = parse_port(ctx.config.backend)
         if opts.host_routing == "bpf":
             log.warning("--host-routing=bpf is for the vxlan backend (flannel's VXLAN on the "
                         "wire); udp runs with host routing kernel")  # fmt: skip

@@ -427,7 +427,7 @@ def vxlan_lease_attrs(
         return f'{{"VNI":{cfg.vni},"VtepMAC":"{dev.mac}"}}'.encode() if dev else b""
 
     return LeaseAttrs(
-        public_ip=iface.ext_addr if device else IPv4Address(0),
+        public_ip=iface.public_ip if device else IPv4Address(0),
         public_ipv6=iface.ext_v6_addr if device6 else None,
         backend_type=BACKEND_TYPE,
         backend_data=data(device),
@@ -441,7 +441,8 @@ def vxlan_lease_attrs(
 
 class VXLANNetwork(Network):
     """Our lease plus flannel.<VNI>; programs one neighbour, FDB entry and route per peer.
-    With IPv6, flannel-v6.<VNI> gets the same three entries per peer that has IPv6 too.
+    With IPv6, flannel-v6.<VNI> gets the same three entries per peer that has IPv6 too. An
+    IPv6-only network (EnableIPv4 false) has flannel-v6.<VNI> alone, as flanneld's.
 
     With a BPF data path, each IPv4 peer also gets an fb_remotes entry (written after the kernel
     entries, removed before them), so anything the programs pass on still finds vxlan.ko ready.
@@ -450,7 +451,7 @@ class VXLANNetwork(Network):
     def __init__(
         self,
         lease: Lease,
-        device: VtepDevice,
+        device: VtepDevice | None,
         *,
         device6: VtepDevice | None = None,
         direct_routing: bool = False,
@@ -462,7 +463,10 @@ class VXLANNetwork(Network):
         self.lease = lease
         self.device = device
         self.device6 = device6
-        self.mtu = device.mtu
+        vtep = device or device6
+        if vtep is None:
+            raise BackendError("a vxlan network needs flannel.<VNI> or flannel-v6.<VNI>")
+        self.mtu = vtep.mtu  # flanneld's MTU(): the IPv4 device's, else the IPv6 one's
         self.direct_routing = direct_routing
         self.bpf = bpf
         self.datapath = "bpf" if bpf is not None else "kernel"
@@ -495,8 +499,9 @@ class VXLANNetwork(Network):
 
     def datapath_status(self) -> dict[str, Any]:
         bpf = self.bpf.status() if self.bpf is not None else {"host_routing": "kernel"}
+        v4 = {"device": self.device.name} if self.device is not None else {}
         v6 = {"device_v6": self.device6.name} if self.device6 is not None else {}
-        return {"device": self.device.name, **v6, **bpf}
+        return {**v4, **v6, **bpf}
 
     def programmed_peers(self) -> int:
         """Peers with their IPv4 entries in place (IPv6's are counted apart)."""
@@ -533,7 +538,8 @@ class VXLANNetwork(Network):
             if lease.key == self.lease.key:
                 continue
             try:
-                if lease.subnet.prefixlen:  # 0.0.0.0/0: an IPv6-only peer
+                # 0.0.0.0/0 is an IPv6-only peer; without IPv4 here, no peer's IPv4 half counts.
+                if lease.subnet.prefixlen and self.device is not None:
                     peers.append((event, peer_vtep(lease)))
             except ValueError as exc:
                 log.warning("error decoding subnet lease JSON for %s: %s", lease.subnet, exc)
@@ -603,6 +609,7 @@ class VXLANNetwork(Network):
         if peer.subnet.version == 6:
             assert self.device6 is not None
             return self.device6.index
+        assert self.device is not None  # IPv4 peers are programmed only with IPv4 on
         return self.device.index
 
     def _neigh(self, peer: PeerVtep, add: bool) -> NlRequest:
@@ -830,9 +837,7 @@ class VXLANBackend(Backend):
     async def register_network(self) -> Network:
         cfg = parse_vxlan_config(self.ctx.config.backend)
         log.info("%s", cfg.log_line())
-        network = self.ctx.config.network
-        if network is None:
-            raise BackendError("the vxlan backend needs an IPv4 Network")
+        network = self.ctx.config.network  # None: IPv6-only
         opts, iface = self.ctx.options, self.ctx.iface
         wanted = opts.datapath
         if wanted in ("kernel", "userspace"):
@@ -840,19 +845,22 @@ class VXLANBackend(Backend):
             await remove_bpf_datapath(cfg.device_name, Path(opts.bpffs))
         if wanted == "userspace":
             self._ipv4_only("the userspace vxlan data path")
+            assert network is not None  # IPv6-only has EnableIPv6: refused just above
             await remove_vxlan_device(cfg.device_name)
             return await self._userspace(cfg, network, ())
 
-        mac = await stored_vtep_mac(self.ctx.manager, cfg.device_name)
-        try:
-            device = await ensure_vxlan_device(cfg, iface, mac)
-        except BackendError as exc:
-            if wanted != "auto":
-                raise
-            reason = f"kernel vxlan unavailable: {exc}"
-            self._ipv4_only(f"the userspace vxlan data path ({reason})")
-            log.warning("%s; falling back to the userspace data path", reason)
-            return await self._userspace(cfg, network, (reason,))
+        device = None
+        if network is not None:
+            mac = await stored_vtep_mac(self.ctx.manager, cfg.device_name)
+            try:
+                device = await ensure_vxlan_device(cfg, iface, mac)
+            except BackendError as exc:
+                if wanted != "auto":
+                    raise
+                reason = f"kernel vxlan unavailable: {exc}"
+                self._ipv4_only(f"the userspace vxlan data path ({reason})")
+                log.warning("%s; falling back to the userspace data path", reason)
+                return await self._userspace(cfg, network, (reason,))
 
         device6 = None
         if self.ctx.config.enable_ipv6:
@@ -867,6 +875,8 @@ class VXLANBackend(Backend):
                     raise LoaderError(
                         "GBP is set: the BPF programs do not speak the group policy extension"
                     )
+                if device is None or iface.ext_addr is None:
+                    raise LoaderError("IPv6-only networks: not in the BPF programs yet")
                 bpf = await load_bpf_datapath(
                     iface,
                     Device(device.name, device.index, device.mac),
@@ -891,7 +901,8 @@ class VXLANBackend(Backend):
             log.warning("--host-routing=bpf needs the BPF data path; pod traffic goes through "
                         "the host stack (host routing kernel)")  # fmt: skip
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface, device, device6))
-        await configure_vxlan_device(device, lease.subnet, network)
+        if device is not None and network is not None:
+            await configure_vxlan_device(device, lease.subnet, network)
         if device6 is not None:
             ipv6_network = self.ctx.config.ipv6_network
             if lease.ipv6_subnet is None or ipv6_network is None:
@@ -915,6 +926,7 @@ class VXLANBackend(Backend):
         self, cfg: VXLANConfig, network: IPv4Network, fallbacks: tuple[str, ...]
     ) -> Network:
         iface = self.ctx.iface
+        assert iface.ext_addr is not None  # IPv4 only: refused before in IPv6-only networks
         # The MAC is ours to choose: the stored one (kube mode), else a new one; peers follow
         # the lease either way.
         mac = await stored_vtep_mac(self.ctx.manager, cfg.device_name) or random_mac()

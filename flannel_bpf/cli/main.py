@@ -416,6 +416,10 @@ def cmd_lab(args: list[str]) -> int:
     p_up.add_argument("--ipv6-network", default="",
                       help="dual stack: EnableIPv6 with this IPv6Network (e.g. fd10:244::/56), "
                            "an IPv6 underlay, pods with both families")  # fmt: skip
+    p_up.add_argument("--ipv6-only", action="store_true",
+                      help="with --ipv6-network and --kube: EnableIPv4 false, no IPv4 "
+                           "lease, VTEP or pod address (nodes reach the control plane over "
+                           "IPv4)")  # fmt: skip
     p_up.add_argument("--underlay-mtu", type=int, default=1500)
     p_up.add_argument(
         "--datapath",
@@ -499,6 +503,7 @@ def cmd_lab(args: list[str]) -> int:
                 tuple(opts.flanneld_arg),
                 kube=opts.kube,
                 ipv6_network=opts.ipv6_network,
+                ipv4=not opts.ipv6_only,
             )
             lab.up(spec)
             print(lab.format_status(lab.status(opts.name)))

@@ -29,8 +29,12 @@ same interface; a regex must match an IPv4 and an IPv6 address of one interface 
 an --iface IPv6 address picks its interface; --public-ipv6, when the interface is found by an IP,
 must be on that same interface. The IPv6 address is then the interface's first usable one
 (GetInterfaceIP6Addrs: global, ULA included, before link-local), and ExtV6Addr (the lease's
-PublicIPv6) is --public-ipv6 or that address. IPv6-only (EnableIPv4 false) is refused here for
-now: flanneld's own etcd mode cannot run it (flannel-compat.md 1.1).
+PublicIPv6) is --public-ipv6 or that address.
+
+IPv6-only (EnableIPv4 false), as its ipv6Stack: the default is the interface of the first IPv6
+default route; an --iface IP must be IPv6; a regex matches IPv6 addresses; --iface-can-reach takes
+an IPv6 target. There is no IPv4 address (iface_addr and ext_addr are None, the lease's PublicIP
+0.0.0.0); a --public-ip given anyway is kept as ext_addr, as flanneld keeps it.
 """
 
 from __future__ import annotations
@@ -74,11 +78,17 @@ class ExternalInterface:
     name: str
     index: int
     mtu: int
-    iface_addr: ipaddress.IPv4Address  # the interface's own IPv4 address in use
-    ext_addr: ipaddress.IPv4Address  # --public-ip or iface_addr: the lease's PublicIP
-    # Dual stack only: the interface's IPv6 address, and --public-ipv6 or it (PublicIPv6).
+    iface_addr: ipaddress.IPv4Address | None  # the interface's own IPv4 address in use
+    ext_addr: ipaddress.IPv4Address | None  # --public-ip or iface_addr: the lease's PublicIP
+    # With IPv6 only: the interface's IPv6 address, and --public-ipv6 or it (PublicIPv6).
     iface_v6_addr: ipaddress.IPv6Address | None = None
     ext_v6_addr: ipaddress.IPv6Address | None = None
+
+    @property
+    def public_ip(self) -> ipaddress.IPv4Address:
+        """The lease's PublicIP: ext_addr, or 0.0.0.0 in an IPv6-only network (as flanneld
+        writes an unset one)."""
+        return self.ext_addr or ipaddress.IPv4Address(0)
 
 
 class _NotFound(Exception):
@@ -247,13 +257,17 @@ async def _default_route_link(ipr: Any, snap: _Snapshot, v6: bool = False) -> _L
 
 
 async def _route_get(
-    ipr: Any, snap: _Snapshot, target: str
+    ipr: Any, snap: _Snapshot, target: str, v6: bool = False
 ) -> tuple[_Link, ipaddress.IPv4Address | None]:
-    """GetInterfaceBySpecificIPRouting: `ip route get <target>`'s device and source."""
-    ip = _as_ipv4(target)
+    """GetInterfaceBySpecificIPRouting: `ip route get <target>`'s device and source (the
+    source only for an IPv4 target)."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = _as_ipv4(target)
+    if v6:
+        ip = ipaddress.IPv6Address(target) if _looks_like_ip(target) and ":" in target else None
     if ip is None:
         raise _NotFound(
-            f"failed to get ifcanreach based interface: {target!r} is not an IPv4 address"
+            f"failed to get ifcanreach based interface: {target!r} is not an "
+            f"{'IPv6' if v6 else 'IPv4'} address"
         )
     try:
         routes = await ipr.route("get", dst=str(ip))
@@ -268,17 +282,22 @@ async def _route_get(
         except _NotFound as exc:
             raise _NotFound(f"failed to get ifcanreach based interface: {exc}") from None
         src = route.get_attr("RTA_PREFSRC")
-        return link, ipaddress.IPv4Address(str(src)) if src else None
+        return link, ipaddress.IPv4Address(str(src)) if src and not v6 else None
     raise _NotFound("failed to get ifcanreach based interface: no route found")
 
 
 def _regex_match(
-    snap: _Snapshot, pattern: str, dual: bool = False
+    snap: _Snapshot, pattern: str, dual: bool = False, v4: bool = True
 ) -> tuple[_Link, ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
-    """Addresses first (in dual stack an IPv4 and an IPv6 one of the same interface), then
-    interface names."""
+    """Addresses first (in dual stack an IPv4 and an IPv6 one of the same interface; IPv6-only
+    (not v4) an IPv6 one), then interface names."""
     regex = re.compile(pattern)
     for link in snap.links:
+        if not v4:
+            for ip6 in snap.usable_addrs6(link):
+                if regex.search(str(ip6)):
+                    return link, None, ip6
+            continue
         for ip in snap.usable_addrs(link):
             if not regex.search(str(ip)):
                 continue
@@ -290,9 +309,9 @@ def _regex_match(
     for link in snap.links:
         if regex.search(link.name):
             return link, None, None
+    usable = snap.usable_addrs if v4 else snap.usable_addrs6
     available = ", ".join(
-        f"{link.name}:[{' '.join(str(ip) for ip in snap.usable_addrs(link))}]"
-        for link in snap.links
+        f"{link.name}:[{' '.join(str(ip) for ip in usable(link))}]" for link in snap.links
     )
     raise _NotFound(
         f"Could not match pattern {pattern} to any of the available network interfaces "
@@ -306,16 +325,19 @@ async def _lookup(
     public: tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None],
     *,
     dual: bool = False,
+    v4: bool = True,
     name: str = "",
     regex: str = "",
     can_reach: str = "",
 ) -> ExternalInterface:
-    """ipmatch.LookupExtIface for an IPv4 or a dual stack: exactly one selector, or none for
-    the default."""
+    """ipmatch.LookupExtIface for an IPv4 stack, a dual stack (dual), or IPv6 only (dual and
+    not v4): exactly one selector, or none for the default."""
     public_ip, public_ipv6 = public
     addr: ipaddress.IPv4Address | None = None
     addr6: ipaddress.IPv6Address | None = None
-    if name:
+    if not v4:
+        link, addr6 = await _lookup6(ipr, snap, name=name, regex=regex, can_reach=can_reach)
+    elif name:
         ip = _as_ipv4(name)
         if ip is not None:
             log.info("Searching for interface using %s", ip)
@@ -351,7 +373,7 @@ async def _lookup(
                     f"default route interface {link.name}"
                 )
 
-    if addr is None:
+    if addr is None and v4:
         usable = snap.usable_addrs(link)
         if not usable:
             raise _NotFound(f"failed to find IPv4 address for interface {link.name}")
@@ -361,18 +383,21 @@ async def _lookup(
         if not usable6:
             raise _NotFound(f"failed to find IPv6 address for interface {link.name}")
         addr6 = usable6[0]
-    log.info("Using interface with name %s and address %s", link.name, addr)
+    if addr is not None:
+        log.info("Using interface with name %s and address %s", link.name, addr)
     if addr6 is not None:
         log.info("Using interface with name %s and v6 address %s", link.name, addr6)
 
     if link.mtu == 0:
-        raise _NotFound(f"failed to determine MTU for {addr} interface")
+        raise _NotFound(f"failed to determine MTU for {addr or addr6} interface")
 
+    ext: ipaddress.IPv4Address | None = None
     if public_ip is not None:
         log.info("Using %s as external address", public_ip)
         ext = public_ip
     else:
-        log.info("Defaulting external address to interface address (%s)", addr)
+        if v4:
+            log.info("Defaulting external address to interface address (%s)", addr)
         ext = addr
     ext6 = None
     if dual:
@@ -387,6 +412,29 @@ async def _lookup(
         iface_v6_addr=addr6,
         ext_v6_addr=ext6,
     )
+
+
+async def _lookup6(
+    ipr: Any, snap: _Snapshot, *, name: str, regex: str, can_reach: str
+) -> tuple[_Link, ipaddress.IPv6Address | None]:
+    """LookupExtIface's ipv6Stack selectors: the interface, and the address when the selector
+    names one."""
+    if name:
+        if not _looks_like_ip(name):
+            return snap.by_name(name), None
+        if ":" not in name:
+            raise _NotFound(f"no interface with IP {name} found (EnableIPv4 is false)")
+        log.info("Searching for interface using %s", name)
+        addr6 = ipaddress.IPv6Address(name)
+        return snap.owner_of6(addr6), addr6
+    if regex:
+        link, _, matched = _regex_match(snap, regex, v4=False)
+        return link, matched
+    if can_reach:
+        log.info("Determining interface to use based on given ifcanreach: %s", can_reach)
+        link, _ = await _route_get(ipr, snap, can_reach, v6=True)
+        return link, None
+    return await _default_route_link(ipr, snap, v6=True), None
 
 
 def _looks_like_ip(value: str) -> bool:
@@ -422,6 +470,7 @@ async def _select(
     opts: AgentOptions,
     public: tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None],
     dual: bool,
+    v4: bool = True,
 ) -> ExternalInterface:
     snap = await _read_snapshot(ipr)
 
@@ -430,7 +479,7 @@ async def _select(
         # --iface IP value.
         by_ip = public[0] or public[1]
         try:
-            return await _lookup(ipr, snap, public, dual=dual, name=str(by_ip or ""))
+            return await _lookup(ipr, snap, public, dual=dual, v4=v4, name=str(by_ip or ""))
         except _NotFound as exc:
             raise InterfaceError(f"{NO_DEFAULT_MATCH}: {exc}") from None
 
@@ -446,7 +495,7 @@ async def _select(
     ]
     for label, selector in attempts:
         try:
-            return await _lookup(ipr, snap, public, dual=dual, **selector)
+            return await _lookup(ipr, snap, public, dual=dual, v4=v4, **selector)
         except (_NotFound, re.error) as exc:
             log.info("Could not find valid interface matching %s: %s", label, exc)
             tried.append(f"{label}: {exc}")
@@ -457,16 +506,11 @@ async def find_external_interface(
     opts: AgentOptions, *, ipv4: bool = True, ipv6: bool = False
 ) -> ExternalInterface:
     """Pick the interface and addresses flanneld would pick for the network's stack (EnableIPv4,
-    EnableIPv6); raises InterfaceError."""
-    if not ipv4:
-        raise InterfaceError(
-            "EnableIPv4 is false: IPv6-only networks are not supported by flannel-bpf yet "
-            "(dual stack is: EnableIPv4 and EnableIPv6)"
-        )
+    EnableIPv6: IPv6-only when ipv4 is false); raises InterfaceError."""
     public = _parse_public_ips(opts, ipv6)
     try:
         async with AsyncIPRoute() as ipr:
-            found = await _select(ipr, opts, public, ipv6)
+            found = await _select(ipr, opts, public, ipv6, ipv4)
     except (NetlinkError, OSError) as exc:
         raise InterfaceError(f"reading interfaces and routes over netlink failed: {exc}") from exc
     log.info(

@@ -126,10 +126,11 @@ def delete(conflist: dict[str, Any], container_id: str, netns: str, node_ns: str
         _run("DEL", _plugin_conf(conflist, plugin), container_id, netns, ifname, node_ns, dirs)
 
 
-def dual_stack_conflist(subnet_file: Path, data_dir: Path) -> dict[str, Any]:
-    """A dual-stack node's list: what the flannel plugin hands the bridge plugin when subnet.env
-    carries FLANNEL_IPV6_* (flannel-io/cni-plugin's delegate: one host-local range per family,
-    a route to each cluster network, ipMasq unless flanneld masquerades), then portmap.
+def ipv6_conflist(subnet_file: Path, data_dir: Path) -> dict[str, Any]:
+    """A dual-stack or IPv6-only node's list: what the flannel plugin hands the bridge plugin
+    when subnet.env carries FLANNEL_IPV6_* (flannel-io/cni-plugin's delegate: one host-local
+    range per family present, a route to each cluster network, ipMasq unless flanneld
+    masquerades), then portmap.
 
     The flannel plugin that can be built here (containernetworking/plugins v0.9.1; its newer
     home flannel-io/cni-plugin is not served by the module proxy) predates IPv6, so the lab
@@ -139,14 +140,13 @@ def dual_stack_conflist(subnet_file: Path, data_dir: Path) -> dict[str, Any]:
             line.split("=", 1) for line in subnet_file.read_text().splitlines() if "=" in line
         )
         # The plugin parses each subnet with net.ParseCIDR: host-local gets the network.
-        subnets = (
-            ip_network(env[key], strict=False) for key in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")
-        )
-        ranges = [[{"subnet": str(subnet)}] for subnet in subnets]
-        routes = [{"dst": env["FLANNEL_NETWORK"]}, {"dst": env["FLANNEL_IPV6_NETWORK"]}]
+        families = [("FLANNEL_SUBNET", "FLANNEL_NETWORK")] if "FLANNEL_SUBNET" in env else []
+        families.append(("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK"))
+        ranges = [[{"subnet": str(ip_network(env[key], strict=False))}] for key, _ in families]
+        routes = [{"dst": env[network]} for _, network in families]
         mtu = int(env["FLANNEL_MTU"])
     except (OSError, KeyError, ValueError) as exc:
-        raise CniError(f"{subnet_file}: not a dual-stack subnet.env ({exc})") from None
+        raise CniError(f"{subnet_file}: no IPv6 in this subnet.env ({exc})") from None
     bridge = {
         "type": "bridge",
         "bridge": "cni0",

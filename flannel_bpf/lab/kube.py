@@ -145,8 +145,9 @@ class ControlPlane:
 
     def _cidr_flags(self) -> list[str]:
         if not self.cluster_cidr_v6:
+            mask = 64 if ":" in self.cluster_cidr else self.node_cidr_mask  # IPv6-only: /64s
             return [f"--cluster-cidr={self.cluster_cidr}",
-                    f"--node-cidr-mask-size={self.node_cidr_mask}"]  # fmt: skip
+                    f"--node-cidr-mask-size={mask}"]  # fmt: skip
         return [f"--cluster-cidr={self.cluster_cidr},{self.cluster_cidr_v6}",
                 f"--node-cidr-mask-size-ipv4={self.node_cidr_mask}",
                 "--node-cidr-mask-size-ipv6=64"]  # fmt: skip

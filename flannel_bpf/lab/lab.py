@@ -102,6 +102,7 @@ class LabState:
     kube: bool = False  # agents use the Kubernetes subnet manager of the lab's control plane
     kube_pids: dict[str, int] = field(default_factory=dict)  # kube-apiserver, ...-manager
     ipv6_network: str = ""  # dual stack: EnableIPv6 with this IPv6Network
+    ipv4: bool = True  # False: IPv6-only (EnableIPv4 false)
 
     @property
     def dir(self) -> Path:
@@ -157,6 +158,10 @@ class LabSpec:
     # Dual stack: EnableIPv6 with this IPv6Network, an IPv6 underlay beside the IPv4 one
     # (UNDERLAY_V6), pods with an address of each family.
     ipv6_network: str = ""
+    # False: an IPv6-only network (EnableIPv4 false; Kubernetes mode, as flanneld's etcd mode
+    # cannot run one). The nodes keep their IPv4 underlay address to reach the control plane;
+    # leases, VTEPs and pods have IPv6 only.
+    ipv4: bool = True
     # A Kubernetes control plane on the etcd (v1.36, built by scripts/build-peers.sh) and every
     # agent in Kubernetes mode: Nodes registered, deploy/kube-flannel-bpf.yml applied.
     kube: bool = False
@@ -227,7 +232,7 @@ def node_conflist(state: LabState, node: str) -> dict[str, Any]:
     source = node_dir / "cni-conf.json" if state.kube else cni.NODE_CONFLIST
     try:
         if state.ipv6_network:
-            return cni.dual_stack_conflist(node_dir / "subnet.env", node_dir / "cni")
+            return cni.ipv6_conflist(node_dir / "subnet.env", node_dir / "cni")
         return cni.for_node(cni.load_conflist(source), node_dir / "subnet.env", node_dir / "cni")
     except cni.CniError as exc:
         raise LabError(str(exc)) from None
@@ -245,11 +250,14 @@ def up(spec: LabSpec) -> LabState:
             flanneld_binary()
         except PeerMissing as exc:
             raise LabError(str(exc)) from None
+    if not spec.ipv4 and not (spec.ipv6_network and spec.kube):
+        raise LabError("an IPv6-only lab needs --ipv6-network and --kube (flanneld's etcd mode "
+                       "cannot run IPv6-only networks)")  # fmt: skip
     down(spec.name, quiet=True)
     scheme = "https" if spec.etcd_tls else "http"
     endpoints = ",".join(f"{scheme}://{ip}:2379" for ip in ETCD_IPS[: spec.etcd_members])
     state = LabState(spec.name, spec.network, spec.backend, endpoints, kube=spec.kube,
-                     ipv6_network=spec.ipv6_network)  # fmt: skip
+                     ipv6_network=spec.ipv6_network, ipv4=spec.ipv4)  # fmt: skip
     if spec.kube and (spec.etcd_tls or spec.etcd_members != 1):
         raise LabError("--kube runs its control plane on one plain etcd member")
     try:
@@ -300,6 +308,9 @@ def _build(spec: LabSpec, state: LabState) -> None:
     net_conf: dict[str, Any] = {"Network": spec.network, "Backend": {"Type": spec.backend}}
     if spec.ipv6_network:
         net_conf.update(EnableIPv6=True, IPv6Network=spec.ipv6_network)
+    if not spec.ipv4:
+        del net_conf["Network"]
+        net_conf["EnableIPv4"] = False
     if spec.kube:
         control_plane = start_control_plane(state, net_conf)
     else:
@@ -363,7 +374,8 @@ def _build(spec: LabSpec, state: LabState) -> None:
                 raise LabError(f"agent on {node.name} wrote no subnet file within 60 s")
             time.sleep(0.1)
         env = read_env(subnet_file)
-        node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
+        if "FLANNEL_SUBNET" in env:
+            node.subnet = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
         if "FLANNEL_IPV6_SUBNET" in env:
             node.subnet6 = str(IPv6Network(env["FLANNEL_IPV6_SUBNET"], strict=False))
         node.mtu = int(env["FLANNEL_MTU"])
@@ -373,7 +385,8 @@ def _build(spec: LabSpec, state: LabState) -> None:
             pod = PodState(f"{node.name}p{j}", node.name)
             node.pods.append(pod)
             state.save()
-            pod.ip = attach_pod(node.name, pod.name, conflist)
+            address = attach_pod(node.name, pod.name, conflist)
+            pod.ip = address if spec.ipv4 else ""
             pod.ip6 = (pod_address(pod.name, 6) or "") if spec.ipv6_network else ""
     state.save()
     if spec.prometheus:
@@ -425,8 +438,8 @@ def agent_args(state: LabState, ns: str, program: str, extra: list[str]) -> list
 
 def control_plane_of(state: LabState) -> ControlPlane:
     return ControlPlane(state.dir / "kube", f"{state.name}-etcd", ETCD_IP, f"http://{ETCD_IP}:2379",
-                        cluster_cidr=state.network,
-                        cluster_cidr_v6=state.ipv6_network)  # fmt: skip
+                        cluster_cidr=state.network if state.ipv4 else state.ipv6_network,
+                        cluster_cidr_v6=state.ipv6_network if state.ipv4 else "")  # fmt: skip
 
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "kube-flannel-bpf.yml"
@@ -586,7 +599,7 @@ def status(name: str) -> dict[str, Any]:
     state = LabState.load(name)
     return {
         "name": state.name,
-        "network": state.network,
+        "network": state.network if state.ipv4 else "",
         "backend": state.backend,
         "etcd": {
             "endpoint": state.etcd_endpoint,

@@ -216,8 +216,10 @@ class _AgentCollector(Collector):
             "flannel_lease_info",
             "This node's subnet lease, always 1.",
             1,
-            subnet=str(lease.subnet),
+            subnet=str(lease.subnet),  # 0.0.0.0/0 in an IPv6-only network, as flanneld's
             public_ip=str(lease.attrs.public_ip),
+            ipv6_subnet=str(lease.ipv6_subnet or ""),
+            public_ipv6=str(lease.attrs.public_ipv6 or ""),
         )
         if lease.expiration is not None:  # a reservation never expires: no series
             yield _gauge(

@@ -52,7 +52,7 @@ class AgentStatus:
             "backend": self.backend,
             "datapath": network.datapath,
             "fallbacks": list(network.fallbacks),
-            "lease": str(network.lease.subnet),
+            "lease": str(network.lease.identity),  # IPv6-only: the IPv6 subnet
             "lease_expiration": network.lease.expiration,
             "mtu": network.mtu,
             "iface": self.iface,

@@ -250,6 +250,14 @@ class Lease:
     def key_name(self) -> str:
         return make_subnet_key(self.subnet, self.ipv6_subnet)
 
+    @property
+    def identity(self) -> IPv4Network | IPv6Network:
+        """What tells this lease from its peers': its IPv4 subnet, or for an IPv6-only lease
+        (IPv4 part 0.0.0.0/0, as flanneld's empty IP4Net) its IPv6 subnet."""
+        if self.subnet.prefixlen or self.ipv6_subnet is None:
+            return self.subnet
+        return self.ipv6_subnet
+
 
 class LeaseEventType(enum.Enum):
     ADDED = "added"

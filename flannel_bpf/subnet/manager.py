@@ -71,9 +71,10 @@ class Manager(Protocol):
         """Renew and watch our own lease forever; raises LeaseRevoked when it is taken away."""
 
     def watch_leases(
-        self, own_subnet: IPv4Network, accepts: Callable[[Lease], bool] = ...
+        self, own_subnet: IPv4Network | IPv6Network, accepts: Callable[[Lease], bool] = ...
     ) -> AsyncIterator[list[LeaseEvent]]:
-        """Peer lease events forever: a snapshot first (even empty), then changes."""
+        """Peer lease events forever: a snapshot first (even empty), then changes. own_subnet
+        is our lease's identity (Lease.identity)."""
 
 
 class OutOfSubnets(Exception):

@@ -97,11 +97,20 @@ class EtcdManager:
         return parse_network_config(kv.value)
 
     async def wait_for_network_config(self, poll_interval: float = 1.0) -> NetworkConfig:
-        """Poll until a valid config exists, like flanneld; each new problem is logged once."""
+        """Poll until a valid config exists, like flanneld; each new problem is logged once.
+
+        An IPv6-only network (EnableIPv4 false) is not valid here: etcd leases are keyed and
+        allocated by their IPv4 subnet, and flanneld's etcd mode cannot run one either (every
+        such lease is 0.0.0.0-0&..., PublicIP 0.0.0.0). Kubernetes mode can."""
         last_problem = ""
         while True:
             try:
                 config = await self.get_network_config()
+                if not config.enable_ipv4:
+                    raise ConfigError(
+                        "EnableIPv4 is false: IPv6-only networks need --kube-subnet-mgr "
+                        "(etcd leases are keyed by their IPv4 subnet, as flanneld's)"
+                    )
             except (ConfigNotFound, ConfigError, StoreError) as exc:
                 problem = f"Couldn't fetch network config: {exc}"
                 if problem != last_problem:
@@ -493,7 +502,9 @@ class EtcdManager:
     # -- watching everyone else --------------------------------------------------------------
 
     async def watch_leases(
-        self, own_subnet: IPv4Network, accepts: Callable[[Lease], bool] = lambda lease: True
+        self,
+        own_subnet: IPv4Network | IPv6Network,
+        accepts: Callable[[Lease], bool] = lambda lease: True,
     ) -> AsyncIterator[list[LeaseEvent]]:
         """Peer events forever: a snapshot first (always yielded, even empty), then changes.
 

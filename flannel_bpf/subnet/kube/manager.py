@@ -42,6 +42,8 @@ from flannel_bpf.subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Identity = IPv4Network | IPv6Network  # Lease.identity
+NO_IPV4_SUBNET = IPv4Network("0.0.0.0/0")  # an IPv6-only lease's IPv4 part, as flanneld's
 
 # How long one watch request may stay open (client-go's reflector: 5 to 10 minutes).
 WATCH_SECONDS = 300
@@ -111,14 +113,19 @@ def stored_public_ip(node: Mapping[str, Any], keys: Annotations, v6: bool = Fals
     return _annotations(node).get(keys.node_public_ipv6 if v6 else keys.node_public_ip, "")
 
 
-def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False) -> Lease | None:
+def node_to_lease(
+    node: Mapping[str, Any], keys: Annotations, ipv6: bool = False, ipv4: bool = True
+) -> Lease | None:
     """A peer's lease from its Node (flanneld's nodeToLease): None when the Node is not
     flannel's (no kube-subnet-manager=true), NodeLeaseError when flannel's annotations or its
     podCIDR are unusable. ipv6 (EnableIPv6): the Node must also carry public-ipv6 and an IPv6
-    podCIDR (flanneld drops it whole otherwise), and backend-v6-data is read."""
+    podCIDR (flanneld drops it whole otherwise), and backend-v6-data is read. Without ipv4
+    (IPv6-only), the IPv4 half is not read at all: subnet 0.0.0.0/0, PublicIP 0.0.0.0."""
     notes = _annotations(node)
     if notes.get(keys.subnet_kube_managed) != "true":
         return None
+    if not ipv4:
+        return _node_to_lease6(node, keys, notes, NO_IPV4_SUBNET, IPv4Address(0), b"")
     try:
         public_ip = IPv4Address(notes.get(keys.public_ip, ""))
     except ValueError:
@@ -130,10 +137,22 @@ def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False
     if subnet is None:
         raise NodeLeaseError("missing IPv4 address on n.Spec.PodCIDRs")
     data = _raw_json(notes, keys.backend_data)
-    backend_type = notes.get(keys.backend_type, "")
     if not ipv6:
+        backend_type = notes.get(keys.backend_type, "")
         attrs = LeaseAttrs(public_ip=public_ip, backend_type=backend_type, backend_data=data)
         return Lease(subnet=subnet, attrs=attrs)
+    return _node_to_lease6(node, keys, notes, subnet, public_ip, data)
+
+
+def _node_to_lease6(
+    node: Mapping[str, Any],
+    keys: Annotations,
+    notes: Mapping[str, str],
+    subnet: IPv4Network,
+    public_ip: IPv4Address,
+    data: bytes,
+) -> Lease:
+    """nodeToLease's IPv6 half, after the IPv4 one (subnet, public_ip, data) if any."""
     text6 = notes.get(keys.public_ipv6, "")
     try:
         public_ipv6 = IPv6Address(text6)
@@ -149,7 +168,7 @@ def node_to_lease(node: Mapping[str, Any], keys: Annotations, ipv6: bool = False
     attrs = LeaseAttrs(
         public_ip=public_ip,
         public_ipv6=public_ipv6,
-        backend_type=backend_type,
+        backend_type=notes.get(keys.backend_type, ""),
         backend_data=data,
         backend_v6_data=_raw_json(notes, keys.backend_v6_data),
     )
@@ -168,16 +187,16 @@ def _networks(node: Mapping[str, Any]) -> Iterator[IPv4Network | IPv6Network]:
 def wanted_annotations(
     attrs: LeaseAttrs, keys: Annotations, current: Mapping[str, str]
 ) -> dict[str, str]:
-    """What flanneld writes for these attributes (kube.go AcquireLease, IPv4): backend type and
+    """What flanneld writes for these attributes (kube.go AcquireLease): backend type and
     data (``null`` for none), public IP (the public-ip-overwrite annotation's value verbatim when
-    one is set) and kube-subnet-manager=true."""
-    overwrite = current.get(keys.public_ip_overwrite, "")
-    wanted = {
-        keys.backend_type: attrs.backend_type,
-        keys.backend_data: attrs.backend_data.decode() if attrs.backend_data else "null",
-        keys.public_ip: overwrite or str(attrs.public_ip),
-        keys.subnet_kube_managed: "true",
-    }
+    one is set) and kube-subnet-manager=true. vxlan without IPv4 (no BackendData) writes neither
+    backend-data nor public-ip, as flanneld; the other backends write them anyway (0.0.0.0)."""
+    wanted = {keys.backend_type: attrs.backend_type, keys.subnet_kube_managed: "true"}
+    if attrs.backend_type != "vxlan" or attrs.backend_data:
+        overwrite = current.get(keys.public_ip_overwrite, "")
+        data = attrs.backend_data.decode() if attrs.backend_data else "null"
+        wanted[keys.backend_data] = data
+        wanted[keys.public_ip] = overwrite or str(attrs.public_ip)
     # With IPv6: flanneld writes the v6 pair for vxlan when it has v6 backend data, and for
     # the other backends when there is a PublicIPv6.
     v6 = attrs.backend_v6_data if attrs.backend_type == "vxlan" else attrs.public_ipv6
@@ -238,6 +257,7 @@ class KubeManager:
     _node_at_start: dict[str, Any] | None = field(default=None, init=False)
     prefix: str = field(default="", init=False)
     ipv6: bool = field(default=False, init=False)  # EnableIPv6 in net-conf.json
+    ipv4: bool = field(default=True, init=False)  # EnableIPv4 in net-conf.json
 
     def __post_init__(self) -> None:
         self.prefix = self.keys.prefix  # where leases live, for logs and the status file
@@ -256,7 +276,8 @@ class KubeManager:
             config = parse_network_config(data)
         except ConfigError as exc:
             raise KubeManagerError(f"error parsing subnet config: {exc}") from None
-        self.ipv6 = config.enable_ipv6  # peers are read with their IPv6 half from now on
+        # Peers are read with the halves of the network's families from now on.
+        self.ipv4, self.ipv6 = config.enable_ipv4, config.enable_ipv6
         return config
 
     def prefetch_leases(self) -> None:
@@ -333,13 +354,16 @@ class KubeManager:
                 )
         else:
             subnet6 = None
-        if subnet is None:
+        if not config.enable_ipv4:
+            subnet = NO_IPV4_SUBNET  # flanneld's empty IP4Net; its podCIDR, if any, unused
+        elif subnet is None:
             raise KubeManagerError(
                 f"node {self.node_name!r} has no IPv4 pod CIDR ({', '.join(pod_cidrs(node))})"
             )
         network = config.network
-        if network is None or not (
-            network.prefixlen <= subnet.prefixlen and subnet.network_address in network
+        if config.enable_ipv4 and (
+            network is None
+            or not (network.prefixlen <= subnet.prefixlen and subnet.network_address in network)
         ):
             raise KubeManagerError(
                 f'subnet "{network}" specified in the flannel net config doesn\'t contain '
@@ -498,15 +522,17 @@ class KubeManager:
     # -- peers -------------------------------------------------------------------------------
 
     async def watch_leases(
-        self, own_subnet: IPv4Network, accepts: Callable[[Lease], bool] = lambda lease: True
+        self,
+        own_subnet: IPv4Network | IPv6Network,
+        accepts: Callable[[Lease], bool] = lambda lease: True,
     ) -> AsyncIterator[list[LeaseEvent]]:
         """Peer events forever: a snapshot first (always, even empty), then changes. A broken
         watch resumes from its resourceVersion; 410 Gone re-lists and diffs."""
         watcher = LeaseWatcher(own_subnet, accepts)
-        subnets: dict[str, IPv4Network] = {}  # node name -> subnet, for changes and deletes
+        subnets: dict[str, Identity] = {}  # node name -> lease identity, for changes and deletes
         async for named, event in self._list_and_watch(self._named_lease):
             if event is None:  # a listing: the whole set of peers, diffed against the last
-                subnets = {name: lease.subnet for name, lease in named}
+                subnets = {name: lease.identity for name, lease in named}
                 self.stats.snapshots += 1
                 events = watcher.reset([lease for _, lease in named])
             else:
@@ -568,24 +594,24 @@ class KubeManager:
                 return items, version
 
     def _apply(
-        self, watcher: LeaseWatcher, subnets: dict[str, IPv4Network], event: WatchEvent
+        self, watcher: LeaseWatcher, subnets: dict[str, Identity], event: WatchEvent
     ) -> list[LeaseEvent]:
         name = node_name_of(event.object)
         old = subnets.get(name)
         lease = None if event.type == "DELETED" else self._lease_of(event.object)
         events: list[LeaseEvent] = []
-        if old is not None and (lease is None or lease.subnet != old):
+        if old is not None and (lease is None or lease.identity != old):
             del subnets[name]
             events += watcher.removed(old)  # deleted, no longer flannel's, or a new podCIDR
         if lease is not None:
-            subnets[name] = lease.subnet
+            subnets[name] = lease.identity
             events += watcher.added(lease)
         return events
 
     def _lease_of(self, node: Mapping[str, Any]) -> Lease | None:
         name = node_name_of(node)
         try:
-            lease = node_to_lease(node, self.keys, self.ipv6)
+            lease = node_to_lease(node, self.keys, self.ipv6, self.ipv4)
         except NodeLeaseError as exc:
             if self._warned.get(name) != str(exc):
                 self._warned[name] = str(exc)
