@@ -303,6 +303,31 @@ def test_ipv6_only_in_kubernetes_mode_with_flanneld(
     assert status["bpf"]["attached"]["tc_encap6"] == "fb_tc_encap"
 
 
+def test_ipv6_only_host_gw_with_flanneld(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """IPv6-only host-gw: our Node's annotations are flanneld's value for value (host-gw writes
+    public-ip 0.0.0.0 and null data even without IPv4), each host routes the other's IPv6
+    subnet via its PublicIPv6, and 200 MB cross each way."""
+    info = lab_up("--kube", "--nodes", "2", "--flanneld-nodes", "1", "--backend", "host-gw",
+                  "--ipv6-network", IPV6_NETWORK, "--ipv6-only",
+                  "--pods-per-node", "1")  # fmt: skip
+    n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+    notes = {node["name"]: node["annotations"] for node in info["kube"]["nodes"]}
+    assert {k: v for k, v in notes[n2].items() if k != "public-ipv6"} == {
+        k: v for k, v in notes[n1].items() if k != "public-ipv6"
+    }
+    assert notes[n2]["public-ip"] == "0.0.0.0"
+    for ns, peer in ((n1, n2), (n2, n1)):
+        routes = subprocess.run(["ip", "-n", ns, "-6", "route", "show", nodes[peer]["subnet6"]],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert f"via {nodes[peer]['underlay_ip6']} dev eth1" in routes, (ns, routes)
+    pods = by_node(info)
+    for src, dst in ((n2, n1), (n1, n2)):
+        assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0
+
+
 def bpf_decap(lab_name: str, ns: str) -> Callable[[], int]:
     """Bytes a BPF node's programs decapsulated (XDP or tc)."""
 
