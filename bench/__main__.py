@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("prog_cost", "control_plane", "datapath", "profile")
+BENCHMARKS = ("prog_cost", "control_plane", "datapath", "datapath-v6only", "profile")
+# How each is run: its module and arguments (datapath-v6only: the IPv6-only labs, apart).
+COMMANDS = {name: [f"bench.{name}"] for name in BENCHMARKS} | {
+    "datapath-v6only": ["bench.datapath", "--ipv6-only"]
+}
 QUICK_ARGS = {
     "prog_cost": ["--runs", "3000"],
     "control_plane": ["--leases", "1000", "--agents", "10"],
     "datapath": ["--rounds", "1", "--seconds", "2", "--mtu", "1500"],
+    "datapath-v6only": ["--rounds", "1", "--seconds", "2", "--mtu", "1500"],
     "profile": ["--seconds", "2", "--paths", "flanneld-vxlan", "bpf-host-routing"],
 }
 
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== bench {name} {' '.join(extra)}", flush=True)
         start = time.monotonic()
         # Separate processes: a benchmark's state (bcc, labs, etcd) never leaks into the next.
-        proc = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", *COMMANDS[name], *extra], cwd=ROOT)
         # A SIGTERM goes on to the benchmark, which tears down what it built before it exits.
         previous = signal.signal(signal.SIGTERM, functools.partial(_forward, proc))
         try:

@@ -18,7 +18,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Hand-written: what the numbers mean, and why a missed target is missed (kept with the code).
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-SECTIONS = ("datapath", "profile", "prog_cost", "control_plane")
+SECTIONS = ("datapath", "datapath_v6only", "profile", "prog_cost", "control_plane")
 
 
 def load(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -54,9 +54,11 @@ def targets_table(sections: dict[str, dict[str, Any]]) -> list[str]:
     return _table(["target", "measured", "target", "verdict", "note"], rows)
 
 
-def datapath_section(data: dict[str, Any]) -> list[str]:
+def datapath_section(
+    data: dict[str, Any], title: str = "Data path: pod to pod across two nodes"
+) -> list[str]:
     out = [
-        "## Data path: pod to pod across two nodes",
+        f"## {title}",
         "",
         f"Medians of {data['rounds']} interleaved rounds of {data['seconds']} s runs, all "
         "configurations of one MTU built at once (one namespace lab each) and measured in shuffled "
@@ -220,6 +222,9 @@ def render(sections: dict[str, dict[str, Any]], chart_name: str | None, analysis
         if chart_name:
             lines += [f"![data path throughput and packet rate]({chart_name})", ""]
         lines += datapath_section(sections["datapath"])
+    if "datapath_v6only" in sections:
+        title = "Data path, IPv6-only (EnableIPv4 false, Kubernetes mode): a run of its own"
+        lines += datapath_section(sections["datapath_v6only"], title)
     if "profile" in sections:
         lines += profile_section(sections["profile"])
     if "prog_cost" in sections:

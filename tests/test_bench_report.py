@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench import report
-from bench.datapath import CONFIGS, Result, Sample, summarize
+from bench.datapath import CONFIGS, IPV6_ONLY_CONFIGS, Result, Sample, summarize
 
 
 def _datapath_results() -> dict[str, object]:
@@ -88,3 +88,22 @@ def test_no_results_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="no results"):
         report.write(tmp_path, tmp_path)
+
+
+def test_the_ipv6_only_run_compares_with_its_own_rows() -> None:
+    """The IPv6-only run (its own results file): ours against flanneld's IPv6-only row and
+    against host-gw's IPv6 row, which that run measures beside them."""
+    tcp = {"flanneld-vxlan-v6only": 10.0, "vxlan-kernel-v6only": 10.5, "bpf-auto-v6only": 11.0,
+           "host-gw-v6": 16.0}  # fmt: skip
+    results = []
+    for config in IPV6_ONLY_CONFIGS:
+        r = Result(config, 1500)
+        r.samples = [Sample(tcp1_gbps=tcp[config.key], tcp_lat_us=30.0, cpu_s_per_gbit=0.1)]
+        results.append(r)
+    rows = {row["config"]: row for row in summarize(results, rounds=1, seconds=1)["rows"]}
+    assert round(rows["bpf-auto-v6only"]["tcp1_gbps_vs_flanneld"], 3) == 1.1
+    assert round(rows["bpf-auto-v6only"]["tcp1_gbps_vs_host-gw"], 4) == 0.6875
+    assert round(rows["bpf-auto-v6only"]["tcp1_gbps_vs_vxlan-kernel"], 3) == 1.048
+    section = report.datapath_section({**summarize(results, 1, 1), "rows": list(rows.values())},
+                                      "IPv6-only")  # fmt: skip
+    assert section[0] == "## IPv6-only" and any("BPF vxlan, IPv6-only" in line for line in section)
