@@ -80,7 +80,8 @@ class ExternalInterface:
     mtu: int
     iface_addr: ipaddress.IPv4Address | None  # the interface's own IPv4 address in use
     ext_addr: ipaddress.IPv4Address | None  # --public-ip or iface_addr: the lease's PublicIP
-    # With IPv6 only: the interface's IPv6 address, and --public-ipv6 or it (PublicIPv6).
+    # With IPv6 (dual stack or IPv6-only): the interface's IPv6 address, and --public-ipv6
+    # or it (PublicIPv6).
     iface_v6_addr: ipaddress.IPv6Address | None = None
     ext_v6_addr: ipaddress.IPv6Address | None = None
 
