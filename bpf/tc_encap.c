@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * VXLAN encapsulation at tc egress of flannel.<VNI> (IPv4) and flannel-v6.<VNI> (IPv6, which goes
- * over the IPv4 underlay to the peer's flannel.<VNI>: see fb_remotes6 in flannel_bpf.h).
+ * over the IPv4 underlay to the peer's flannel.<VNI>, or to a peer without IPv4 over the IPv6
+ * underlay as flannel-v6's frame: see fb_remotes6 in flannel_bpf.h).
  *
  * By the time a packet reaches this hook the kernel has routed it to the flannel device and the
  * neighbour layer has given it an Ethernet header, so netfilter and routing behave exactly as with
@@ -21,7 +22,8 @@ static __always_inline int fb_encap_pass(__u32 reason, __u64 bytes)
 	return TC_ACT_UNSPEC; /* next filter, or on to the kernel untouched */
 }
 
-/* At flannel-v6.<VNI>: an IPv6 pod packet for a remote IPv6 subnet, to the peer's IPv4 VTEP. */
+/* At flannel-v6.<VNI>: an IPv6 pod packet for a remote IPv6 subnet, to the peer's IPv4 VTEP, or
+ * (FB_REMOTE_IPV6_UNDERLAY) to its PublicIPv6. */
 static __always_inline int fb_tc_encap6(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -51,6 +53,14 @@ static __always_inline int fb_tc_encap6(struct __sk_buff *skb)
 	struct fb_inner inner;
 
 	fb_inner_ipv6(skb, cfg, ip6, data_end, &inner);
+	if (remote->v4.flags & FB_REMOTE_IPV6_UNDERLAY) {
+		const __u64 *own6 = (const __u64 *)cfg->local_ip6;
+
+		if (!(own6[0] | own6[1]))
+			return fb_encap_pass(FB_PASS_SKIP, bytes); /* no PublicIPv6 to send from */
+		return fb_vxlan6_encap(skb, cfg, remote, &inner, ip6, data_end, FB_HOOK_TC_ENCAP,
+				       bytes);
+	}
 	return fb_vxlan_encap(skb, cfg, &remote->v4, &inner, FB_HOOK_TC_ENCAP, FB_ENCAP_REDIRECT, bytes,
 			      0);
 }

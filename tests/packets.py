@@ -170,3 +170,26 @@ def flow_source_port6(inner_ip6: bytes, local_underlay: str, port_range: tuple[i
     hash_ = (hash_ ^ (hash_ << 16)) & 0xFFFFFFFF
     low, high = port_range
     return ((hash_ * (high - low)) >> 32) + low
+
+
+def pseudo6(src: bytes, dst: bytes, nexthdr: int, length: int) -> bytes:
+    """The IPv6 pseudo-header of an upper-layer checksum (RFC 8200 8.1)."""
+    return src + dst + struct.pack("!IxxxB", length, nexthdr)
+
+
+def with_l4_checksum6(packet: bytes, offset: int) -> bytes:
+    """An IPv6 packet (fixed header, then TCP, UDP or ICMPv6) with its upper-layer checksum,
+    at offset within that segment, filled in."""
+    segment = bytearray(packet[40:])
+    segment[offset : offset + 2] = b"\0\0"
+    check = ip_checksum(pseudo6(packet[8:24], packet[24:40], packet[6], len(segment)) + segment)
+    struct.pack_into("!H", segment, offset, check or 0xFFFF)
+    return packet[:40] + bytes(segment)
+
+
+def outer_udp6_checksum_ok(frame: bytes) -> bool:
+    """Whether a frame's outer IPv6 UDP checksum (Ethernet, IPv6, UDP at 54) is right: the whole
+    datagram with its pseudo-header sums to zero, and the checksum is not 0 (IPv6 forbids it)."""
+    datagram = frame[54:]
+    total = ip_checksum(pseudo6(frame[22:38], frame[38:54], 17, len(datagram)) + datagram)
+    return total == 0 and frame[60:62] != b"\0\0"

@@ -43,6 +43,7 @@ def test_constants_match_the_header() -> None:
     assert _define("FB_UDP_OVERHEAD") == bpf_maps.UDP_OVERHEAD
     assert _define("FB_MAX_REMOTES") == bpf_maps.MAX_REMOTES
     assert _define("FB_REMOTE_SKIP") == bpf_maps.FB_REMOTE_SKIP
+    assert _define("FB_REMOTE_IPV6_UNDERLAY") == bpf_maps.FB_REMOTE_IPV6_UNDERLAY
     assert _define("FB_NEXTHOP_SLOT_BITS") == bpf_maps.NEXTHOP_SLOT_BITS
     assert _define("FB_NEXTHOP_TTL_JIFFIES") == bpf_maps.NEXTHOP_TTL_JIFFIES
     assert _define("FB_CFG_CHECK_SOURCES") == bpf_maps.FB_CFG_CHECK_SOURCES
@@ -70,6 +71,7 @@ def test_struct_sizes() -> None:
     assert bpf_maps.CONFIG.size == 64
     assert bpf_maps.COUNTER.size == 16
     assert bpf_maps.NEXTHOP.size == 32
+    assert bpf_maps.NEXTHOP6.size == 48
     assert bpf_maps.FLOW_KEY.size == 16
     assert bpf_maps.FLOW_VALUE.size == 8
     assert bpf_maps.ENDPOINT_VALUE.size == 20
@@ -81,6 +83,7 @@ def test_config_round_trip() -> None:
     cfg = bpf_maps.DatapathConfig(
         IPv4Address("198.18.0.1"), 7, 4789, 3, "02:00:00:00:00:01", 5, "0e:00:00:00:00:02",
         vtep6_ifindex=9, local_ip6=IPv6Address("fd00::1"), vtep6_mac="0e:00:00:00:00:06",
+        hop_limit=63,
     )  # fmt: skip
     raw = cfg.pack()
     assert raw[8:10] == (4789).to_bytes(2, "big")  # network order, as the programs compare it

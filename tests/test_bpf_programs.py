@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from flannel_bpf.datapath import bpf_sys, loader
+from flannel_bpf.datapath import bpf_maps, bpf_sys, loader
 from flannel_bpf.datapath.bpf_maps import (
     ALL_MAPS,
     FB_REMOTE_SKIP,
@@ -552,7 +552,8 @@ def test_struct_sizes_match_the_kernel_maps(topo: dict[str, Node]) -> None:
     assert info["fb_remotes"].key_size == 8 and info["fb_remotes"].value_size == 12
     assert info["fb_remotes6"].key_size == 20 and info["fb_remotes6"].value_size == 28
     assert info["fb_senders6"].key_size == 16
-    assert info["fb_config"].value_size == struct.calcsize("<4sI2sHHBBII6s6sI16s6sH") == 64
+    assert info["fb_config"].value_size == struct.calcsize("<4sI2sHHBBII6s6sI16s6sBB") == 64
+    assert info["fb_nexthops6"].value_size == bpf_maps.NEXTHOP6.size == 48
     assert info["fb_stats"].value_size == 16 and info["fb_stats"].max_entries == 5 * 64
     assert info["fb_flows"].key_size == 16 and info["fb_flows"].value_size == 8
     assert info["fb_endpoints"].key_size == 4 and info["fb_endpoints"].value_size == 20

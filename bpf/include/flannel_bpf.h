@@ -10,7 +10,7 @@
 #ifndef FLANNEL_BPF_H
 #define FLANNEL_BPF_H
 
-#define FB_LAYOUT_VERSION 3
+#define FB_LAYOUT_VERSION 4
 
 /* Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): flanneld's MTU overhead. */
 #define FB_VXLAN_OVERHEAD 50
@@ -30,14 +30,20 @@ struct fb_remote_key {
 };
 
 #define FB_REMOTE_SKIP 0x0001 /* let the kernel handle this subnet (e.g. direct routing) */
+/* fb_remotes6 only: the peer has no IPv4 VTEP (an IPv6-only network); send flannel-v6's own
+ * frame over the IPv6 underlay to vtep_ip6, inner destination vtep_mac (its flannel-v6 MAC). */
+#define FB_REMOTE_IPV6_UNDERLAY 0x0002
 
 /*
  * fb_remotes6 (EnableIPv6): one entry per remote lease's IPv6 subnet, longest-prefix matched on
- * the inner IPv6 destination (value: struct fb_remote6 below). The programs send IPv6 pod
- * packets over the IPv4 underlay to the peer's flannel.<VNI>, which decapsulates any inner
- * EtherType (vxlan.ko and our decap alike): 50 bytes of overhead instead of 70, the outer UDP
- * checksum zero as IPv4 allows, so GSO aggregates are carried whole. What the programs leave to
- * the kernel takes flanneld's way, flannel-v6.<VNI> over the IPv6 underlay.
+ * the inner IPv6 destination (value: struct fb_remote6 below). To a peer with an IPv4 VTEP the
+ * programs send IPv6 pod packets over the IPv4 underlay to its flannel.<VNI>, which
+ * decapsulates any inner EtherType (vxlan.ko and our decap alike): 50 bytes of overhead instead
+ * of 70, the outer UDP checksum zero as IPv4 allows, so GSO aggregates are carried whole. To a
+ * peer without one (FB_REMOTE_IPV6_UNDERLAY) they send flannel-v6's frame over the IPv6
+ * underlay, which needs an outer UDP checksum: single packets only, the checksum derived from
+ * the inner one (GSO aggregates stay vxlan.ko's). What the programs leave to the kernel takes
+ * flanneld's way, flannel-v6.<VNI> over the IPv6 underlay.
  */
 struct fb_remote6_key {
 	__u32 prefixlen;
@@ -58,9 +64,10 @@ struct fb_remote {
 };
 
 /*
- * fb_remotes6's value: the IPv4 VTEP the programs send to (FB_REMOTE_SKIP when the peer has no
- * IPv4 one), then the peer's PublicIPv6, the outer source its flannel-v6 frames come from, for
- * anti-spoofing. fb_senders6 holds those addresses as fb_senders holds the IPv4 ones.
+ * fb_remotes6's value: the IPv4 VTEP the programs send to, or with FB_REMOTE_IPV6_UNDERLAY no
+ * IPv4 address and the peer's flannel-v6 MAC; then the peer's PublicIPv6, the outer source of
+ * its flannel-v6 frames (anti-spoofing) and the outer destination of ours over the IPv6
+ * underlay. fb_senders6 holds those addresses as fb_senders holds the IPv4 ones.
  */
 struct fb_remote6 {
 	struct fb_remote v4;
@@ -89,6 +96,17 @@ struct fb_nexthop {
 	__u8 dmac[6];  /* the next hop's MAC */
 };
 
+/* fb_nexthops6: the same cache for PublicIPv6 peers (the IPv6 underlay; no IP ID there). */
+struct fb_nexthop6 {
+	__u64 expires;
+	__u8 peer[16];
+	__u32 ifindex;
+	__u16 mtu;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u8 pad[6];
+};
+
 /*
  * fb_config: a single entry, written by the agent before the programs are attached. Both wire
  * formats share it; the udp programs ignore vni, vtep_mac and the source port range.
@@ -108,7 +126,8 @@ struct fb_config {
 	__u32 vtep6_ifindex; /* flannel-v6.<VNI> (EnableIPv6), its egress encapsulated too; or 0 */
 	__u8 local_ip6[16];  /* our PublicIPv6: flannel-v6 frames decapsulated only to it */
 	__u8 vtep6_mac[6];   /* flannel-v6.<VNI>'s MAC, what those frames' inner destination is */
-	__u16 pad;
+	__u8 hop_limit;      /* outer IPv6 hop limit: the uplink's, as vxlan.ko's flannel-v6 uses */
+	__u8 pad;
 };
 
 /*
@@ -208,6 +227,8 @@ enum fb_reason {
 	FB_PASS_NO_ENDPOINT = 30,    /* host routing: no such pod here (decap: the destination;
 	                              * a pod's veth: the source, on that veth) */
 	FB_PASS_NO_PORTS = 31,       /* host routing: not TCP/UDP/ICMP, or a fragment */
+	FB_PASS_NO_L4_CSUM = 32,     /* encap over the IPv6 underlay: no inner TCP, UDP or ICMPv6
+	                              * checksum to derive the outer one from; vxlan.ko sends it */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 or IPv6 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */

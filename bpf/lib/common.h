@@ -40,6 +40,15 @@ struct fb_encap_headers {
 	struct ethhdr inner_eth;
 } __attribute__((packed));
 
+/* The same over the IPv6 underlay (flannel-v6.<VNI>'s frame): the 84 bytes encapsulation writes. */
+struct fb_encap6_headers {
+	struct ethhdr outer_eth;
+	struct ipv6hdr ip6;
+	struct udphdr udp;
+	struct fb_vxlanhdr vxlan;
+	struct ethhdr inner_eth;
+} __attribute__((packed));
+
 /* Both MAC addresses of an Ethernet header, as three words: what decapsulation carries over. */
 struct fb_macs {
 	__u32 words[3];

@@ -22,6 +22,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct fb_counter, fb_stats, FB_STATS_EN
 		 FB_PIN_DIR "/fb_stats");
 BPF_TABLE_PINNED("percpu_array", __u32, struct fb_nexthop, fb_nexthops, FB_NEXTHOP_SLOTS,
 		 FB_PIN_DIR "/fb_nexthops");
+BPF_TABLE_PINNED("percpu_array", __u32, struct fb_nexthop6, fb_nexthops6, FB_NEXTHOP_SLOTS,
+		 FB_PIN_DIR "/fb_nexthops6");
 BPF_TABLE_PINNED("hash", __be32, __u32, fb_senders, FB_MAX_SENDERS, FB_PIN_DIR "/fb_senders",
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct in6_addr, __u32, fb_senders6, FB_MAX_SENDERS,

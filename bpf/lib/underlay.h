@@ -120,4 +120,75 @@ static __always_inline struct fb_nexthop *fb_underlay_hop(struct __sk_buff *skb,
 	return hop;
 }
 
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+static __always_inline __u32 fb_nexthop6_slot(const __u8 *peer)
+{
+	const __u32 *words = (const __u32 *)peer; /* map values: unaligned loads are fine */
+
+	return fb_nexthop_slot(words[0] ^ words[1] ^ words[2] ^ words[3]);
+}
+
+static __always_inline int fb_ip6_equal(const __u8 *a, const __u8 *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1])) == 0;
+}
+
+/*
+ * fb_underlay_hop over the IPv6 underlay: the next hop to a peer's PublicIPv6 from ours, cached
+ * per CPU in fb_nexthops6 the same way. Returns the entry, or NULL with *reason set.
+ */
+static __always_inline struct fb_nexthop6 *fb_underlay_hop6(struct __sk_buff *skb,
+							   const struct fb_config *cfg,
+							   const __u8 *peer, __u32 *reason)
+{
+	__u32 slot = fb_nexthop6_slot(peer);
+	struct fb_nexthop6 *hop = fb_nexthops6.lookup(&slot);
+
+	if (!hop) {
+		*reason = FB_PASS_NO_ROUTE;
+		return NULL;
+	}
+
+	__u64 now = bpf_jiffies64();
+
+	if (now >= hop->expires || !fb_ip6_equal(hop->peer, peer)) {
+		struct bpf_fib_lookup fib = {};
+
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, cfg->local_ip6, 16);
+		__builtin_memcpy(fib.ipv6_dst, peer, 16);
+		fib.ifindex = cfg->uplink_ifindex;
+		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+				*reason = FB_PASS_NO_NEIGH;
+			else if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+				*reason = FB_PASS_NOT_FORWARDING;
+			else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+				*reason = FB_PASS_TOO_BIG;
+			else
+				*reason = FB_PASS_NO_ROUTE;
+			return NULL;
+		}
+		hop->expires = now + FB_NEXTHOP_TTL_JIFFIES;
+		__builtin_memcpy(hop->peer, peer, 16);
+		hop->ifindex = fib.ifindex;
+		hop->mtu = fib.mtu_result;
+		fb_mac_copy(hop->smac, fib.smac);
+		fb_mac_copy(hop->dmac, fib.dmac);
+	}
+	/* Single packets only come here (see fb_vxlan6_encap). */
+	if (skb->len + FB_VXLAN6_OVERHEAD > (__u32)hop->mtu + ETH_HLEN) {
+		*reason = FB_PASS_TOO_BIG;
+		return NULL;
+	}
+	return hop;
+}
+
 #endif /* FB_UNDERLAY_H */

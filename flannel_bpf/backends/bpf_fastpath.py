@@ -32,6 +32,7 @@ from flannel_bpf.datapath.loader import (
     WireFormat,
     cleanup,
     default_ttl,
+    ipv6_hop_limit,
     local_port_range,
     pin_dir_for,
 )
@@ -48,24 +49,24 @@ log = logging.getLogger(__name__)
 
 def datapath_config(
     iface: ExternalInterface,
-    local_ip: IPv4Address,
+    local_ip: IPv4Address | None,
     vni: int,
     port: int,
     uplink_mac: str,
-    vtep: Device,
+    vtep: Device | None,
     anti_spoofing: bool = False,
     host_routing: bool = False,
     vtep6: Device | None = None,
 ) -> DatapathConfig:
     low, high = local_port_range()
     return DatapathConfig(
-        local_ip=local_ip,
+        local_ip=local_ip or IPv4Address(0),  # IPv6-only: no IPv4 frame is ours
         vni=vni,
         port=port,
         uplink_ifindex=iface.index,
         uplink_mac=uplink_mac,
-        vtep_ifindex=vtep.index,
-        vtep_mac=vtep.mac,
+        vtep_ifindex=vtep.index if vtep is not None else 0,
+        vtep_mac=vtep.mac if vtep is not None else "00:00:00:00:00:00",
         sport_min=low,
         sport_max=high,
         ttl=default_ttl(),
@@ -74,15 +75,16 @@ def datapath_config(
         vtep6_ifindex=vtep6.index if vtep6 is not None else 0,
         local_ip6=iface.ext_v6_addr if vtep6 is not None else None,
         vtep6_mac=vtep6.mac if vtep6 is not None else "00:00:00:00:00:00",
+        hop_limit=ipv6_hop_limit(iface.name),
     )
 
 
 async def load_bpf_datapath(
     iface: ExternalInterface,
-    vtep: Device,
+    vtep: Device | None,
     *,
     wire: WireFormat,
-    local_ip: IPv4Address,
+    local_ip: IPv4Address | None,
     port: int,
     bpffs: Path,
     decap_mode: str,
@@ -90,12 +92,18 @@ async def load_bpf_datapath(
     anti_spoofing: bool = False,
     pod_bridge: str = "",
     vtep6: Device | None = None,
+    pin_name: str = "",
 ) -> BPFDatapath:
     """Compile, load and attach (in a thread: compiling takes about a second).
 
     ``local_ip`` is the outer source and the only destination decapsulated: the public address
     for vxlan (what vxlan.ko binds), the interface address for udp (what flanneld's socket binds).
+    An IPv6-only network has neither it nor ``vtep`` (flannel.<VNI>): vtep6 alone, and the pins
+    stay under ``pin_name`` (flannel.<VNI>'s name), one directory whichever families run.
     """
+    name = pin_name or (vtep or vtep6 or Device("", 0, "")).name
+    if pod_bridge and vtep is None:
+        raise LoaderError("host routing carries IPv4 pods only, and this network is IPv6-only")
     uplink_mac = await asyncio.to_thread(_mac_of, iface.index)
     datapath = BPFDatapath(
         vtep=vtep,
@@ -103,7 +111,7 @@ async def load_bpf_datapath(
         config=datapath_config(
             iface, local_ip, vni, port, uplink_mac, vtep, anti_spoofing, bool(pod_bridge), vtep6
         ),
-        pin_dir=pin_dir_for(vtep.name, bpffs),
+        pin_dir=pin_dir_for(name, bpffs),
         bpffs_root=bpffs,
         decap_mode=decap_mode,
         wire=wire,
@@ -117,7 +125,7 @@ async def load_bpf_datapath(
     for what in state.replaced:
         log.info("replaced the running BPF program on %s in place", what)
     try:
-        await asyncio.to_thread(_host_routing_rules, vtep.name, pod_bridge)
+        await asyncio.to_thread(_host_routing_rules, name, pod_bridge)
     except RulesError as exc:
         raise LoaderError(f"host routing: {exc}") from None
     if pod_bridge:
@@ -206,7 +214,8 @@ async def keep_pod_ports(bpf: BPFDatapath, interval: float = 1.0) -> None:
 
 def host_routing_keeper(bpf: BPFDatapath) -> IptablesRules:
     return IptablesRules(
-        host_routing_rules(bpf.vtep.name, bpf.pod_bridge, FB_MARK_VALIDATED), "host routing"
+        host_routing_rules(bpf.vtep.name if bpf.vtep else "", bpf.pod_bridge, FB_MARK_VALIDATED),
+        "host routing",
     )
 
 

@@ -32,7 +32,7 @@ from flannel_bpf.backends.bpf_fastpath import (
     update_remote,
 )
 from flannel_bpf.backends.vxlan_userspace import start_vxlan_userspace_dataplane
-from flannel_bpf.datapath.bpf_maps import FB_REMOTE_SKIP, Remote
+from flannel_bpf.datapath.bpf_maps import FB_REMOTE_IPV6_UNDERLAY, FB_REMOTE_SKIP, Remote
 from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.datapath.loader import VXLAN as VXLAN_WIRE
 from flannel_bpf.datapath.loader import BPFDatapath, Device, LoaderError
@@ -195,13 +195,15 @@ def _vtep_mac(backend_data: bytes) -> str:
 
 def remote_entry(peer: PeerVtep, direct: bool) -> Remote:
     """A peer as fb_remotes (or, for its IPv6 subnet, fb_remotes6) holds it: its IPv4 VTEP,
-    and for an IPv6 subnet its PublicIPv6 (whose flannel-v6 frames decapsulation checks);
-    direct-routing peers, and IPv6 subnets of peers without IPv4, are left to the kernel."""
+    and for an IPv6 subnet its PublicIPv6 (whose flannel-v6 frames decapsulation checks); the
+    IPv6 subnet of a peer without IPv4 goes over the IPv6 underlay to its PublicIPv6 and
+    flannel-v6 MAC; direct-routing peers are left to the kernel."""
     flags = FB_REMOTE_SKIP if direct else 0
     if isinstance(peer.public_ip, IPv4Address):
         return Remote(peer.subnet, peer.public_ip, peer.mac, flags)
     if peer.carrier is None:
-        return Remote(peer.subnet, IPv4Address(0), peer.mac, FB_REMOTE_SKIP, peer.public_ip)
+        flags = flags or FB_REMOTE_IPV6_UNDERLAY
+        return Remote(peer.subnet, IPv4Address(0), peer.mac, flags, peer.public_ip)
     return Remote(peer.subnet, peer.carrier[0], peer.carrier[1], flags, peer.public_ip)
 
 
@@ -875,19 +877,19 @@ class VXLANBackend(Backend):
                     raise LoaderError(
                         "GBP is set: the BPF programs do not speak the group policy extension"
                     )
-                if device is None or iface.ext_addr is None:
-                    raise LoaderError("IPv6-only networks: not in the BPF programs yet")
+                host_routing = opts.host_routing == "bpf" and device is not None
                 bpf = await load_bpf_datapath(
                     iface,
-                    Device(device.name, device.index, device.mac),
+                    Device(device.name, device.index, device.mac) if device else None,
+                    pin_name=cfg.device_name,
                     wire=VXLAN_WIRE,
-                    local_ip=iface.ext_addr,
+                    local_ip=iface.ext_addr if device else None,
                     vni=cfg.vni,
                     port=cfg.udp_port,
                     bpffs=Path(opts.bpffs),
                     decap_mode=opts.bpf_decap,
                     anti_spoofing=opts.anti_spoofing,
-                    pod_bridge=opts.pod_bridge if opts.host_routing == "bpf" else "",
+                    pod_bridge=opts.pod_bridge if host_routing else "",
                     vtep6=Device(device6.name, device6.index, device6.mac) if device6 else None,
                 )
             except (LoaderError, BackendError) as exc:
@@ -897,9 +899,10 @@ class VXLANBackend(Backend):
                 log.warning("%s; falling back to kernel vxlan", reason)
                 fallbacks = (reason,)
 
-        if opts.host_routing == "bpf" and bpf is None:
-            log.warning("--host-routing=bpf needs the BPF data path; pod traffic goes through "
-                        "the host stack (host routing kernel)")  # fmt: skip
+        if opts.host_routing == "bpf" and (bpf is None or not bpf.pod_bridge):
+            why = "the BPF data path" if bpf is None else "IPv4 (it carries IPv4 pods only)"
+            log.warning("--host-routing=bpf needs %s; pod traffic goes through the host stack "
+                        "(host routing kernel)", why)  # fmt: skip
         lease = await self.acquire(vxlan_lease_attrs(cfg, iface, device, device6))
         if device is not None and network is not None:
             await configure_vxlan_device(device, lease.subnet, network)

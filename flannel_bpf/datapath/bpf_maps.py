@@ -24,7 +24,7 @@ from flannel_bpf.datapath.vxlan_wire import format_mac, mac_to_bytes
 UDP_OVERHEAD: Final = 28  # flannel's udp backend: outer IPv4 + UDP; mirrored in flannel_bpf.h
 VXLAN6_OVERHEAD: Final = 70  # flannel-v6's frames: outer IPv6 + UDP + VXLAN + inner Ethernet
 
-LAYOUT_VERSION: Final = 3
+LAYOUT_VERSION: Final = 4
 MAX_REMOTES: Final = 65536
 REASON_MAX: Final = 64
 MAX_SENDERS: Final = MAX_REMOTES
@@ -32,6 +32,7 @@ NEXTHOP_SLOT_BITS: Final = 12
 NEXTHOP_SLOTS: Final = 1 << NEXTHOP_SLOT_BITS
 NEXTHOP_TTL_JIFFIES: Final = 10
 FB_REMOTE_SKIP: Final = 0x0001
+FB_REMOTE_IPV6_UNDERLAY: Final = 0x0002  # fb_remotes6: flannel-v6's frame to vtep_ip6
 FB_CFG_CHECK_SOURCES: Final = 0x01  # --anti-spoofing
 FB_CFG_HOST_ROUTING: Final = 0x02  # --host-routing=bpf
 # Host routing (flannel_bpf.h "Host routing"): the mark the agent's mangle rules set on packets
@@ -93,6 +94,7 @@ class Reason(enum.IntEnum):
     PASS_TCP_CONTROL = 29
     PASS_NO_ENDPOINT = 30
     PASS_NO_PORTS = 31
+    PASS_NO_L4_CSUM = 32
 
     DROP_INNER_MALFORMED = 40
     DROP_WRITE_FAILED = 41
@@ -129,7 +131,7 @@ REMOTE_KEY = struct.Struct("<I4s")  # prefixlen (host order), subnet (network or
 REMOTE6_KEY = struct.Struct("<I16s")  # fb_remotes6: prefixlen, IPv6 subnet
 REMOTE6_VALUE = struct.Struct("<4s6sH16s")  # fb_remote6: the IPv4 VTEP's fields, PublicIPv6
 REMOTE_VALUE = struct.Struct("<4s6sH")  # vtep_ip, vtep_mac, flags
-CONFIG = struct.Struct("<4sI2sHHBBII6s6sI16s6sH")
+CONFIG = struct.Struct("<4sI2sHHBBII6s6sI16s6sBB")
 COUNTER = struct.Struct("<QQ")
 INDEX = struct.Struct("<I")
 SENDER_KEY = struct.Struct("4s")  # an underlay IPv4 address, network order
@@ -137,6 +139,8 @@ SENDER_VALUE = struct.Struct("<I")  # how many leases name it
 SENDER6_KEY = struct.Struct("16s")  # an underlay IPv6 address (fb_senders6)
 # expires (jiffies), peer (network order), ifindex, mtu, ip_id, smac, dmac
 NEXTHOP = struct.Struct("<Q4sIHH6s6s")
+# The same for IPv6 peers (fb_nexthops6): expires, peer, ifindex, mtu, smac, dmac, pad
+NEXTHOP6 = struct.Struct("<Q16sIH6s6s6s")
 # saddr, daddr, sport, dport (network order), proto, dir, pad
 FLOW_KEY = struct.Struct("<4s4s2s2sBBH")
 FLOW_VALUE = struct.Struct("<Q")  # expires, bpf_ktime_get_ns()
@@ -180,6 +184,9 @@ SENDERS6 = MapSpec(
 NEXTHOPS = MapSpec(
     "fb_nexthops", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, INDEX.size, NEXTHOP.size, NEXTHOP_SLOTS
 )
+NEXTHOPS6 = MapSpec(
+    "fb_nexthops6", bpf_sys.BPF_MAP_TYPE_PERCPU_ARRAY, INDEX.size, NEXTHOP6.size, NEXTHOP_SLOTS
+)
 FLOWS = MapSpec(
     "fb_flows", bpf_sys.BPF_MAP_TYPE_LRU_HASH, FLOW_KEY.size, FLOW_VALUE.size, MAX_FLOWS
 )
@@ -198,6 +205,7 @@ ALL_MAPS: Final = (
     SENDERS,
     SENDERS6,
     NEXTHOPS,
+    NEXTHOPS6,
     FLOWS,
     ENDPOINTS,
 )
@@ -293,6 +301,7 @@ class DatapathConfig:
     vtep6_ifindex: int = 0  # flannel-v6.<VNI>, 0 without IPv6
     local_ip6: IPv6Address | None = None  # our PublicIPv6: flannel-v6 frames decapsulated to it
     vtep6_mac: str = "00:00:00:00:00:00"  # flannel-v6.<VNI>'s MAC
+    hop_limit: int = 64  # outer IPv6 hop limit over the IPv6 underlay (the uplink's)
 
     def pack(self) -> bytes:
         return CONFIG.pack(
@@ -310,13 +319,14 @@ class DatapathConfig:
             self.vtep6_ifindex,
             (self.local_ip6 or IPv6Address(0)).packed,
             mac_to_bytes(self.vtep6_mac),
+            self.hop_limit,
             0,
         )
 
     @classmethod
     def unpack(cls, raw: bytes) -> DatapathConfig:
         (ip, vni, port, smin, smax, ttl, flags, up_idx, vtep_idx, vtep_mac, up_mac, vtep6_idx,
-         local6, vtep6_mac, _pad) = CONFIG.unpack(raw)  # fmt: skip
+         local6, vtep6_mac, hop_limit, _pad) = CONFIG.unpack(raw)  # fmt: skip
         return cls(
             local_ip=IPv4Address(ip),
             vni=vni,
@@ -332,6 +342,7 @@ class DatapathConfig:
             vtep6_ifindex=vtep6_idx,
             local_ip6=IPv6Address(local6) if int.from_bytes(local6, "big") else None,
             vtep6_mac=format_mac(vtep6_mac),
+            hop_limit=hop_limit,
         )
 
 
@@ -441,11 +452,12 @@ class PinnedMaps:
         return found
 
     def clear_nexthops(self) -> None:
-        """Forget every cached next hop: the programs ask the FIB again."""
-        fd = self.fd(NEXTHOPS)
-        empty = bytes(((NEXTHOP.size + 7) & ~7) * bpf_sys.possible_cpus())
-        for slot in range(NEXTHOP_SLOTS):
-            bpf_sys.map_update(fd, INDEX.pack(slot), empty)
+        """Forget every cached next hop (both families): the programs ask the FIB again."""
+        for spec, layout in ((NEXTHOPS, NEXTHOP), (NEXTHOPS6, NEXTHOP6)):
+            fd = self.fd(spec)
+            empty = bytes(((layout.size + 7) & ~7) * bpf_sys.possible_cpus())
+            for slot in range(NEXTHOP_SLOTS):
+                bpf_sys.map_update(fd, INDEX.pack(slot), empty)
 
     # fb_senders
     # fb_senders and fb_senders6, by the address's family

@@ -41,7 +41,6 @@ from flannel_bpf.datapath import bpf_sys
 from flannel_bpf.datapath.bpf_maps import (
     ALL_MAPS,
     FB_CFG_CHECK_SOURCES,
-    FB_REMOTE_SKIP,
     LAYOUT_VERSION,
     DatapathConfig,
     LayoutMismatch,
@@ -485,6 +484,15 @@ def default_ttl() -> int:
         return 64
 
 
+def ipv6_hop_limit(device: str) -> int:
+    """The hop limit the kernel gives IPv6 packets out of device (ip6_dst_hoplimit without a
+    route metric), which vxlan.ko's flannel-v6 puts on its frames."""
+    try:
+        return int(Path(f"/proc/sys/net/ipv6/conf/{device}/hop_limit").read_text())
+    except (OSError, ValueError):
+        return 64
+
+
 # --------------------------------------------------------------------------------------------
 # The data path
 
@@ -511,7 +519,7 @@ class BPFDatapath:
     def __init__(
         self,
         *,
-        vtep: Device,
+        vtep: Device | None,
         uplink: Device,
         config: DatapathConfig,
         pin_dir: Path,
@@ -527,7 +535,9 @@ class BPFDatapath:
             # XDP runs before there is an skb to hand to a pod (bpf_redirect_peer is tc's).
             raise LoaderError("host routing needs the vxlan format and tc decapsulation "
                               f"(--bpf-decap auto or tc, not {decap_mode})")  # fmt: skip
-        self.vtep = vtep
+        if vtep is None and vtep6 is None:
+            raise LoaderError("no VTEP to encapsulate at")
+        self.vtep = vtep  # flannel.<VNI>, or None in an IPv6-only network
         self.vtep6 = vtep6  # flannel-v6.<VNI>: IPv6 pod packets, encapsulated by the same program
         self.uplink = uplink
         self.config = config
@@ -566,10 +576,14 @@ class BPFDatapath:
             with IPRoute() as ipr:
                 self._attach_decap(ipr, programs)
                 self._attach_encap(ipr, programs)
-                old6 = previous.vtep6_ifindex if previous is not None else 0
-                if old6 and old6 != self.config.vtep6_ifindex:
-                    # IPv6 turned off (or flannel-v6 made anew): our program leaves the old one.
-                    detach_ours([old6])
+                for old, new in (
+                    (previous.vtep_ifindex if previous else 0, self.config.vtep_ifindex),
+                    (previous.vtep6_ifindex if previous else 0, self.config.vtep6_ifindex),
+                ):
+                    if old and old != new:
+                        # A family turned off (or its VTEP made anew): our program leaves the
+                        # old device.
+                        detach_ours([old])
                 if self.pod_programs is not None:
                     self._attach_pod_ports(ipr)
                 else:
@@ -797,11 +811,12 @@ class BPFDatapath:
             maps.delete_sender(address)
 
     def ipv6_carriers(self) -> set[IPv4Address]:
-        """The IPv4 VTEPs fb_remotes6 sends IPv6 subnets to (not skipped ones)."""
+        """The IPv4 VTEPs fb_remotes6 sends IPv6 subnets to (not skipped ones, nor those sent
+        over the IPv6 underlay)."""
         return {
             remote.vtep_ip
             for remote in self._remotes.values()
-            if remote.subnet.version == 6 and not remote.flags & FB_REMOTE_SKIP
+            if remote.subnet.version == 6 and not remote.flags
         }
 
     def sync_remotes(self, wanted: Iterable[Remote]) -> tuple[int, int]:
@@ -844,7 +859,7 @@ def attached(vtep_index: int, uplink_index: int, vtep6_index: int = 0) -> dict[s
     encapsulation at flannel-v6.<VNI>."""
     found: dict[str, str] = {}
     with IPRoute() as ipr:
-        encap = tc_filter(ipr, vtep_index, TC_EGRESS)
+        encap = tc_filter(ipr, vtep_index, TC_EGRESS) if vtep_index else None
         if encap:
             found["tc_encap"] = encap
         encap6 = tc_filter(ipr, vtep6_index, TC_EGRESS) if vtep6_index else None
