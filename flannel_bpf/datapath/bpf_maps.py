@@ -226,7 +226,7 @@ class NextHop:
     """One CPU's cached answer of bpf_fib_lookup() for a peer (fb_nexthops)."""
 
     expires_jiffies: int
-    peer: IPv4Address
+    peer: IPv4Address | IPv6Address
     ifindex: int
     mtu: int
     smac: str
@@ -236,6 +236,12 @@ class NextHop:
     def unpack(cls, raw: bytes) -> NextHop:
         expires, peer, ifindex, mtu, _ip_id, smac, dmac = NEXTHOP.unpack(raw)
         return cls(expires, IPv4Address(peer), ifindex, mtu, format_mac(smac), format_mac(dmac))
+
+    @classmethod
+    def unpack6(cls, raw: bytes) -> NextHop:
+        """An fb_nexthops6 entry (a PublicIPv6 peer)."""
+        expires, peer, ifindex, mtu, smac, dmac, _pad = NEXTHOP6.unpack(raw)
+        return cls(expires, IPv6Address(peer), ifindex, mtu, format_mac(smac), format_mac(dmac))
 
 
 @dataclass(frozen=True)
@@ -252,6 +258,14 @@ class Remote:
 
     def key(self) -> bytes:
         return remote_key(self.subnet)
+
+    @property
+    def vtep_address(self) -> IPv4Address | IPv6Address:
+        """Where the programs send this subnet's packets: the IPv4 VTEP, or over the IPv6
+        underlay the PublicIPv6."""
+        if self.flags & FB_REMOTE_IPV6_UNDERLAY and self.vtep_ip6 is not None:
+            return self.vtep_ip6
+        return self.vtep_ip
 
     def value(self) -> bytes:
         v4 = (self.vtep_ip.packed, mac_to_bytes(self.vtep_mac), self.flags)
@@ -440,15 +454,20 @@ class PinnedMaps:
                     yield decode_remote(key, value)
 
     # fb_nexthops
-    def nexthops(self) -> dict[IPv4Address, list[NextHop]]:
-        """The cached next hop to each peer, one per CPU that holds one (expired or not)."""
-        fd = self.fd(NEXTHOPS)
-        found: dict[IPv4Address, list[NextHop]] = {}
-        for slot in range(NEXTHOP_SLOTS):
-            for raw in bpf_sys.map_lookup_percpu(fd, INDEX.pack(slot), NEXTHOP.size) or []:
-                hop = NextHop.unpack(raw)
-                if hop.expires_jiffies:
-                    found.setdefault(hop.peer, []).append(hop)
+    def nexthops(self) -> dict[IPv4Address | IPv6Address, list[NextHop]]:
+        """The cached next hop to each peer (both underlays), one per CPU that holds one
+        (expired or not)."""
+        found: dict[IPv4Address | IPv6Address, list[NextHop]] = {}
+        for spec, layout, unpack in (
+            (NEXTHOPS, NEXTHOP, NextHop.unpack),
+            (NEXTHOPS6, NEXTHOP6, NextHop.unpack6),
+        ):
+            fd = self.fd(spec)
+            for slot in range(NEXTHOP_SLOTS):
+                for raw in bpf_sys.map_lookup_percpu(fd, INDEX.pack(slot), layout.size) or []:
+                    hop = unpack(raw)
+                    if hop.expires_jiffies:
+                        found.setdefault(hop.peer, []).append(hop)
         return found
 
     def clear_nexthops(self) -> None:

@@ -11,11 +11,19 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
 from flannel_bpf.cli.flags import AgentOptions
-from flannel_bpf.datapath.bpf_maps import FB_REMOTE_SKIP, LayoutMismatch, PinnedMaps
+from flannel_bpf.datapath.bpf_maps import (
+    FB_REMOTE_IPV6_UNDERLAY,
+    FB_REMOTE_SKIP,
+    LayoutMismatch,
+    NextHop,
+    PinnedMaps,
+    Remote,
+)
 from flannel_bpf.subnet.etcd.manager import EtcdManager
 from flannel_bpf.subnet.etcd.store import EtcdSettings, EtcdStore, StoreError
 from flannel_bpf.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key
@@ -170,21 +178,32 @@ def peers_document(instances: list[Instance]) -> dict[str, Any]:
             {
                 "pin_dir": str(instance.pin_dir),
                 "device": instance.device,
-                "remotes": [
-                    {
-                        "subnet": str(r.subnet),
-                        "vtep_ip": str(r.vtep_ip),
-                        "vtep_mac": r.vtep_mac,
-                        "flags": ["skip"] if r.flags & FB_REMOTE_SKIP else [],
-                        "next_hops": sorted(
-                            {hop.dmac for hop in nexthops.get(r.vtep_ip, [])}
-                        ),  # as cached by the CPUs that sent to it lately (fb_nexthops)
-                    }
-                    for r in remotes
-                ],
+                "remotes": [_peer_row(r, nexthops) for r in remotes],
             }
         )
     return {"schema": PEERS_SCHEMA, "instances": out}
+
+
+def _peer_row(
+    r: Remote, nexthops: dict[IPv4Address | IPv6Address, list[NextHop]]
+) -> dict[str, Any]:
+    """One fb_remotes(6) entry. A peer reached over the IPv6 underlay (no IPv4 VTEP) shows its
+    PublicIPv6 as the VTEP address; public_ipv6 is any IPv6 subnet's sender address."""
+    vtep = r.vtep_address
+    flags = [
+        name
+        for bit, name in ((FB_REMOTE_SKIP, "skip"), (FB_REMOTE_IPV6_UNDERLAY, "ipv6-underlay"))
+        if r.flags & bit
+    ]
+    return {
+        "subnet": str(r.subnet),
+        "vtep_ip": str(vtep),
+        "vtep_mac": r.vtep_mac,
+        **({"public_ipv6": str(r.vtep_ip6)} if r.vtep_ip6 is not None else {}),
+        "flags": flags,
+        # as cached by the CPUs that sent to it lately (fb_nexthops, fb_nexthops6)
+        "next_hops": sorted({hop.dmac for hop in nexthops.get(vtep, [])}),
+    }
 
 
 def format_peers(doc: dict[str, Any]) -> str:

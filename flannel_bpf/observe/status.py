@@ -274,7 +274,7 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
     live: dict[str, Any] = {
         "pin_dir": str(pin_dir),
         "remotes": [
-            {"subnet": str(r.subnet), "vtep_ip": str(r.vtep_ip), "vtep_mac": r.vtep_mac}
+            {"subnet": str(r.subnet), "vtep_ip": str(r.vtep_address), "vtep_mac": r.vtep_mac}
             for r in sorted(remotes, key=lambda r: (r.subnet.version, r.subnet))
         ],
         "counters": [
