@@ -596,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     section = "datapath_v6only" if args.ipv6_only else "datapath"
     report["section"] = section
+    if args.ipv6_only:
+        report["targets"] = []  # the targets are the main run's; this run has their rows not
     (RESULTS / f"{section}.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     return 0

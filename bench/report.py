@@ -57,6 +57,7 @@ def targets_table(sections: dict[str, dict[str, Any]]) -> list[str]:
 def datapath_section(
     data: dict[str, Any], title: str = "Data path: pod to pod across two nodes"
 ) -> list[str]:
+    """A data-path run's table; the note on XDP rows only when the run has one."""
     out = [
         f"## {title}",
         "",
@@ -98,6 +99,8 @@ def datapath_section(
             f"{r['frames_per_gib'] / 1e3:.0f}k", r["note"],
         ])  # fmt: skip
     out += _table(header, rows)
+    if not any(r.get("decap") == "xdp" for r in data["rows"]):
+        return [*out, ""]
     out += [
         "",
         "Native XDP on a veth forces TSO off on its peer (the sender's side of the underlay), so "
