@@ -59,6 +59,18 @@ static __always_inline __u32 fb_segment_headers(const struct iphdr *ip, void *da
 	return ETH_HLEN + sizeof(struct iphdr) + (*doff >> 4) * 4;
 }
 
+/* Why a FIB lookup gave no next hop, as the pass reason the caller counts. */
+static __always_inline __u32 fb_fib_pass_reason(int rc)
+{
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return FB_PASS_NO_NEIGH;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return FB_PASS_NOT_FORWARDING;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return FB_PASS_TOO_BIG; /* the packet as it is: larger than the route */
+	return FB_PASS_NO_ROUTE;
+}
+
 /*
  * The underlay next hop to the peer, for a packet about to grow by overhead bytes. Returns this
  * CPU's fb_nexthops entry (which the caller may take an IP ID from), or NULL with *reason set.
@@ -94,14 +106,7 @@ static __always_inline struct fb_nexthop *fb_underlay_hop(struct __sk_buff *skb,
 		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 
 		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-			if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-				*reason = FB_PASS_NO_NEIGH;
-			else if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-				*reason = FB_PASS_NOT_FORWARDING;
-			else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-				*reason = FB_PASS_TOO_BIG; /* the packet as it is: larger than the route */
-			else
-				*reason = FB_PASS_NO_ROUTE;
+			*reason = fb_fib_pass_reason(rc);
 			return NULL;
 		}
 		if (hop->peer != peer)
@@ -166,14 +171,7 @@ static __always_inline struct fb_nexthop6 *fb_underlay_hop6(struct __sk_buff *sk
 		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 
 		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-			if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-				*reason = FB_PASS_NO_NEIGH;
-			else if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-				*reason = FB_PASS_NOT_FORWARDING;
-			else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-				*reason = FB_PASS_TOO_BIG;
-			else
-				*reason = FB_PASS_NO_ROUTE;
+			*reason = fb_fib_pass_reason(rc);
 			return NULL;
 		}
 		hop->expires = now + FB_NEXTHOP_TTL_JIFFIES;
