@@ -328,6 +328,43 @@ def test_ipv6_only_host_gw_with_flanneld(
         assert transfer(lab_name, as_v6(pods[src]), as_v6(pods[dst]), "200M").received > 0
 
 
+def test_a_dual_stack_node_restarted_ipv6_only(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """Both BPF nodes of a dual-stack Kubernetes lab restarted with EnableIPv4 false: the
+    encapsulation leaves flannel.1 (flanneld would leave the device itself, and so do we), the
+    IPv4 remotes are swept, each peer is reached over the IPv6 underlay, and pods still ping
+    over IPv6."""
+    info = lab_up("--kube", "--nodes", "2", "--datapath", "bpf", "--ipv6-network", IPV6_NETWORK,
+                  "--pods-per-node", "1")  # fmt: skip
+    n1, n2 = (f"{lab_name}-n{i}" for i in (1, 2))
+    nodes = {n["namespace"]: n for n in info["nodes"]}
+
+    def encap_on(ns: str, dev: str) -> bool:
+        out = subprocess.run(["tc", "-n", ns, "filter", "show", "dev", dev, "egress"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return "fb_tc_encap" in out
+
+    assert encap_on(n1, "flannel.1") and encap_on(n1, "flannel-v6.1")
+    v6_only = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": IPV6_NETWORK,
+               "Backend": {"Type": "vxlan"}}  # fmt: skip
+    for ns in (n1, n2):
+        (lab_state_dir(lab_name) / ns / "net-conf.json").write_text(json.dumps(v6_only))
+        lab.restart_agent(lab_name, ns, ready_timeout=60)
+    assert not encap_on(n1, "flannel.1") and encap_on(n1, "flannel-v6.1")
+    env = read_env(lab_state_dir(lab_name) / n1 / "subnet.env")
+    assert "FLANNEL_SUBNET" not in env and env["FLANNEL_IPV6_SUBNET"].startswith("fd10:244:")
+    remotes = node_status(lab_name, n1)["bpf"]["remotes"]
+    assert [r["vtep_ip"] for r in remotes] == [nodes[n2]["underlay_ip6"]]
+    pods = by_node(info)
+    encap = bpf_encap(lab_name, n1)
+    before = encap()
+    ping = pod_exec(lab_name, pods[n1]["namespace"], "ping", "-6", "-c2", "-i0.2", "-W2",
+                    pods[n2]["ip6"])  # fmt: skip
+    assert ping.returncode == 0, ping.stdout
+    assert wait_for(lambda: encap() > before)
+
+
 def lab_state_dir(lab_name: str) -> Any:
     from flannel_bpf.lab.lab import STATE_ROOT
 
