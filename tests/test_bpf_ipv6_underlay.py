@@ -4,17 +4,23 @@ sends the same inner packet but for the outer UDP source port (per flow) and che
 vxlan.ko leaves to the NIC), and its outer UDP checksum, derived in BPF from the inner one, is
 right: a live flannel-v6 built as flanneld builds it (no udp6zerocsumrx) takes it, and drops the
 same frame with one bit of the checksum changed. Aggregates and packets without an inner
-checksum to derive from are left to vxlan.ko, counted."""
+checksum to derive from are left to vxlan.ko, counted. Live: a node's data path loaded as an
+IPv6-only agent loads it (no flannel.<VNI>, no IPv4) carries pings, UDP and TCP from real
+sockets (inner checksums still to be filled in: CHECKSUM_PARTIAL) to a vxlan.ko peer that
+verifies every outer checksum."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import os
 import socket
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flannel_bpf.backends.bpf_fastpath import load_bpf_datapath
+from flannel_bpf.backends.vxlan import PeerVtep, remote_entry
+from flannel_bpf.datapath import loader
 from flannel_bpf.datapath.bpf_maps import FB_REMOTE_IPV6_UNDERLAY, Hook, Reason, Remote
+from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.lab.netns import entered, run
 
 from . import packets as pk
@@ -44,6 +54,7 @@ from .test_bpf_programs import (  # noqa: F401
     TC_ACT_UNSPEC,
     TOPO,
     Node,
+    _ip,
     skb_ctx,
     topo,
 )
@@ -246,3 +257,217 @@ def test_fuzz_encap66_never_crashes(
     retval, _, delta = topo666["a"].run(Hook.TC_ENCAP, _frame(inner))
     assert retval in (TC_ACT_REDIRECT, TC_ACT_UNSPEC)
     assert len(delta) == 1 and sum(p for p, _ in delta.values()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Live: an IPv6-only node's data path attached as the agent attaches it, real sockets through it
+
+A_POD6, B_POD6 = "fd10:5:0:1::", "fd10:5:0:3::"  # each side's flannel-v6.1 address (/128)
+TCP_MD5SIG = 14  # linux/tcp.h; Python's socket module does not name it
+
+
+@dataclasses.dataclass
+class IPv6OnlyPair:
+    a: str  # our node: the BPF data path as an IPv6-only agent loads it
+    b: str  # a flanneld-like peer: vxlan.ko's flannel-v6.1 alone
+    datapath: loader.BPFDatapath
+
+    def encap(self) -> dict[Reason, tuple[int, int]]:
+        assert self.datapath.maps is not None
+        return {k.reason: v for k, v in self.datapath.maps.counters().items()
+                if k.hook is Hook.TC_ENCAP and v != (0, 0)}  # fmt: skip
+
+    def taken(self) -> tuple[int, int]:
+        """B's checksum errors, and frames its flannel-v6.1 decapsulated."""
+        return _udp6_errors(self.b), _rx_packets(self.b, "flannel-v6.1")
+
+
+@pytest.fixture
+def ipv6_only_pair(netns: Callable[[str], str]) -> Iterator[IPv6OnlyPair]:
+    """Two namespaces on a veth with an IPv6 underlay only, each with flannel-v6.1 as flanneld
+    builds it (no udp6zerocsumrx: the outer UDP checksum is verified) and the other's subnet
+    routed into it. A runs the agent's data path for an IPv6-only network (no flannel.1, no
+    IPv4 address: load_bpf_datapath with vtep and local_ip None, pins under flannel.1's name),
+    B plain vxlan.ko. A sends with tx checksum offload off on its uplink: a veth hands a
+    CHECKSUM_PARTIAL skb to its peer as such, and the receiver takes that as verified, so only
+    final checksums make B's UDP check ours."""
+    a, b = netns("6a"), netns("6b")
+    run(["ip", "link", "add", "u0", "netns", a, "address", TOPO["local_underlay_mac"],
+         "type", "veth", "peer", "name", "u0", "netns", b,
+         "address", TOPO["remote_underlay_mac"]])  # fmt: skip
+    run(["ip", "netns", "exec", a, "ethtool", "-K", "u0", "tx", "off"])
+    for ns in (a, b):  # a node forwards its pods' packets (and bpf_fib_lookup wants it on)
+        run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+    sides = ((a, A_UL6, A_V6MAC, A_POD6, B_UL6, B_V6MAC, B_POD6),
+             (b, B_UL6, B_V6MAC, B_POD6, A_UL6, A_V6MAC, A_POD6))  # fmt: skip
+    for ns, ul6, mac, pod, peer_ul6, peer_mac, peer_pod in sides:
+        _ip(ns, "-6", "addr", "add", f"{ul6}/64", "dev", "u0", "nodad")
+        _ip(ns, "link", "set", "u0", "up")
+        _ip(ns, "link", "add", "flannel-v6.1", "address", mac, "type", "vxlan", "id", "1",
+            "dev", "u0", "local", ul6, "dstport", "8472", "nolearning")  # fmt: skip
+        _ip(ns, "link", "set", "flannel-v6.1", "mtu", "1430", "up")
+        _ip(ns, "-6", "addr", "add", f"{pod}/128", "dev", "flannel-v6.1", "nodad")
+        _ip(ns, "-6", "neigh", "add", peer_pod, "lladdr", peer_mac, "dev", "flannel-v6.1",
+            "nud", "permanent")  # fmt: skip
+        _ip(ns, "-6", "route", "add", f"{peer_pod}/64", "via", peer_pod, "dev", "flannel-v6.1",
+            "onlink")  # fmt: skip
+        run(["bridge", "-n", ns, "fdb", "add", peer_mac, "dev", "flannel-v6.1", "dst", peer_ul6])
+    datapath = None
+    with entered(a):
+        uplink, vtep6 = socket.if_nametoindex("u0"), socket.if_nametoindex("flannel-v6.1")
+        pin_dir = loader.pin_dir_for("flannel.1")
+    try:
+        iface = ExternalInterface("u0", uplink, 1500, None, None, IPv6Address(A_UL6),
+                                  IPv6Address(A_UL6))  # fmt: skip
+        with entered(a):  # the loader's threads start from this one, so they are in A too
+            datapath = asyncio.run(load_bpf_datapath(
+                iface, None, wire=loader.VXLAN, local_ip=None, port=8472,
+                bpffs=loader.DEFAULT_BPFFS, decap_mode="auto", vni=1,
+                vtep6=loader.Device("flannel-v6.1", vtep6, A_V6MAC), pin_name="flannel.1",
+            ))  # fmt: skip
+            assert loader.attached(0, uplink, vtep6) == {
+                "tc_encap6": loader.VXLAN.encap, "tc_decap": loader.VXLAN.tc_decap
+            }  # fmt: skip
+        assert datapath.pin_dir == pin_dir and pin_dir.parent.name == "flannel_1"
+        assert datapath.maps is not None
+        cfg = datapath.maps.read_config()
+        assert cfg is not None and (cfg.local_ip, cfg.vtep_ifindex) == (IPv4Address(0), 0)
+        assert (cfg.vtep6_ifindex, cfg.local_ip6) == (vtep6, IPv6Address(A_UL6))
+        remote = remote_entry(PeerVtep(IPv6Network(f"{B_POD6}/64"), IPv6Address(B_UL6), B_V6MAC),
+                              direct=False)  # fmt: skip
+        assert remote.flags == FB_REMOTE_IPV6_UNDERLAY
+        datapath.set_remote(remote)
+        yield IPv6OnlyPair(a, b, datapath)
+    finally:
+        if datapath is not None:
+            datapath.close()
+        with entered(a):
+            loader.cleanup(pin_dir)
+
+
+def _ping6(pair: IPv6OnlyPair, count: int) -> None:
+    ping = subprocess.run(
+        ["ip", "netns", "exec", pair.a, "ping", "-6", "-n", "-q", "-c", str(count), "-i", "0.2",
+         "-W", "2", "-I", A_POD6, B_POD6],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert f"{count} received" in ping.stdout, ping.stdout + ping.stderr
+
+
+def _md5_key(peer: str) -> bytes:
+    """struct tcp_md5sig naming one peer address: sockaddr_storage (a sockaddr_in6), flags,
+    prefix length, key length, ifindex, key[80]."""
+    key = b"flannel-bpf"
+    address = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 0, 0)
+    address += socket.inet_pton(socket.AF_INET6, peer) + struct.pack("=I", 0)
+    flags = struct.pack("=BBHi", 0, 0, len(key), 0)  # no prefix, any interface
+    return address.ljust(128, b"\0") + flags + key.ljust(80, b"\0")
+
+
+def _tcp_transfer(
+    sender: tuple[str, str], receiver: tuple[str, str], size: int, *, md5: bool = False
+) -> None:
+    """size bytes from a socket in one (namespace, address) to one in the other, all of them
+    checked. md5: both ends sign with TCP-MD5, for which the kernel builds no GSO aggregates
+    (sk_gso_disable), so every data segment leaves as a single packet."""
+    (src_ns, src_ip), (dst_ns, dst_ip) = sender, receiver
+    data = os.urandom(size)
+    received = bytearray()
+    with entered(dst_ns):
+        server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with entered(src_ns):
+        client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with server, client:
+        if md5:
+            server.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, _md5_key(src_ip))
+            client.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, _md5_key(dst_ip))
+        server.bind((dst_ip, 0))
+        server.listen(1)
+        for sock in (server, client):
+            sock.settimeout(20)
+        client.bind((src_ip, 0))
+        client.connect((dst_ip, server.getsockname()[1]))
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(20)
+
+            def read() -> None:
+                while chunk := conn.recv(1 << 16):
+                    received.extend(chunk)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            reader.join(30)
+    assert len(received) == size and bytes(received) == data, f"{len(received)} of {size} bytes"
+
+
+# flannel-v6.1's own multicast (MLD reports, router solicitations): for no peer's subnet
+OTHERS = {Reason.PASS_NO_REMOTE}
+
+
+def _grown(
+    before: dict[Reason, tuple[int, int]], after: dict[Reason, tuple[int, int]]
+) -> dict[Reason, tuple[int, int]]:
+    zero = (0, 0)
+    return {r: (after[r][0] - before.get(r, zero)[0], after[r][1] - before.get(r, zero)[1])
+            for r in after if after[r] != before.get(r, zero)}  # fmt: skip
+
+
+def test_an_ipv6_only_node_sends_single_packets_vxlan_ko_verifies(
+    ipv6_only_pair: IPv6OnlyPair,
+) -> None:
+    """Pings, UDP datagrams and a TCP transfer without aggregates (TCP-MD5) from A's overlay
+    address to B's: all arrive, every packet encapsulated by the programs (not one left to
+    vxlan.ko), and B's flannel-v6.1 took each of our frames with no UDP checksum error. A
+    wrong outer checksum would be dropped by B (test_a_live_flannel_v6_takes_our_frames...)."""
+    pair = ipv6_only_pair
+    a, b = (pair.a, A_POD6), (pair.b, B_POD6)
+    _ping6(pair, 1)  # B's underlay address resolved (until then: pass_no_neigh, vxlan.ko's)
+    errors, rx = pair.taken()
+
+    before = pair.encap()
+    _ping6(pair, 5)
+    with entered(pair.b):
+        sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with entered(pair.a):
+        source = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with sink, source:
+        sink.bind((B_POD6, 0))
+        sink.settimeout(5)
+        sizes = [1, 100, 1000, 1382]  # 1382: 1430 with the IPv6 and UDP headers
+        for size in sizes:
+            source.sendto(bytes([size % 251]) * size, (B_POD6, sink.getsockname()[1]))
+        assert sorted(len(sink.recv(2048)) for _ in sizes) == sizes
+    singles = _grown(before, pair.encap())
+    assert singles.keys() - OTHERS == {Reason.ENCAP_REDIRECT}, singles
+    assert singles[Reason.ENCAP_REDIRECT][0] == 9
+
+    before = pair.encap()
+    _tcp_transfer(a, b, 4 << 20, md5=True)
+    grown = _grown(before, pair.encap())
+    assert grown.keys() - OTHERS == {Reason.ENCAP_REDIRECT}, grown  # no pass_gso, nothing else
+    assert grown[Reason.ENCAP_REDIRECT][1] > 4 << 20
+
+    after = pair.taken()
+    assert after[0] == errors, "B counted UDP checksum errors"
+    sent = singles[Reason.ENCAP_REDIRECT][0] + grown[Reason.ENCAP_REDIRECT][0]
+    assert after[1] - rx >= sent  # every frame of ours decapsulated (and B's own replies' not)
+
+
+def test_an_ipv6_only_node_leaves_aggregates_to_vxlan_ko(ipv6_only_pair: IPv6OnlyPair) -> None:
+    """Plain TCP both ways: A's aggregates go to vxlan.ko (pass_gso, which asks for per-segment
+    checksums), its single packets (ACKs of B's transfer, pure ACKs: no payload to sum) are
+    the programs', and B verifies them all."""
+    pair = ipv6_only_pair
+    _ping6(pair, 1)
+    errors = pair.taken()[0]
+    before = pair.encap()
+    _tcp_transfer((pair.a, A_POD6), (pair.b, B_POD6), 8 << 20)
+    assert _grown(before, pair.encap()).get(Reason.PASS_GSO, (0, 0))[0] > 0
+    before = pair.encap()
+    _tcp_transfer((pair.b, B_POD6), (pair.a, A_POD6), 8 << 20)
+    grown = _grown(before, pair.encap())
+    assert grown.get(Reason.ENCAP_REDIRECT, (0, 0))[0] > 0, grown
+    assert pair.taken()[0] == errors
