@@ -141,7 +141,9 @@ def test_encap66_is_flannel_v6s_frame_with_a_right_checksum(
     assert _masked(out) == _masked(kernel)
     assert out[:6] == pk.mac(TOPO["remote_underlay_mac"]) and out[70:76] == pk.mac(B_V6MAC)
     assert pk.outer_udp6_checksum_ok(out), out[60:62].hex()
-    assert 32768 <= struct.unpack("!H", out[54:56])[0] < 60999  # the kernel's port range
+    # The source port as over the IPv4 underlay: the inner flow's hash in the kernel's range.
+    expected = pk.flow_source_port6(inner, TOPO["local_underlay"], (32768, 60999))
+    assert struct.unpack("!H", out[54:56])[0] == expected
 
 
 def test_encap66_then_decap_round_trip(topo666: dict[str, Node]) -> None:
