@@ -55,6 +55,7 @@ from .test_bpf_programs import (  # noqa: F401
     TOPO,
     Node,
     _ip,
+    one_cpu,
     skb_ctx,
     topo,
 )
@@ -242,6 +243,45 @@ def test_encap66_too_big_and_without_a_public_ipv6(topo666: dict[str, Node]) -> 
         assert a.run(Hook.TC_ENCAP, frame)[::2] == (
             TC_ACT_UNSPEC, {Reason.PASS_SKIP: (1, len(frame))}
         )  # fmt: skip
+    finally:
+        a.maps.write_config(a.config)
+
+
+@pytest.mark.usefixtures("one_cpu")
+def test_encap66_next_hops_are_cached_and_asked_again(topo666: dict[str, Node]) -> None:
+    """fb_nexthops6 as fb_nexthops: the FIB's answer for a PublicIPv6 is reused within the TTL
+    (here while forwarding is off, which the FIB refuses), asked again after it, and emptied by
+    a changed fb_config."""
+    a = topo666["a"]
+    frame = _frame(_inner())
+    a.maps.clear_nexthops()
+    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+    (hop,) = a.maps.nexthops()[IPv6Address(B_UL6)]
+    assert (hop.ifindex, hop.mtu) == (a.config.uplink_ifindex, 1500)
+    assert (hop.smac, hop.dmac) == (TOPO["local_underlay_mac"], TOPO["remote_underlay_mac"])
+    forwarding = Path("/proc/sys/net/ipv6/conf/u0/forwarding")
+
+    def set_forwarding(on: bool) -> None:  # in-process: the TTL is 40 ms at HZ=250
+        with entered(a.ns):
+            forwarding.write_text("1" if on else "0")
+
+    a.maps.clear_nexthops()
+    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+    set_forwarding(False)
+    try:
+        assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+        time.sleep(0.11)
+        assert a.run(Hook.TC_ENCAP, frame)[::2] == (
+            TC_ACT_UNSPEC, {Reason.PASS_NOT_FORWARDING: (1, len(frame))}
+        )  # fmt: skip
+    finally:
+        set_forwarding(True)
+    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+    a.maps.write_config(a.config)  # unchanged (an agent restart): the cache stays
+    assert IPv6Address(B_UL6) in a.maps.nexthops()
+    try:
+        a.maps.write_config(dataclasses.replace(a.config, hop_limit=63))
+        assert a.maps.nexthops() == {}
     finally:
         a.maps.write_config(a.config)
 
