@@ -198,7 +198,8 @@ def test_a_live_flannel_v6_takes_our_frames_and_drops_a_bad_checksum(
 
 def test_encap66_leaves_to_vxlan_ko_what_it_cannot_checksum(topo666: dict[str, Node]) -> None:
     """A GSO aggregate (its segments would share one checksum), and inner packets with no
-    upper-layer checksum to derive from: an extension header, no next header, UDP's 0."""
+    upper-layer checksum to derive from: an extension header, no next header, UDP's 0, bytes
+    after the payload length (which the receiver sums and no inner checksum covers)."""
     a = topo666["a"]
     tcp = _frame(_inner("tcp"))
     assert a.run(Hook.TC_ENCAP, tcp, skb_ctx(gso_size=1380, gso_segs=2))[::2] == (
@@ -210,8 +211,9 @@ def test_encap66_leaves_to_vxlan_ko_what_it_cannot_checksum(topo666: dict[str, N
         pk.ipv6(src, dst, b"", nexthdr=59),
         pk.ipv6(src, dst, pk.udp(1, 2, b"no checksum")),
     ]
-    for inner in no_l4:
-        frame = _frame(inner)
+    frames = [_frame(inner) for inner in no_l4]
+    frames += [_frame(_inner(kind)) + b"pad" for kind in ("udp", "tcp", "icmpv6")]
+    for frame in frames:
         retval, out, delta = a.run(Hook.TC_ENCAP, frame)
         assert (retval, out, delta) == (
             TC_ACT_UNSPEC, frame, {Reason.PASS_NO_L4_CSUM: (1, len(frame))}

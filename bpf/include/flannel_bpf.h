@@ -228,7 +228,8 @@ enum fb_reason {
 	                              * a pod's veth: the source, on that veth) */
 	FB_PASS_NO_PORTS = 31,       /* host routing: not TCP/UDP/ICMP, or a fragment */
 	FB_PASS_NO_L4_CSUM = 32,     /* encap over the IPv6 underlay: no inner TCP, UDP or ICMPv6
-	                              * checksum to derive the outer one from; vxlan.ko sends it */
+	                              * checksum covering the rest of the frame to derive the
+	                              * outer one from; vxlan.ko sends it */
 
 	FB_DROP_INNER_MALFORMED = 40, /* decap: inner IPv4 or IPv6 header invalid or truncated */
 	FB_DROP_WRITE_FAILED = 41,    /* header write failed after the packet was resized */

@@ -201,10 +201,15 @@ static __always_inline __u64 fb_csum_mem(void *mem, __u32 size)
  * Whether an outer UDP checksum can be derived from the inner packet (local checksum offload, as
  * the kernel's lco_csum): an inner TCP, UDP or ICMPv6 segment right after the IPv6 header carries
  * a checksum that is (or, offloaded, will be) right, and then the segment sums to the complement
- * of its pseudo-header. IPv6 forbids UDP's "no checksum" 0, but it is checked anyway.
+ * of its pseudo-header. IPv6 forbids UDP's "no checksum" 0, but it is checked anyway. The segment
+ * must end the frame: the receiver sums every byte of the outer UDP payload, and bytes past the
+ * payload length (a packet socket's padding; a jumbogram's 0) are in no inner checksum.
  */
-static __always_inline int fb_inner_l4_checksummed(const struct ipv6hdr *ip6, void *data_end)
+static __always_inline int fb_inner_l4_checksummed(const struct __sk_buff *skb,
+						   const struct ipv6hdr *ip6, void *data_end)
 {
+	if (skb->len != ETH_HLEN + sizeof(*ip6) + bpf_ntohs(ip6->payload_len))
+		return 0;
 	if (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_ICMPV6)
 		return 1;
 	if (ip6->nexthdr != IPPROTO_UDP)
@@ -234,7 +239,7 @@ static __always_inline int fb_vxlan6_encap(struct __sk_buff *skb, const struct f
 		fb_count(hook, FB_PASS_GSO, bytes);
 		return TC_ACT_UNSPEC;
 	}
-	if (!fb_inner_l4_checksummed(ip6, data_end)) {
+	if (!fb_inner_l4_checksummed(skb, ip6, data_end)) {
 		fb_count(hook, FB_PASS_NO_L4_CSUM, bytes);
 		return TC_ACT_UNSPEC;
 	}
