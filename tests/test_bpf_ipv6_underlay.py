@@ -303,6 +303,39 @@ def test_fuzz_encap66_never_crashes(
     assert len(delta) == 1 and sum(p for p, _ in delta.values()) == 1
 
 
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    l4=st.sampled_from([(6, 16), (17, 6), (58, 2)]),  # next header, checksum offset
+    segment=st.binary(min_size=20, max_size=1300),
+    src=st.binary(min_size=16, max_size=16),
+    host=st.binary(min_size=8, max_size=8),
+    first=st.tuples(st.integers(0, 0xFF), st.integers(0, 0xFFFFF), st.integers(0, 0xFF)),
+)
+def test_fuzz_encap66_outer_checksum_is_right_for_any_checksummed_inner(
+    topo666: dict[str, Node],
+    l4: tuple[int, int],
+    segment: bytes,
+    src: bytes,
+    host: bytes,
+    first: tuple[int, int, int],
+) -> None:
+    """Whatever a TCP, UDP or ICMPv6 segment with a right checksum holds (odd lengths, every
+    address, traffic class, flow label and hop limit the inner header sums in), the derived
+    outer checksum is the one the receiver computes over the whole datagram."""
+    nexthdr, offset = l4
+    tclass, flow, hlim = first
+    dst = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, B_POD6)[:8] + host)
+    packet = pk.ipv6(socket.inet_ntop(socket.AF_INET6, src), dst, segment, nexthdr=nexthdr,
+                     tclass=tclass, flow=flow, hlim=hlim)  # fmt: skip
+    inner = pk.with_l4_checksum6(packet, offset)
+    frame = _frame(inner)
+    retval, out, delta = topo666["a"].run(Hook.TC_ENCAP, frame)
+    assert (retval, delta) == (TC_ACT_REDIRECT, {Reason.ENCAP_REDIRECT: (1, len(frame))})
+    assert out[84:] == inner and pk.outer_udp6_checksum_ok(out), out[60:62].hex()
+
+
 # --------------------------------------------------------------------------------------------
 # Live: an IPv6-only node's data path attached as the agent attaches it, real sockets through it
 
