@@ -35,6 +35,7 @@ from flannel_bpf.datapath import loader
 from flannel_bpf.datapath.bpf_maps import FB_REMOTE_IPV6_UNDERLAY, Hook, Reason, Remote
 from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.lab.netns import entered, run
+from flannel_bpf.observe import metrics, status
 
 from . import packets as pk
 from .conftest import requires_root
@@ -548,3 +549,20 @@ def test_an_ipv6_only_node_leaves_aggregates_to_vxlan_ko(ipv6_only_pair: IPv6Onl
     grown = _grown(before, pair.encap())
     assert grown.get(Reason.ENCAP_REDIRECT, (0, 0))[0] > 0, grown
     assert pair.taken()[0] == errors
+
+
+def test_an_ipv6_only_node_reports_what_it_runs(ipv6_only_pair: IPv6OnlyPair) -> None:
+    """Status and metrics of a node without flannel.<VNI>: the encapsulation attached is
+    flannel-v6's alone and no missing tc_encap is reported (its alert would fire for good); the
+    peer is programmed in fb_remotes6, its only subnet, shown at its PublicIPv6."""
+    pair = ipv6_only_pair
+    pin_dir = pair.datapath.pin_dir
+    with entered(pair.a):  # where the devices fb_config names are
+        live = status._bpf_live(pin_dir, devices_here=True)
+        families = {f.name: f for f in metrics._bpf_families(pin_dir, {"decap": "tc"})}
+    assert live["attached"] == {"tc_encap6": loader.VXLAN.encap, "tc_decap": loader.VXLAN.tc_decap}
+    assert live["remotes"] == [{"subnet": f"{B_POD6}/64", "vtep_ip": B_UL6, "vtep_mac": B_V6MAC}]
+    hooks = {s.labels["hook"]: s.value for s in families["flannel_bpf_program_attached"].samples}
+    assert hooks == {"tc_encap6": 1, "tc_decap": 1}
+    (programmed,) = families[metrics.PEERS_PROGRAMMED].samples
+    assert programmed.value == 1

@@ -76,7 +76,10 @@ _PLANE_ICMP = "icmp_sent"
 # Reported by whichever collector knows: the BPF one reads fb_remotes, the agent one asks the
 # network (kernel routes, userspace tables).
 PEERS_PROGRAMMED = "flannel_peers_programmed"
-PEERS_PROGRAMMED_HELP = "Peers the data path holds entries for (BPF: fb_remotes entries)."
+PEERS_PROGRAMMED_HELP = (
+    "Peers the data path holds entries for (BPF: fb_remotes entries; in an IPv6-only network, "
+    "fb_remotes6 entries)."
+)
 
 
 @dataclass
@@ -379,7 +382,10 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
         bytes_.add_metric(labels, b)
     yield packets
     yield bytes_
-    yield _gauge(PEERS_PROGRAMMED, PEERS_PROGRAMMED_HELP, remotes)
+    # An IPv6-only network has no flannel.<VNI> (fb_config names none) and no fb_remotes
+    # entries: each peer's only subnet is in fb_remotes6, and flannel-v6.<VNI> alone encapsulates.
+    ipv6_only = cfg is not None and cfg.vtep_ifindex == 0
+    yield _gauge(PEERS_PROGRAMMED, PEERS_PROGRAMMED_HELP, remotes6 if ipv6_only else remotes)
     # Only the maps that fill up: arrays (fb_config, fb_stats) are full by construction. Host
     # routing's maps are LRU: full is fine there, old entries make room.
     entries = GaugeMetricFamily("flannel_bpf_map_entries", "Entries in a pinned map.",
@@ -397,7 +403,7 @@ def _bpf_families(pin_dir: Path, details: dict[str, Any]) -> Iterator[Metric]:
         labels=["hook"],
     )
     decap = details.get("decap", "")
-    wanted = {"tc_encap": True, "xdp_decap": decap == "xdp", "tc_decap": decap == "tc",
+    wanted = {"tc_encap": not ipv6_only, "xdp_decap": decap == "xdp", "tc_decap": decap == "tc",
               "tc_encap6": cfg is not None and cfg.vtep6_ifindex != 0}  # fmt: skip
     found = attached(cfg.vtep_ifindex, cfg.uplink_ifindex, cfg.vtep6_ifindex) if cfg else {}
     for hook, needed in wanted.items():

@@ -293,8 +293,11 @@ def _bpf_live(pin_dir: Path, devices_here: bool) -> dict[str, Any]:
             live["attached"] = attached(cfg.vtep_ifindex, cfg.uplink_ifindex, cfg.vtep6_ifindex)
         except NetlinkError as exc:
             # The namespace is right but a device went (deleted by hand, or mid-shutdown).
+            # (An IPv6-only network names no flannel.<VNI>: its ifindex 0 is not a device.)
+            devices = (cfg.uplink_ifindex, cfg.vtep_ifindex, cfg.vtep6_ifindex)
+            listed = " or ".join(str(index) for index in devices if index)
             live["attached"] = {
-                "error": f"device ifindex {cfg.uplink_ifindex} or {cfg.vtep_ifindex} missing "
+                "error": f"device ifindex {listed} missing "
                 f"here ({exc.args[-1] if exc.args else exc})"
             }
         except OSError as exc:
