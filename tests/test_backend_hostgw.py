@@ -6,12 +6,14 @@ in the test's namespace; nothing touches the root namespace.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, cast
 
 import pytest
@@ -19,8 +21,8 @@ import pytest
 from flannel_bpf.backends import BACKENDS, BackendError, ExternalContext, make_backend
 from flannel_bpf.backends.hostgw import HostGWBackend, HostGWNetwork
 from flannel_bpf.datapath.iface import ExternalInterface
-from flannel_bpf.lab.netns import run
-from flannel_bpf.subnet.lease import Lease, LeaseAttrs
+from flannel_bpf.lab.netns import entered, run
+from flannel_bpf.subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventType
 
 from .conftest import host, requires_root
 
@@ -135,6 +137,31 @@ def test_routes_added_replaced_and_removed(netns: Callable[[str], str]) -> None:
     log = drive(ns, addr="198.18.0.1", subnet="10.5.1.0/24", events=removed)
     assert "ERROR" not in log
     assert flannel_routes(ns) == ["10.5.3.0/24 via 198.18.0.4 dev u0"]
+
+
+@requires_root
+def test_ipv6_only_peers_programmed(netns: Callable[[str], str]) -> None:
+    """An IPv6-only network (our lease's IPv4 subnet 0.0.0.0/0, as flanneld's): a peer gets its
+    IPv6 route via its PublicIPv6 and counts as programmed (flannel_peers_programmed) by it,
+    its only route."""
+    ns = host(netns, "hg")
+    run(["ip", "-n", ns, "-6", "addr", "add", "fd00:198:18::1/64", "dev", "u0", "nodad"])
+    none4 = IPv4Network("0.0.0.0/0")
+
+    async def program() -> HostGWNetwork:
+        own = Lease(none4, LeaseAttrs(IPv4Address(0), IPv6Address("fd00:198:18::1"), "host-gw"),
+                    IPv6Network("fd10:5:0:1::/64"))  # fmt: skip
+        net = HostGWNetwork(own, socket.if_nametoindex("u0"), 1500, ipv6=True)
+        peer = Lease(none4, LeaseAttrs(IPv4Address(0), IPv6Address("fd00:198:18::2"), "host-gw"),
+                     IPv6Network("fd10:5:0:2::/64"))  # fmt: skip
+        await net.apply([LeaseEvent(LeaseEventType.ADDED, peer)])
+        return net
+
+    with entered(ns):
+        net = asyncio.run(program())
+    routes = run(["ip", "-n", ns, "-6", "route", "show", "fd10:5:0:2::/64"])
+    assert "via fd00:198:18::2 dev u0" in routes
+    assert net.programmed_peers() == 1
 
 
 @requires_root

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -30,9 +30,13 @@ from flannel_bpf.backends.vxlan import (
     VXLANConfig,
     VXLANNetwork,
     _rounds,
+    configure_vxlan_device,
+    ensure_vxlan_device,
     parse_vxlan_config,
     peer_vtep,
+    vxlan_lease_attrs,
 )
+from flannel_bpf.datapath.iface import ExternalInterface
 from flannel_bpf.datapath.rtnl_batch import (
     ACK_BUFFER,
     NlReply,
@@ -484,6 +488,42 @@ def test_dual_stack_device_lease_and_peers(netns: Callable[[str], str]) -> None:
     assert "error decoding subnet lease v6 JSON for 10.5.4.0/24: BackendV6Data" in log
     # Every peer keeps its IPv4 entries.
     assert len(lines(sh(ns, "-4", "neigh", "show", "dev", "flannel.1"))) == 3
+
+
+@requires_root
+def test_ipv6_only_peers_programmed(netns: Callable[[str], str]) -> None:
+    """An IPv6-only network (EnableIPv4 false: no flannel.<VNI>, leases 0.0.0.0/0 told apart by
+    their IPv6 subnet): a peer's entries go on flannel-v6.<VNI>, and it counts as programmed
+    (flannel_peers_programmed) by its IPv6 subnet, the only one it has."""
+    ns = host(netns, "vx")
+    sh(ns, "-6", "addr", "add", "fd00:198:18::1/64", "dev", "u0", "nodad")
+    none4, mac6 = IPv4Network("0.0.0.0/0"), "0e:00:00:00:06:02"
+
+    async def program() -> VXLANNetwork:
+        addr6 = IPv6Address("fd00:198:18::1")
+        iface = ExternalInterface("u0", socket.if_nametoindex("u0"), 1500, None, None, addr6,
+                                  addr6)  # fmt: skip
+        cfg = parse_vxlan_config(BackendConfig("vxlan", {}))
+        dev6 = await ensure_vxlan_device(cfg, iface, v6=True)
+        own = Lease(
+            none4, vxlan_lease_attrs(cfg, iface, None, dev6), IPv6Network("fd10:5:0:1::/64")
+        )
+        await configure_vxlan_device(
+            dev6, IPv6Network("fd10:5:0:1::/64"), IPv6Network("fd10:5::/56")
+        )
+        net = VXLANNetwork(own, None, device6=dev6, retry_attempts=2)
+        attrs = LeaseAttrs(IPv4Address(0), IPv6Address("fd00:198:18::2"), backend_type="vxlan",
+                           backend_v6_data=vtep_data(mac6).encode())  # fmt: skip
+        peer = Lease(none4, attrs, IPv6Network("fd10:5:0:2::/64"))
+        await net.apply([LeaseEvent(LeaseEventType.ADDED, peer)])
+        return net
+
+    with entered(ns):
+        net = asyncio.run(program())
+    assert lines(sh(ns, "-6", "neigh", "show", "dev", "flannel-v6.1")) == [
+        f"fd10:5:0:2:: lladdr {mac6} PERMANENT"
+    ]
+    assert net.programmed_peers() == 1
 
 
 @requires_root

@@ -104,8 +104,10 @@ class HostGWNetwork(Network):
             self._checker = asyncio.create_task(self._check_loop(), name="host-gw-route-check")
 
     def programmed_peers(self) -> int:
-        """Peers with their IPv4 route (IPv6 routes are the same peers again)."""
-        return sum(1 for dst in self.routes if dst.version == 4)
+        """Peers with their IPv4 route (IPv6 routes are the same peers again); in an IPv6-only
+        network (our lease's IPv4 subnet is 0.0.0.0/0, as flanneld's) with their IPv6 route."""
+        version = 4 if self.lease.subnet.prefixlen else 6
+        return sum(1 for dst in self.routes if dst.version == version)
 
     async def close(self) -> None:
         task, self._checker = self._checker, None

@@ -506,8 +506,10 @@ class VXLANNetwork(Network):
         return {**v4, **v6, **bpf}
 
     def programmed_peers(self) -> int:
-        """Peers with their IPv4 entries in place (IPv6's are counted apart)."""
-        return sum(1 for subnet in self._programmed if subnet.version == 4)
+        """Peers with their IPv4 entries in place (IPv6's are counted apart); in an IPv6-only
+        network (no flannel.<VNI>) their IPv6 entries, the only ones they have."""
+        version = 4 if self.device is not None else 6
+        return sum(1 for subnet in self._programmed if subnet.version == version)
 
     def programmed_peers_v6(self) -> int:
         return sum(1 for subnet in self._programmed if subnet.version == 6)
