@@ -551,6 +551,34 @@ def test_an_ipv6_only_node_leaves_aggregates_to_vxlan_ko(ipv6_only_pair: IPv6Onl
     assert pair.taken()[0] == errors
 
 
+UDP_NO_CHECK6_TX, UDP_NO_CHECK6_RX = 101, 102  # linux/udp.h
+
+
+def test_an_ipv6_only_node_leaves_zero_checksum_udp_to_vxlan_ko(
+    ipv6_only_pair: IPv6OnlyPair,
+) -> None:
+    """A UDP socket that sends without a checksum (UDP_NO_CHECK6_TX, as tunnels' sockets may):
+    no inner checksum to derive the outer one from, so vxlan.ko carries it (pass_no_l4_csum)
+    and B gets it."""
+    pair = ipv6_only_pair
+    _ping6(pair, 1)
+    with entered(pair.b):
+        sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with entered(pair.a):
+        source = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with sink, source:
+        sink.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
+        source.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_TX, 1)
+        sink.bind((B_POD6, 0))
+        sink.settimeout(5)
+        before = pair.encap()
+        source.sendto(b"no checksum", (B_POD6, sink.getsockname()[1]))
+        assert sink.recv(64) == b"no checksum"
+    grown = _grown(before, pair.encap())
+    assert grown.keys() - OTHERS == {Reason.PASS_NO_L4_CSUM}, grown
+    assert grown[Reason.PASS_NO_L4_CSUM][0] == 1
+
+
 def test_an_ipv6_only_node_reports_what_it_runs(ipv6_only_pair: IPv6OnlyPair) -> None:
     """Status and metrics of a node without flannel.<VNI>: the encapsulation attached is
     flannel-v6's alone and no missing tc_encap is reported (its alert would fire for good); the
