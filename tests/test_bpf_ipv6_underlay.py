@@ -360,6 +360,24 @@ class IPv6OnlyPair:
         return _udp6_errors(self.b), _rx_packets(self.b, "flannel-v6.1")
 
 
+def _load_in(
+    ns: str, vtep: loader.Device | None, local_ip: IPv4Address | None
+) -> loader.BPFDatapath:
+    """load_bpf_datapath in ns as the vxlan backend calls it, with flannel-v6.1 and u0 at
+    A_UL6: dual stack with vtep (flannel.1) and local_ip, IPv6-only with neither. The pins go
+    under flannel.1's name either way."""
+    with entered(ns):  # the loader's threads start from this one, so they are in ns too
+        index = socket.if_nametoindex
+        iface = ExternalInterface("u0", index("u0"), 1500, local_ip, local_ip,
+                                  IPv6Address(A_UL6), IPv6Address(A_UL6))  # fmt: skip
+        vtep6 = loader.Device("flannel-v6.1", index("flannel-v6.1"), A_V6MAC)
+        return asyncio.run(load_bpf_datapath(
+            iface, vtep, wire=loader.VXLAN, local_ip=local_ip, port=8472,
+            bpffs=loader.DEFAULT_BPFFS, decap_mode="auto", vni=1, vtep6=vtep6,
+            pin_name="flannel.1",
+        ))  # fmt: skip
+
+
 @pytest.fixture
 def ipv6_only_pair(netns: Callable[[str], str]) -> Iterator[IPv6OnlyPair]:
     """Two namespaces on a veth with an IPv6 underlay only, each with flannel-v6.1 as flanneld
@@ -395,14 +413,8 @@ def ipv6_only_pair(netns: Callable[[str], str]) -> Iterator[IPv6OnlyPair]:
         uplink, vtep6 = socket.if_nametoindex("u0"), socket.if_nametoindex("flannel-v6.1")
         pin_dir = loader.pin_dir_for("flannel.1")
     try:
-        iface = ExternalInterface("u0", uplink, 1500, None, None, IPv6Address(A_UL6),
-                                  IPv6Address(A_UL6))  # fmt: skip
-        with entered(a):  # the loader's threads start from this one, so they are in A too
-            datapath = asyncio.run(load_bpf_datapath(
-                iface, None, wire=loader.VXLAN, local_ip=None, port=8472,
-                bpffs=loader.DEFAULT_BPFFS, decap_mode="auto", vni=1,
-                vtep6=loader.Device("flannel-v6.1", vtep6, A_V6MAC), pin_name="flannel.1",
-            ))  # fmt: skip
+        datapath = _load_in(a, None, None)
+        with entered(a):
             assert loader.attached(0, uplink, vtep6) == {
                 "tc_encap6": loader.VXLAN.encap, "tc_decap": loader.VXLAN.tc_decap
             }  # fmt: skip
@@ -594,3 +606,50 @@ def test_an_ipv6_only_node_reports_what_it_runs(ipv6_only_pair: IPv6OnlyPair) ->
     assert hooks == {"tc_encap6": 1, "tc_decap": 1}
     (programmed,) = families[metrics.PEERS_PROGRAMMED].samples
     assert programmed.value == 1
+
+
+def test_switching_between_dual_stack_and_ipv6_only_keeps_one_pin_directory(
+    netns: Callable[[str], str],
+) -> None:
+    """A node restarted IPv6-only (flannel.1 left behind, as an agent finds it) and back: one
+    pin directory, the one under flannel.1's name, keeps the maps (a peer's entry survives);
+    the encapsulation leaves flannel.1 while IPv4 is off and comes back with it."""
+    ns = netns("6s")
+    _ip(ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1")
+    _ip(ns, "addr", "add", "198.18.0.1/24", "dev", "u0")
+    _ip(ns, "-6", "addr", "add", f"{A_UL6}/64", "dev", "u0", "nodad")
+    for dev in ("u0", "u1"):
+        _ip(ns, "link", "set", dev, "up")
+    for name, local in (("flannel.1", "198.18.0.1"), ("flannel-v6.1", A_UL6)):
+        _ip(ns, "link", "add", name, "type", "vxlan", "id", "1", "dev", "u0", "local", local,
+            "dstport", "8472", "nolearning")  # fmt: skip
+    with entered(ns):
+        uplink, v4, v6 = (socket.if_nametoindex(n) for n in ("u0", "flannel.1", "flannel-v6.1"))
+        pin_dir = loader.pin_dir_for("flannel.1")
+    flannel1 = loader.Device("flannel.1", v4, TOPO["local_vtep_mac"])
+    dual = {"tc_encap": loader.VXLAN.encap, "tc_encap6": loader.VXLAN.encap,
+            "tc_decap": loader.VXLAN.tc_decap}  # fmt: skip
+    remote = remote_entry(PeerVtep(IPv6Network(f"{B_POD6}/64"), IPv6Address(B_UL6), B_V6MAC),
+                          direct=False)  # fmt: skip
+    try:
+        for start, (vtep, local_ip, hooks) in enumerate((
+            (flannel1, IPv4Address("198.18.0.1"), dual),
+            (None, None, {k: v for k, v in dual.items() if k != "tc_encap"}),
+            (flannel1, IPv4Address("198.18.0.1"), dual),
+        )):  # fmt: skip
+            datapath = _load_in(ns, vtep, local_ip)
+            try:
+                assert datapath.pin_dir == pin_dir and datapath.maps is not None
+                with entered(ns):
+                    assert loader.attached(v4, uplink, v6) == hooks
+                    assert loader.instance_dirs() == [pin_dir]
+                cfg = datapath.maps.read_config()
+                assert cfg is not None and cfg.vtep_ifindex == (v4 if vtep else 0)
+                if start == 0:
+                    datapath.set_remote(remote)  # the later starts find it pinned
+                assert list(datapath.maps.remotes()) == [remote]
+            finally:
+                datapath.close()
+    finally:
+        with entered(ns):
+            loader.cleanup(pin_dir)
