@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -519,13 +520,7 @@ def test_an_ipv6_only_node_sends_single_packets_vxlan_ko_verifies(
 
     before = pair.encap()
     _ping6(pair, 5)
-    with entered(pair.b):
-        sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    with entered(pair.a):
-        source = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    with sink, source:
-        sink.bind((B_POD6, 0))
-        sink.settimeout(5)
+    with _udp_sockets(pair) as (sink, source):
         sizes = [1, 100, 1000, 1382]  # 1382: 1430 with the IPv6 and UDP headers
         for size in sizes:
             source.sendto(bytes([size % 251]) * size, (B_POD6, sink.getsockname()[1]))
@@ -566,6 +561,25 @@ def test_an_ipv6_only_node_leaves_aggregates_to_vxlan_ko(ipv6_only_pair: IPv6Onl
 UDP_NO_CHECK6_TX, UDP_NO_CHECK6_RX = 101, 102  # linux/udp.h
 
 
+@contextmanager
+def _udp_sockets(
+    pair: IPv6OnlyPair, *, no_checksum: bool = False
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(sink bound on B's pod address, source on A), optionally sending and taking UDP
+    without a checksum."""
+    with entered(pair.b):
+        sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with entered(pair.a):
+        source = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with sink, source:
+        if no_checksum:
+            sink.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
+            source.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_TX, 1)
+        sink.bind((B_POD6, 0))
+        sink.settimeout(5)
+        yield sink, source
+
+
 def test_an_ipv6_only_node_leaves_zero_checksum_udp_to_vxlan_ko(
     ipv6_only_pair: IPv6OnlyPair,
 ) -> None:
@@ -574,15 +588,7 @@ def test_an_ipv6_only_node_leaves_zero_checksum_udp_to_vxlan_ko(
     and B gets it."""
     pair = ipv6_only_pair
     _ping6(pair, 1)
-    with entered(pair.b):
-        sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    with entered(pair.a):
-        source = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    with sink, source:
-        sink.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_RX, 1)
-        source.setsockopt(socket.IPPROTO_UDP, UDP_NO_CHECK6_TX, 1)
-        sink.bind((B_POD6, 0))
-        sink.settimeout(5)
+    with _udp_sockets(pair, no_checksum=True) as (sink, source):
         before = pair.encap()
         source.sendto(b"no checksum", (B_POD6, sink.getsockname()[1]))
         assert sink.recv(64) == b"no checksum"
