@@ -219,10 +219,9 @@ def iperf_udp64(client: str, server_ns: str, ip: str, seconds: int) -> float:
     return received / float(total["seconds"])
 
 
-def trafgen_udp64(client: str, server_ns: str, server_ip: str, seconds: int) -> float:
-    """Packets per second the receiving pod got while trafgen, in the sending pod, pushed 64-byte
-    UDP payloads through its veth as fast as one CPU can (packet ring, no socket, no qdisc). No
-    sender stack stands in the way, so this is where the data path's per-packet cost shows."""
+def trafgen_frame(client: str, server_ip: str) -> bytes:
+    """The frame trafgen sends from the pod in namespace client: a UDP datagram with 64 zero
+    bytes to server_ip port 9, addressed to the pod's gateway as the pod's own stack would."""
 
     def first(*cmd: str) -> dict[str, Any]:
         found: list[dict[str, Any]] = json.loads(ns_run(client, "ip", "-j", *cmd).stdout or "[]")
@@ -232,32 +231,47 @@ def trafgen_udp64(client: str, server_ns: str, server_ip: str, seconds: int) -> 
 
     v6 = ":" in server_ip
     family = "-6" if v6 else "-4"
-    ns_run(client, "ping", family, "-c", "1", "-W", "2", server_ip)  # resolves the gateway's MAC
+    # Resolves the gateway's MAC; an answered ping also lets host routing learn the pod.
+    for _ in range(3):
+        if ns_run(client, "ping", family, "-c", "1", "-W", "2", server_ip).returncode == 0:
+            break
     own_mac = first("link", "show", "eth0")["address"]
     own_ip = first(family, "addr", "show", "eth0", "scope", "global")["addr_info"][0]["local"]
     gateway = first(family, "route", "show", "default")["gateway"]
     gateway_mac = first(family, "neigh", "show", gateway, "dev", "eth0")["lladdr"]
     datagram = pk.udp(9, 9, bytes(64))
-    frame = (
-        pk.eth(gateway_mac, own_mac, pk.ETH_P_IPV6) + pk.ipv6(own_ip, server_ip, datagram)
-        if v6
-        else pk.eth(gateway_mac, own_mac) + pk.ipv4(own_ip, server_ip, datagram)
-    )
+    if v6:
+        return pk.eth(gateway_mac, own_mac, pk.ETH_P_IPV6) + pk.ipv6(own_ip, server_ip, datagram)
+    return pk.eth(gateway_mac, own_mac) + pk.ipv4(own_ip, server_ip, datagram)
+
+
+def trafgen(client: str, frame: bytes, *, seconds: int = 0, count: int = 0) -> None:
+    """trafgen in the pod's namespace sends frame from its packet ring on one CPU, for seconds
+    or count frames. Its skbs carry only the Ethernet header in their linear part."""
     with tempfile.NamedTemporaryFile("w", prefix="fb-trafgen-", suffix=".cfg") as cfg:
         cfg.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
         cfg.flush()
-        before = rx_packets(server_ns, "eth0")
-        start = time.monotonic()
         # --no-sock-mem and --notouch-irq: trafgen would otherwise tune the host's socket memory
         # and IRQ affinities.
-        ns_run(
-            client, "timeout", "-s", "INT", str(seconds), "trafgen", "--dev", "eth0",
-            "--conf", cfg.name, "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
-            timeout=seconds + 30,
-        )  # fmt: skip
-        elapsed = time.monotonic() - start
-        time.sleep(0.2)  # what is still queued arrives
-        received = rx_packets(server_ns, "eth0") - before
+        cmd = ["trafgen", "--dev", "eth0", "--conf", cfg.name, "--cpus", "1", "--no-sock-mem",
+               "--notouch-irq", "--no-cpu-stats"]  # fmt: skip
+        if count:
+            ns_run(client, *cmd, "--num", str(count), timeout=60)
+        else:
+            ns_run(client, "timeout", "-s", "INT", str(seconds), *cmd, timeout=seconds + 30)
+
+
+def trafgen_udp64(client: str, server_ns: str, server_ip: str, seconds: int) -> float:
+    """Packets per second the receiving pod got while trafgen, in the sending pod, pushed 64-byte
+    UDP payloads through its veth as fast as one CPU can (packet ring, no socket, no qdisc). No
+    sender stack stands in the way, so this is where the data path's per-packet cost shows."""
+    frame = trafgen_frame(client, server_ip)
+    before = rx_packets(server_ns, "eth0")
+    start = time.monotonic()
+    trafgen(client, frame, seconds=seconds)
+    elapsed = time.monotonic() - start
+    time.sleep(0.2)  # what is still queued arrives
+    received = rx_packets(server_ns, "eth0") - before
     return received / elapsed
 
 

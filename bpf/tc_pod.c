@@ -22,12 +22,28 @@ static __always_inline int fb_pod_pass(__u32 reason, __u64 bytes)
 	return TC_ACT_OK; /* on into the bridge, the long way */
 }
 
+/* Ethernet, IPv4 without options and a TCP header without options: all the flow key, the flow
+ * hash and the GSO header length read. */
+#define FB_POD_HEADERS (ETH_HLEN + 20 + 20)
+
 int fb_tc_pod_egress(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u64 bytes = skb->len;
 	struct iphdr *ip = NULL;
+
+	/* A frame from a packet ring (AF_PACKET's TX_RING, trafgen) or a driver that builds skbs
+	 * from pages has only its Ethernet header in the linear part; the host stack pulls the rest
+	 * as it parses. Pull it here too, or every such packet would take the long way. */
+	if (data + FB_POD_HEADERS > data_end && skb->len > ETH_HLEN) {
+		__u32 want = skb->len < FB_POD_HEADERS ? skb->len : FB_POD_HEADERS;
+
+		if (bpf_skb_pull_data(skb, want))
+			return fb_pod_pass(FB_PASS_SHORT, bytes);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
 	__u32 not_ipv4 = fb_frame_ipv4(skb, data, data_end, &ip);
 
 	if (not_ipv4 || !ip)

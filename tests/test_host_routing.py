@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench.datapath import rx_packets, trafgen, trafgen_frame
 from flannel_bpf.lab import lab
 from flannel_bpf.lab.lab import LabState
 
@@ -210,6 +211,30 @@ def test_a_one_way_udp_stream_goes_short_from_its_second_packet(
     got_short = delta(counters(lab_name, n2), before[n2], "tc_decap", "decap_to_pod")[0]
     assert sent_short >= 0.9 * 3000, sent_short
     assert got_short >= 0.9 * 3000, got_short
+
+
+def test_frames_from_a_packet_ring_go_short(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """trafgen's frames (AF_PACKET's TX_RING, as bench.datapath's 64-byte rate sends them) have
+    only their Ethernet header in the skb's linear part: host routing pulls the rest in and
+    carries them like any other validated flow, not the long way as too short."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        wait_ports(lab_name, ns, 1)
+    pods = by_node(info)
+    client, server = pods[n1]["namespace"], pods[n2]["namespace"]
+    ping_all(lab_name, info["pods"])
+    frame = trafgen_frame(client, pods[n2]["ip"])
+    before = counters(lab_name, n1)
+    received_before = rx_packets(server, "eth0")
+    trafgen(client, frame, count=3000)
+    time.sleep(0.3)
+    assert rx_packets(server, "eth0") - received_before >= 2900
+    sent = delta_all(counters(lab_name, n1), before)
+    assert sent.get(("pod_egress", "encap_from_pod"), (0, 0))[0] >= 0.9 * 3000, sent
+    assert sent.get(("pod_egress", "pass_short"), (0, 0))[0] == 0, sent
 
 
 def test_nated_flows_stay_on_the_long_way(
