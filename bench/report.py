@@ -113,29 +113,56 @@ def datapath_section(
     return out
 
 
-def profile_section(data: dict[str, Any]) -> list[str]:
-    """Where one stream's cycles go per data path (bench/profile.py)."""
-    paths = data["paths"]
+def _profile_rows(
+    paths: list[dict[str, Any]], head: tuple[str, str], field: str, total: str, digits: int
+) -> list[list[str]]:
+    """One row per part of the path, largest first, under a head row (label, field)."""
     names: list[str] = []
     for p in paths:
-        names += [n for n in p["cpu_ms_per_gib"] if n != "idle" and n not in names]
-    ordered = sorted(names, key=lambda n: -max(p["cpu_ms_per_gib"].get(n, 0.0) for p in paths))
-    rows = [["one stream, Gbit/s", *(_num(p["gbps"]) for p in paths)]]
-    rows += [[n, *(_num(p["cpu_ms_per_gib"].get(n, 0.0), 1) for p in paths)] for n in ordered]
-    rows.append(["**busy CPU in all**", *(f"**{_num(p['busy_cpu_ms_per_gib'], 1)}**"
-                                          for p in paths)])  # fmt: skip
-    return [
-        "## Where the cycles go: one TCP stream, MTU 1500",
-        "",
-        f"`python -m bench.profile`: perf samples of the whole machine ({data['frequency_hz']} Hz "
-        f"per CPU, {data['seconds']} s) while one iperf3 stream runs pod to pod, each kernel "
-        "function put in one part of the path, in CPU milliseconds per GiB carried (both nodes "
-        "share the kernel, so sender and receiver are added up). Run on "
-        f"{data['when']}, kernel {data['kernel']}.",
-        "",
-        *_table(["part of the path", *(p["key"] for p in paths)], rows),
-        "",
-    ]
+        names += [n for n in p[field] if n != "idle" and n not in names]
+    ordered = sorted(names, key=lambda n: -max(p[field].get(n, 0.0) for p in paths))
+    rows = [[head[0], *(_num(p[head[1]]) for p in paths)]]
+    rows += [[n, *(_num(p[field].get(n, 0.0), digits) for p in paths)] for n in ordered]
+    rows.append(["**busy CPU in all**", *(f"**{_num(p[total], digits)}**" for p in paths)])
+    return rows
+
+
+def profile_section(data: dict[str, Any]) -> list[str]:
+    """Where the cycles go per data path (bench/profile.py): one TCP stream per GiB, 64-byte
+    packets per packet."""
+    out: list[str] = []
+    paths = data.get("paths", [])
+    if paths:
+        rows = _profile_rows(paths, ("one stream, Gbit/s", "gbps"), "cpu_ms_per_gib",
+                             "busy_cpu_ms_per_gib", 1)  # fmt: skip
+        out += [
+            "## Where the cycles go: one TCP stream, MTU 1500",
+            "",
+            f"`python -m bench.profile`: perf samples of the whole machine "
+            f"({data['frequency_hz']} Hz per CPU, {data['seconds']} s) while one iperf3 stream "
+            "runs pod to pod, each kernel function put in one part of the path, in CPU "
+            "milliseconds per GiB carried (both nodes share the kernel, so sender and receiver "
+            f"are added up). Run on {data['when']}, kernel {data['kernel']}.",
+            "",
+            *_table(["part of the path", *(p["key"] for p in paths)], rows),
+            "",
+        ]
+    small = data.get("udp64_paths", [])
+    if small:
+        rows = _profile_rows(small, ("64 B packets, kpps", "kpps"), "cpu_ns_per_packet",
+                             "busy_cpu_ns_per_packet", 0)  # fmt: skip
+        out += [
+            "## Where the cycles go: 64-byte packets, MTU 1500",
+            "",
+            "The same perf sampling in the same run while trafgen, in the sending pod, sends "
+            "64-byte UDP payloads on one CPU (bench.datapath's packet rate), in CPU nanoseconds "
+            "per packet the receiving pod got. trafgen itself is the userspace row; the "
+            "receiving pod's own stack (UDP, no socket on the port) is in every column.",
+            "",
+            *_table(["part of the path", *(p["key"] for p in small)], rows),
+            "",
+        ]
+    return out
 
 
 def prog_cost_section(data: dict[str, Any]) -> list[str]:

@@ -107,3 +107,26 @@ def test_the_ipv6_only_run_compares_with_its_own_rows() -> None:
     section = report.datapath_section({**summarize(results, 1, 1), "rows": list(rows.values())},
                                       "IPv6-only")  # fmt: skip
     assert section[0] == "## IPv6-only" and any("BPF vxlan, IPv6-only" in line for line in section)
+
+
+def test_the_profile_section_shows_both_loads_largest_part_first() -> None:
+    def path(key: str, routing: float) -> dict[str, object]:
+        return {
+            "key": key, "gbps": 10.0, "busy_cpu_ms_per_gib": 100.0 + routing,
+            "cpu_ms_per_gib": {"idle": 900.0, "TCP": 100.0, "routing and IPv4": routing},
+            "kpps": 120.0, "busy_cpu_ns_per_packet": 5000 + routing,
+            "cpu_ns_per_packet": {"idle": 9000, "bridge": 5000, "routing and IPv4": routing},
+        }  # fmt: skip
+
+    data = {"frequency_hz": 1999, "seconds": 2, "when": "now", "kernel": "6.18",
+            "paths": [path("a", 150.0), path("b", 20.0)],
+            "udp64_paths": [path("a", 1500.0), path("b", 20.0)]}  # fmt: skip
+    text = "\n".join(report.profile_section(data))
+    tcp, small = text.split("## Where the cycles go: 64-byte packets")
+    assert "one TCP stream" in tcp and "idle" not in text
+    assert tcp.index("routing and IPv4") < tcp.index("| TCP |")  # 150 ms/GiB before 100
+    assert small.index("| bridge |") < small.index("routing and IPv4")
+    assert "| 64 B packets, kpps | 120.00 | 120.00 |" in small
+    assert "| **busy CPU in all** | **6500** | **5020** |" in small
+    # An earlier profile.json, TCP only, still reports.
+    assert "64-byte" not in "\n".join(report.profile_section({**data, "udp64_paths": []}))
