@@ -114,14 +114,14 @@ def datapath_section(
 
 
 def _profile_rows(
-    paths: list[dict[str, Any]], head: tuple[str, str], field: str, total: str, digits: int
+    paths: list[dict[str, Any]], head: tuple[str, str, int], field: str, total: str, digits: int
 ) -> list[list[str]]:
-    """One row per part of the path, largest first, under a head row (label, field)."""
+    """One row per part of the path, largest first, under a head row (label, field, digits)."""
     names: list[str] = []
     for p in paths:
         names += [n for n in p[field] if n != "idle" and n not in names]
     ordered = sorted(names, key=lambda n: -max(p[field].get(n, 0.0) for p in paths))
-    rows = [[head[0], *(_num(p[head[1]]) for p in paths)]]
+    rows = [[head[0], *(_num(p[head[1]], head[2]) for p in paths)]]
     rows += [[n, *(_num(p[field].get(n, 0.0), digits) for p in paths)] for n in ordered]
     rows.append(["**busy CPU in all**", *(f"**{_num(p[total], digits)}**" for p in paths)])
     return rows
@@ -133,7 +133,7 @@ def profile_section(data: dict[str, Any]) -> list[str]:
     out: list[str] = []
     paths = data.get("paths", [])
     if paths:
-        rows = _profile_rows(paths, ("one stream, Gbit/s", "gbps"), "cpu_ms_per_gib",
+        rows = _profile_rows(paths, ("one stream, Gbit/s", "gbps", 2), "cpu_ms_per_gib",
                              "busy_cpu_ms_per_gib", 1)  # fmt: skip
         out += [
             "## Where the cycles go: one TCP stream, MTU 1500",
@@ -149,7 +149,7 @@ def profile_section(data: dict[str, Any]) -> list[str]:
         ]
     small = data.get("udp64_paths", [])
     if small:
-        rows = _profile_rows(small, ("64 B packets, kpps", "kpps"), "cpu_ns_per_packet",
+        rows = _profile_rows(small, ("64 B packets, kpps", "kpps", 0), "cpu_ns_per_packet",
                              "busy_cpu_ns_per_packet", 0)  # fmt: skip
         out += [
             "## Where the cycles go: 64-byte packets, MTU 1500",
