@@ -8,8 +8,9 @@
  * be the pod this veth was learnt for. Anything else continues into the bridge untouched.
  *
  * fb_tc_pod_deliver (tc egress: what the host stack delivers to the pod): never changes a packet.
- * It records the pod (veth, MACs) in fb_endpoints and, for packets marked validated, the flow in
- * fb_flows, so that tc_decap.c can hand the rest of the flow straight to the pod.
+ * For packets marked validated that came in from the overlay (flannel.<VNI>) and were routed
+ * here by the host, it records the pod (veth, MACs) in fb_endpoints and the flow in fb_flows, so
+ * that tc_decap.c can hand the rest of the flow straight to the pod.
  */
 #include "common.h"
 #include "maps.h"
@@ -100,9 +101,15 @@ int fb_tc_pod_deliver(struct __sk_buff *skb)
 
 	if (!cfg || !fb_host_routing(cfg) || !(skb->mark & FB_MARK_VALIDATED))
 		return TC_ACT_OK;
+	/* With br_netfilter, frames bridged from another pod of this node pass mangle POSTROUTING
+	 * "-o cni0" too, and get the mark when their connection is established. They were never
+	 * routed: their source MAC is that pod's, and a pod could send one to a third pod's MAC with
+	 * another pod's address, teaching fb_endpoints the wrong veth for it. Only a packet the
+	 * host routed in from the overlay (it entered at flannel.<VNI>) says who lives here. */
+	if (skb->ingress_ifindex != cfg->vtep_ifindex)
+		return TC_ACT_OK;
 
-	/* Only what the host stack routed to the pod (from the bridge's address) says who it is;
-	 * written on every validated packet of the long way, which is rare once flows go short. */
+	/* Written on every validated packet of the long way, which is rare once flows go short. */
 	struct fb_endpoint endpoint = {.ifindex = skb->ifindex};
 
 	fb_mac_copy(endpoint.mac, eth->h_dest);

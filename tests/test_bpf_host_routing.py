@@ -98,10 +98,12 @@ def forwarded(inner_ip: bytes) -> bytes:
     return bytes(header) + inner_ip[20:]
 
 
-def skb_ctx(*, mark: int = 0, ifindex: int = 0) -> bytes:
-    """A struct __sk_buff for BPF_PROG_TEST_RUN with mark and ifindex (both settable)."""
+def skb_ctx(*, mark: int = 0, ifindex: int = 0, ingress_ifindex: int = 0) -> bytes:
+    """A struct __sk_buff for BPF_PROG_TEST_RUN with mark, ingress_ifindex (skb_iif: where the
+    packet entered the host) and ifindex (all settable)."""
     ctx = bytearray(192)
     struct.pack_into("<I", ctx, 8, mark)
+    struct.pack_into("<I", ctx, 36, ingress_ifindex)
     struct.pack_into("<I", ctx, 40, ifindex)
     return bytes(ctx)
 
@@ -223,7 +225,8 @@ def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
 ) -> None:
     b = routed["b"]
     into_pod = pk.eth(POD_MAC, GW_MAC) + pk.ipv4("10.5.1.5", "10.5.2.7", pk.udp(40000, 7777, b"y"))
-    ctx = skb_ctx(mark=FB_MARK_VALIDATED, ifindex=b.u0)
+    # Routed by the host from the overlay: it came in at flannel.1.
+    ctx = skb_ctx(mark=FB_MARK_VALIDATED, ifindex=b.u0, ingress_ifindex=b.node.config.vtep_ifindex)
     retval, out, delta = b.run(Hook.POD_DELIVER, b.deliver, into_pod, ctx)
     assert (retval, out) == (TC_ACT_OK, into_pod)  # never changed
     assert delta == {Reason.FLOW_LEARNT: (1, len(into_pod))}
@@ -238,6 +241,13 @@ def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
     b.clear()
     assert b.run(Hook.POD_DELIVER, b.deliver, into_pod, skb_ctx(ifindex=b.u0))[2] == {}
     assert b.node.maps.endpoints() == []
+    # Marked but bridged from another pod of the node (br_netfilter marks those too): it
+    # entered at that pod's veth, was never routed, and teaches nothing.
+    from_a_pod = pk.eth(POD_MAC, "0a:58:0a:05:02:09") + into_pod[14:]
+    bridged = skb_ctx(mark=FB_MARK_VALIDATED, ifindex=b.u0, ingress_ifindex=b.u0 + 100)
+    assert b.run(Hook.POD_DELIVER, b.deliver, from_a_pod, bridged)[2] == {}
+    assert b.node.maps.endpoints() == []
+    assert bpf_sys.map_lookup(b.node.maps.fd(FLOWS), flow_key(into_pod[14:], INGRESS), 8) is None
     b.set_flow(into_pod[14:], INGRESS)
     fin = pk.eth(POD_MAC, GW_MAC) + pk.ipv4(
         "10.5.1.5",

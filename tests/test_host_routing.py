@@ -9,6 +9,7 @@ bridge's ipMasq rule, and host routing rightly leaves all of them to the host st
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -235,6 +236,33 @@ def test_frames_from_a_packet_ring_go_short(
     sent = delta_all(counters(lab_name, n1), before)
     assert sent.get(("pod_egress", "encap_from_pod"), (0, 0))[0] >= 0.9 * 3000, sent
     assert sent.get(("pod_egress", "pass_short"), (0, 0))[0] == 0, sent
+
+
+def test_pods_are_learnt_only_from_what_the_host_routes_in_from_the_overlay(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """With br_netfilter, frames bridged between two pods of one node pass mangle POSTROUTING
+    "-o cni0" and get the validated mark once their connection is established. They were never
+    routed, so they must teach host routing nothing: not who lives behind a veth (a pod could
+    otherwise point another pod's address at a third pod's veth), not a flow."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "2", *HOST_ROUTING)
+    n1 = info["nodes"][0]["namespace"]
+    wait_ports(lab_name, n1, 2)
+    local = [p for p in info["pods"] if p["node"] == n1]
+    assert sh(n1, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables").strip() == "1"
+    before = counters(lab_name, n1)
+    ping_all(lab_name, local)  # echo replies are ESTABLISHED: marked, and bridged
+    assert delta(counters(lab_name, n1), before, "pod_deliver", "flow_learnt") == (0, 0)
+    assert node_status(lab_name, n1)["bpf"]["host_routing"]["pods"] == []
+
+    # What comes in from another node's pod is routed by the host: that teaches each pod.
+    ping_all(lab_name, info["pods"])
+    learnt = {p["ip"]: p for p in node_status(lab_name, n1)["bpf"]["host_routing"]["pods"]}
+    assert set(learnt) == {p["ip"] for p in local}
+    for pod in local:
+        link = json.loads(sh(pod["namespace"], "ip", "-j", "link", "show", "eth0"))[0]
+        assert learnt[pod["ip"]]["mac"] == link["address"]
+        assert learnt[pod["ip"]]["ifindex"] == link["link_index"]  # its veth, on the node
 
 
 def test_nated_flows_stay_on_the_long_way(

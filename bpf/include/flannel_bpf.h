@@ -145,10 +145,12 @@ struct fb_config {
  * The agent's mangle rules (POSTROUTING, out of flannel.<VNI> and out of the pods' bridge) set
  * FB_MARK_VALIDATED on packets of connections conntrack knows as ESTABLISHED and that no NAT
  * rewrites. Where such a packet leaves the host stack (tc egress of flannel.<VNI> for a remote
- * pod, tc egress of a pod's veth for a local one) its flow is written to fb_flows, and for a
- * local pod its veth and MACs to fb_endpoints. A flow is trusted for FB_FLOW_TTL_NS; then one
- * packet goes the long way again and renews it (or, no longer marked, lets it lapse). TCP
- * packets with SYN, FIN or RST always go the long way, so conntrack sees every state change.
+ * pod, tc egress of a pod's veth for a local one, if it came in at flannel.<VNI>: bridged frames
+ * between local pods are marked too under br_netfilter, and were never routed) its flow is
+ * written to fb_flows, and for a local pod its veth and MACs to fb_endpoints. A flow is trusted
+ * for FB_FLOW_TTL_NS; then one packet goes the long way again and renews it (or, no longer
+ * marked, lets it lapse). TCP packets with SYN, FIN or RST always go the long way, so conntrack
+ * sees every state change.
  */
 #define FB_MARK_VALIDATED 0x00200000 /* clear of kube-proxy's 0x4000 and 0x8000 */
 #define FB_FLOW_TTL_NS 1000000000ULL
