@@ -8,9 +8,9 @@
  * be the pod this veth was learnt for. Anything else continues into the bridge untouched.
  *
  * fb_tc_pod_deliver (tc egress: what the host stack delivers to the pod): never changes a packet.
- * For packets marked validated that came in from the overlay (flannel.<VNI>) and were routed
- * here by the host, it records the pod (veth, MACs) in fb_endpoints and the flow in fb_flows, so
- * that tc_decap.c can hand the rest of the flow straight to the pod.
+ * For packets that came in from the overlay (flannel.<VNI>) and were routed here by the host, it
+ * records the pod (veth, MACs) in fb_endpoints and, for those marked validated, the flow in
+ * fb_flows, so that tc_decap.c can hand the rest of the flow straight to the pod.
  */
 #include "common.h"
 #include "maps.h"
@@ -99,7 +99,7 @@ int fb_tc_pod_deliver(struct __sk_buff *skb)
 
 	struct fb_config *cfg = fb_get_config();
 
-	if (!cfg || !fb_host_routing(cfg) || !(skb->mark & FB_MARK_VALIDATED))
+	if (!cfg || !fb_host_routing(cfg))
 		return TC_ACT_OK;
 	/* With br_netfilter, frames bridged from another pod of this node pass mangle POSTROUTING
 	 * "-o cni0" too, and get the mark when their connection is established. They were never
@@ -109,12 +109,21 @@ int fb_tc_pod_deliver(struct __sk_buff *skb)
 	if (skb->ingress_ifindex != cfg->vtep_ifindex)
 		return TC_ACT_OK;
 
-	/* Written on every validated packet of the long way, which is rare once flows go short. */
-	struct fb_endpoint endpoint = {.ifindex = skb->ifindex};
+	/* Who lives here does not depend on the flow's validation: a pod whose only traffic in is
+	 * unvalidated (a Service's replies, ICMP errors) is learnt too, so its own validated flows
+	 * out can go short. Written only when new or changed: most of these packets are the long
+	 * way's, NATed flows' included. */
+	struct fb_endpoint *known = fb_endpoints.lookup(&ip->daddr);
 
-	fb_mac_copy(endpoint.mac, eth->h_dest);
-	fb_mac_copy(endpoint.gw_mac, eth->h_source);
-	fb_endpoints.update(&ip->daddr, &endpoint);
+	if (!known || known->ifindex != skb->ifindex || !fb_mac_equal(known->mac, eth->h_dest) ||
+	    !fb_mac_equal(known->gw_mac, eth->h_source)) {
+		struct fb_endpoint endpoint = {.ifindex = skb->ifindex};
+
+		fb_mac_copy(endpoint.mac, eth->h_dest);
+		fb_mac_copy(endpoint.gw_mac, eth->h_source);
+		fb_endpoints.update(&ip->daddr, &endpoint);
+		fb_count(FB_HOOK_POD_DELIVER, FB_POD_LEARNT, skb->len);
+	}
 	if (fb_flow_learn(skb, ip, data_end, FB_FLOW_INGRESS))
 		fb_count(FB_HOOK_POD_DELIVER, FB_FLOW_LEARNT, skb->len);
 	return TC_ACT_OK;

@@ -220,7 +220,7 @@ def test_host_routing_off_in_the_config_leaves_every_pod_packet_alone(
 # Learning where the long way ends
 
 
-def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
+def test_what_the_host_routes_in_from_the_overlay_teaches_the_pod_and_if_marked_the_flow(
     routed: dict[str, Routed],
 ) -> None:
     b = routed["b"]
@@ -229,7 +229,7 @@ def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
     ctx = skb_ctx(mark=FB_MARK_VALIDATED, ifindex=b.u0, ingress_ifindex=b.node.config.vtep_ifindex)
     retval, out, delta = b.run(Hook.POD_DELIVER, b.deliver, into_pod, ctx)
     assert (retval, out) == (TC_ACT_OK, into_pod)  # never changed
-    assert delta == {Reason.FLOW_LEARNT: (1, len(into_pod))}
+    assert delta == {Reason.POD_LEARNT: (1, len(into_pod)), Reason.FLOW_LEARNT: (1, len(into_pod))}
     (pod,) = b.node.maps.endpoints()
     assert (str(pod.address), pod.ifindex, pod.mac, pod.gw_mac) == ("10.5.2.7", b.u0, POD_MAC,
                                                                      GW_MAC)  # fmt: skip
@@ -237,7 +237,19 @@ def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
     assert expires is not None
     left = FLOW_VALUE.unpack(expires)[0] - time.monotonic_ns()
     assert 0 < left <= SECOND
-    # Unmarked (not established, or NATed): nothing learnt; a FIN ends the flow's shortcut.
+    # The pod is written only when new or changed: the flow again, the pod not.
+    assert b.run(Hook.POD_DELIVER, b.deliver, into_pod, ctx)[2] == {
+        Reason.FLOW_LEARNT: (1, len(into_pod))
+    }
+    # Unmarked (not established, or NATed) from the overlay: the pod, not the flow.
+    b.clear()
+    from_overlay = skb_ctx(ifindex=b.u0, ingress_ifindex=b.node.config.vtep_ifindex)
+    assert b.run(Hook.POD_DELIVER, b.deliver, into_pod, from_overlay)[2] == {
+        Reason.POD_LEARNT: (1, len(into_pod))
+    }
+    assert [str(e.address) for e in b.node.maps.endpoints()] == ["10.5.2.7"]
+    assert bpf_sys.map_lookup(b.node.maps.fd(FLOWS), flow_key(into_pod[14:], INGRESS), 8) is None
+    # Not from the overlay (the host's own packets, or bridged): nothing at all.
     b.clear()
     assert b.run(Hook.POD_DELIVER, b.deliver, into_pod, skb_ctx(ifindex=b.u0))[2] == {}
     assert b.node.maps.endpoints() == []
@@ -248,6 +260,7 @@ def test_what_the_host_delivers_marked_teaches_the_pod_and_the_flow(
     assert b.run(Hook.POD_DELIVER, b.deliver, from_a_pod, bridged)[2] == {}
     assert b.node.maps.endpoints() == []
     assert bpf_sys.map_lookup(b.node.maps.fd(FLOWS), flow_key(into_pod[14:], INGRESS), 8) is None
+    # A FIN ends the flow's shortcut.
     b.set_flow(into_pod[14:], INGRESS)
     fin = pk.eth(POD_MAC, GW_MAC) + pk.ipv4(
         "10.5.1.5",

@@ -214,6 +214,27 @@ def test_a_one_way_udp_stream_goes_short_from_its_second_packet(
     assert got_short >= 0.9 * 3000, got_short
 
 
+def test_a_pod_that_never_gets_a_validated_packet_is_learnt_from_what_it_does_get(
+    lab_name: str, lab_up: Callable[..., dict[str, Any]]
+) -> None:
+    """A pod whose only traffic in is unvalidated (here the ICMP port-unreachable errors its
+    one-way UDP stream draws; in a cluster often a Service's NATed replies) is still learnt from
+    what the host routes in to it from the overlay, so its own validated stream goes short."""
+    info = lab_up("--nodes", "2", "--pods-per-node", "1", *HOST_ROUTING)
+    n1, n2 = (n["namespace"] for n in info["nodes"])
+    for ns in (n1, n2):
+        wait_ports(lab_name, ns, 1)
+    pods = by_node(info)
+    before = counters(lab_name, n1)
+    # Nobody listens on the port: n2's pod answers with ICMP errors (RELATED, never marked).
+    sh(pods[n1]["namespace"], sys.executable, "-c", UDP_SEND, pods[n2]["ip"], "3000")
+    after = counters(lab_name, n1)
+    assert delta(after, before, "pod_deliver", "pod_learnt")[0] == 1
+    assert delta(after, before, "pod_deliver", "flow_learnt")[0] == 0
+    sent_short = delta(after, before, "pod_egress", "encap_from_pod")[0]
+    assert sent_short >= 0.9 * 3000, sent_short
+
+
 def test_frames_from_a_packet_ring_go_short(
     lab_name: str, lab_up: Callable[..., dict[str, Any]]
 ) -> None:

@@ -144,13 +144,14 @@ struct fb_config {
  *
  * The agent's mangle rules (POSTROUTING, out of flannel.<VNI> and out of the pods' bridge) set
  * FB_MARK_VALIDATED on packets of connections conntrack knows as ESTABLISHED and that no NAT
- * rewrites. Where such a packet leaves the host stack (tc egress of flannel.<VNI> for a remote
- * pod, tc egress of a pod's veth for a local one, if it came in at flannel.<VNI>: bridged frames
- * between local pods are marked too under br_netfilter, and were never routed) its flow is
- * written to fb_flows, and for a local pod its veth and MACs to fb_endpoints. A flow is trusted
- * for FB_FLOW_TTL_NS; then one packet goes the long way again and renews it (or, no longer
- * marked, lets it lapse). TCP packets with SYN, FIN or RST always go the long way, so conntrack
- * sees every state change.
+ * rewrites. Where such a packet leaves the host stack its flow is written to fb_flows: at tc
+ * egress of flannel.<VNI> for a remote pod, at tc egress of a pod's veth for a local one if it
+ * came in at flannel.<VNI> (under br_netfilter, frames bridged between local pods are marked
+ * too, and were never routed). A local pod's veth and MACs go to fb_endpoints from any packet
+ * routed in from the overlay to it, validated or not: who lives where is not a flow's matter.
+ * A flow is trusted for FB_FLOW_TTL_NS; then one packet goes the long way again and renews it
+ * (or, no longer marked, lets it lapse). TCP packets with SYN, FIN or RST always go the long
+ * way, so conntrack sees every state change.
  */
 #define FB_MARK_VALIDATED 0x00200000 /* clear of kube-proxy's 0x4000 and 0x8000 */
 #define FB_FLOW_TTL_NS 1000000000ULL
@@ -203,6 +204,7 @@ enum fb_reason {
 	FB_DECAP_TO_POD = 3,         /* host routing: decapsulated straight into the local pod */
 	FB_ENCAP_FROM_POD = 4,       /* host routing: from the pod's veth encapsulated to the uplink */
 	FB_FLOW_LEARNT = 5,          /* host routing: a flow validated by the host stack, recorded */
+	FB_POD_LEARNT = 6,           /* host routing: a local pod's veth and MACs, new or changed */
 
 	FB_PASS_NOT_IPV4 = 8,        /* neither IPv4 nor IPv6 (ARP, ...); name kept for the labels */
 	FB_PASS_IP_OPTIONS = 9,      /* IPv4 header with options */

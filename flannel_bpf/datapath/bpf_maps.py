@@ -69,6 +69,7 @@ class Reason(enum.IntEnum):
     DECAP_TO_POD = 3
     ENCAP_FROM_POD = 4
     FLOW_LEARNT = 5
+    POD_LEARNT = 6
 
     PASS_NOT_IPV4 = 8
     PASS_IP_OPTIONS = 9
