@@ -274,7 +274,7 @@ ROWS = (
                         "sum by (hook, reason) (rate(flannel_datapath_packets_total{"
                         'hook=~"pod_egress|tc_decap",reason=~"pass_not_validated|'
                         "pass_revalidate|pass_tcp_control|pass_no_endpoint|pass_no_ports|"
-                        f'pass_no_remote|pass_too_big",{N}}}[{RATE}]))',
+                        f'pass_no_remote|pass_too_big|pass_short",{N}}}[{RATE}]))',
                         "{{hook}} {{reason}}",
                     ),
                 ),
