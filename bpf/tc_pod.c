@@ -36,8 +36,9 @@ int fb_tc_pod_egress(struct __sk_buff *skb)
 
 	/* A frame from a packet ring (AF_PACKET's TX_RING, trafgen) or a driver that builds skbs
 	 * from pages has only its Ethernet header in the linear part; the host stack pulls the rest
-	 * as it parses. Pull it here too, or every such packet would take the long way. */
-	if (data + FB_POD_HEADERS > data_end && skb->len > ETH_HLEN) {
+	 * as it parses. Pull it here too, or every such packet would take the long way. A short
+	 * frame that is linear already (the common case) costs no helper call. */
+	if (data + FB_POD_HEADERS > data_end && data_end - data < skb->len) {
 		__u32 want = skb->len < FB_POD_HEADERS ? skb->len : FB_POD_HEADERS;
 
 		if (bpf_skb_pull_data(skb, want))

@@ -57,6 +57,7 @@ from .test_bpf_programs import (  # noqa: F401
     TOPO,
     Node,
     _ip,
+    check_next_hop_cache,
     one_cpu,
     skb_ctx,
     topo,
@@ -258,29 +259,7 @@ def test_encap66_next_hops_are_cached_and_asked_again(topo666: dict[str, Node]) 
     a changed fb_config."""
     a = topo666["a"]
     frame = _frame(_inner())
-    a.maps.clear_nexthops()
-    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
-    (hop,) = a.maps.nexthops()[IPv6Address(B_UL6)]
-    assert (hop.ifindex, hop.mtu) == (a.config.uplink_ifindex, 1500)
-    assert (hop.smac, hop.dmac) == (TOPO["local_underlay_mac"], TOPO["remote_underlay_mac"])
-    forwarding = Path("/proc/sys/net/ipv6/conf/u0/forwarding")
-
-    def set_forwarding(on: bool) -> None:  # in-process: the TTL is 40 ms at HZ=250
-        with entered(a.ns):
-            forwarding.write_text("1" if on else "0")
-
-    a.maps.clear_nexthops()
-    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
-    set_forwarding(False)
-    try:
-        assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
-        time.sleep(0.11)
-        assert a.run(Hook.TC_ENCAP, frame)[::2] == (
-            TC_ACT_UNSPEC, {Reason.PASS_NOT_FORWARDING: (1, len(frame))}
-        )  # fmt: skip
-    finally:
-        set_forwarding(True)
-    assert a.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+    check_next_hop_cache(a, frame, IPv6Address(B_UL6), "ipv6")
     a.maps.write_config(a.config)  # unchanged (an agent restart): the cache stays
     assert IPv6Address(B_UL6) in a.maps.nexthops()
     try:

@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -334,33 +334,41 @@ def one_cpu() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-@pytest.mark.usefixtures("one_cpu")
-def test_a_cached_next_hop_is_asked_again_within_100_ms(topo: dict[str, Node]) -> None:
-    """The FIB's answer is reused for a while, never for longer than the cache's TTL."""
-    node = topo["a"]
+def check_next_hop_cache(
+    node: Node, frame: bytes, underlay: IPv4Address | IPv6Address, family: str
+) -> None:
+    """The FIB's answer for the peer at underlay (fb_nexthops, or fb_nexthops6) holds the
+    uplink, its MTU and both MACs, is reused within the cache's TTL even while forwarding is off
+    (which the FIB refuses), and is asked again after it. family: the sysctl's, ipv4 or ipv6."""
     node.maps.clear_nexthops()
-    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
-    (hop,) = node.maps.nexthops()[IPv4Address(TOPO["remote_underlay"])]
+    assert node.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+    (hop,) = node.maps.nexthops()[underlay]
     assert (hop.ifindex, hop.mtu) == (node.config.uplink_ifindex, 1500)
     assert (hop.smac, hop.dmac) == (TOPO["local_underlay_mac"], TOPO["remote_underlay_mac"])
-    forwarding = Path("/proc/sys/net/ipv4/conf/u0/forwarding")
+    forwarding = Path(f"/proc/sys/net/{family}/conf/u0/forwarding")
 
     def set_forwarding(on: bool) -> None:  # in-process: the TTL is 40 ms at HZ=250
         with entered(node.ns):
             forwarding.write_text("1" if on else "0")
 
     node.maps.clear_nexthops()
-    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+    assert node.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
     set_forwarding(False)
     try:
         # Within the TTL the cached answer still holds (as a STALE neighbour would)...
-        assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+        assert node.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
         time.sleep(0.11)
         # ...and after it the FIB is asked again.
-        _passes(node, Hook.TC_ENCAP, INNER_FRAME, Reason.PASS_NOT_FORWARDING)
+        _passes(node, Hook.TC_ENCAP, frame, Reason.PASS_NOT_FORWARDING)
     finally:
         set_forwarding(True)
-    assert node.run(Hook.TC_ENCAP, INNER_FRAME)[0] == TC_ACT_REDIRECT
+    assert node.run(Hook.TC_ENCAP, frame)[0] == TC_ACT_REDIRECT
+
+
+@pytest.mark.usefixtures("one_cpu")
+def test_a_cached_next_hop_is_asked_again_within_100_ms(topo: dict[str, Node]) -> None:
+    """The FIB's answer is reused for a while, never for longer than the cache's TTL."""
+    check_next_hop_cache(topo["a"], INNER_FRAME, IPv4Address(TOPO["remote_underlay"]), "ipv4")
 
 
 def test_a_changed_config_empties_the_next_hop_cache(topo: dict[str, Node]) -> None:
